@@ -1,0 +1,1 @@
+"""The ``ism-edge`` command-line application (typer). Thin: parses, then calls the packages."""

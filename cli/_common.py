@@ -1,0 +1,71 @@
+"""Helpers shared by the CLI commands: one-line errors, exit codes, parsing of list options."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from fractions import Fraction
+from typing import Any, TypeVar
+
+import typer
+
+from ism_edge.errors import IsmEdgeError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``error: message`` on stderr and return the Exit to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def cli_errors(fn: F) -> F:
+    """Turn expected failures into one clear line on stderr and a non-zero exit; no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except IsmEdgeError as e:
+            raise fail(str(e), e.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except MemoryError:
+            raise fail("out of memory: lower --batch-size") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_eps(text: str) -> list[float]:
+    """Parse ``8/255,0.1,0.2`` into floats (L∞ budgets on the [0, 1] pixel scale)."""
+    out: list[float] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = float(Fraction(part))
+        except (ValueError, ZeroDivisionError):
+            raise typer.BadParameter(f"{part!r} is not a number or fraction like 8/255") from None
+        if not 0.0 <= value <= 1.0:
+            raise typer.BadParameter(f"epsilon {part} is outside [0, 1] (pixels are on the [0, 1] scale)")
+        out.append(value)
+    if not out:
+        raise typer.BadParameter("no epsilon given")
+    return out
+
+
+def parse_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    """Parse a comma-separated list and check every entry is allowed."""
+    items = [t.strip().lower() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise typer.BadParameter(f"{what} must be a comma-separated subset of {', '.join(allowed)}; got {text!r}")
+    return items
+
+
+def eprint(*args: Any) -> None:
+    print(*args, file=sys.stderr)

@@ -1,0 +1,11 @@
+"""`ism-edge export` (being written in this session; replaced before it lands)."""
+
+from __future__ import annotations
+
+from cli._common import cli_errors, fail
+
+
+@cli_errors
+def export() -> None:
+    """Not written yet."""
+    raise fail("'ism-edge export' is not available in this build")

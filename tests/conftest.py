@@ -1,0 +1,45 @@
+"""Shared fixtures: real data samples committed under data/samples, and small bundles."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "data" / "samples"
+CIFAR_TRAIN = SAMPLES / "cifar10" / "train.npz"  # 2,000 exact-pixel CIFAR-10 training images
+CIFAR_TEST = SAMPLES / "cifar10" / "test.npz"  # 1,017 exact-pixel CIFAR-10 test images
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def cifar_train() -> tuple[np.ndarray, np.ndarray]:
+    z = np.load(CIFAR_TRAIN)
+    return z["x"], z["y"]
+
+
+@pytest.fixture(scope="session")
+def cifar_test() -> tuple[np.ndarray, np.ndarray]:
+    z = np.load(CIFAR_TEST)
+    return z["x"], z["y"]
+
+
+@pytest.fixture(scope="session")
+def untrained_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained `small` bundle with placeholder thresholds: for plumbing tests only."""
+    pytest.importorskip("torch")
+    from training.bundle import DefenseBundle
+    from training.models import preset
+
+    import torch
+
+    torch.manual_seed(0)
+    b = DefenseBundle.create(preset("small"), [f"c{i}" for i in range(10)], preset="small")
+    b.thresholds = {"recon_error": 0.2, "jsd": 0.01, "p_score": 0.5}
+    out = tmp_path_factory.mktemp("bundles") / "untrained"
+    b.save(out)
+    return out

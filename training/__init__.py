@@ -1,0 +1,1 @@
+"""The PyTorch training subsystem: data, models, attacks, the training recipe and evaluation."""

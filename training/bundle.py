@@ -1,0 +1,243 @@
+"""The defense bundle: every network's weights (safetensors, no pickle) plus a JSON manifest.
+
+The single artifact that export and evaluation consume (SPEC §2). Layout::
+
+    BUNDLE/
+      manifest.json            config, class names, temperatures, thresholds, provenance, versions
+      classifier.safetensors   deployed (student) classifier C
+      mapper.safetensors       instance sparsity mapping network M
+      perturbation.safetensors perturbation classifier P
+      discriminator.safetensors, teacher.safetensors   (kept for fine-tuning; optional)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ism_edge._io import atomic_directory, atomic_write_json, sha256_file
+from ism_edge.errors import BundleError
+from training.models import Classifier, Discriminator, MappingNetwork, ModelConfig, PerturbationClassifier
+
+BUNDLE_FORMAT = "ism-edge-bundle"
+BUNDLE_FORMAT_VERSION = 1
+REQUIRED = ("classifier", "mapper", "perturbation")
+OPTIONAL = ("discriminator", "teacher")
+DEFAULT_TEMPERATURES = {"train": 20.0, "deploy": 1.0, "detector": 10.0}
+SCORES = ("recon_error", "jsd", "p_score")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that produced an artifact (recorded in every manifest)."""
+    import numpy
+
+    import ism_edge
+
+    v = {"ism_edge": ism_edge.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+         "python": platform.python_version()}
+    try:
+        import safetensors
+
+        v["safetensors"] = safetensors.__version__
+    except ImportError:  # pragma: no cover - safetensors is a [train] dependency
+        pass
+    return v
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def build_networks(cfg: ModelConfig) -> dict[str, nn.Module]:
+    """Fresh, untrained networks for ``cfg``."""
+    return {
+        "classifier": Classifier(cfg),
+        "mapper": MappingNetwork(cfg),
+        "perturbation": PerturbationClassifier(cfg),
+        "discriminator": Discriminator(cfg),
+        "teacher": Classifier(cfg),
+    }
+
+
+@dataclass
+class DefenseBundle:
+    """In-memory defense bundle; ``save``/``load`` round-trip it through a directory."""
+
+    config: ModelConfig
+    networks: dict[str, nn.Module]
+    class_names: tuple[str, ...]
+    preset: str = "custom"
+    temperatures: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TEMPERATURES))
+    thresholds: dict[str, float] = field(default_factory=dict)
+    target_fpr: float = 0.01
+    feedback_rounds: int = 0
+    label_source: str = "reformed"  # "reformed": argmax C(x̂) (SPEC); "auto": C(x̂) only if flagged
+    calibration: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, Any] = field(default_factory=dict)  # per-stage metrics and status
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, class_names: tuple[str, ...] | list[str], preset: str = "custom") -> DefenseBundle:
+        if len(class_names) != cfg.num_classes:
+            raise ValueError(f"{len(class_names)} class names for num_classes={cfg.num_classes}")
+        return cls(config=cfg, networks=build_networks(cfg), class_names=tuple(class_names), preset=preset)
+
+    # -- convenient typed access ------------------------------------------------------------
+    @property
+    def classifier(self) -> Classifier:
+        return self.networks["classifier"]  # type: ignore[return-value]
+
+    @property
+    def mapper(self) -> MappingNetwork:
+        return self.networks["mapper"]  # type: ignore[return-value]
+
+    @property
+    def perturbation(self) -> PerturbationClassifier:
+        return self.networks["perturbation"]  # type: ignore[return-value]
+
+    @property
+    def calibrated(self) -> bool:
+        return all(s in self.thresholds for s in SCORES)
+
+    def to(self, device: torch.device | str) -> DefenseBundle:
+        for m in self.networks.values():
+            m.to(device)
+        return self
+
+    def eval(self) -> DefenseBundle:
+        for m in self.networks.values():
+            m.eval()
+        return self
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_FORMAT_VERSION,
+            "created": _now(),
+            "preset": self.preset,
+            "config": self.config.to_dict(),
+            "input": {"channels": self.config.channels, "height": self.config.image_size,
+                      "width": self.config.image_size, "range": [0.0, 1.0], "layout": "NCHW",
+                      "color_order": "RGB"},
+            "class_names": list(self.class_names),
+            "temperatures": dict(self.temperatures),
+            "thresholds": dict(self.thresholds),
+            "target_fpr": self.target_fpr,
+            "feedback_rounds": self.feedback_rounds,
+            "label_source": self.label_source,
+            "calibration": self.calibration,
+            "stages": self.stages,
+            "provenance": self.provenance,
+            "versions": library_versions(),
+            "weights": {},
+        }
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the bundle atomically (temporary directory + rename); returns its path."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        manifest = self.manifest()
+        with atomic_directory(directory) as tmp:
+            for name, net in self.networks.items():
+                fname = f"{name}.safetensors"
+                state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+                save_file(state, str(tmp / fname), metadata={"network": name, "format": BUNDLE_FORMAT})
+                manifest["weights"][name] = {"file": fname, "sha256": sha256_file(tmp / fname)}
+            atomic_write_json(tmp / "manifest.json", manifest)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], *, map_location: str = "cpu") -> DefenseBundle:
+        """Load and verify a bundle; raises :class:`BundleError` with a one-line message."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        raw = read_bundle_manifest(directory)
+        try:
+            cfg = ModelConfig.from_dict(raw["config"])
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"{directory}/manifest.json has an invalid model config: {e}") from None
+        nets = build_networks(cfg)
+        weights = raw.get("weights", {})
+        missing = [n for n in REQUIRED if n not in weights]
+        if missing:
+            raise BundleError(f"{directory} has no weights for {', '.join(missing)}: it is incomplete; retrain or copy it again")
+        loaded: dict[str, nn.Module] = {}
+        for name, entry in weights.items():
+            if name not in nets:
+                continue
+            path = directory / entry["file"]
+            if not path.is_file():
+                raise BundleError(f"{path} is missing: the bundle is incomplete; retrain or copy it again")
+            if sha256_file(path) != entry.get("sha256"):
+                raise BundleError(f"{path} does not match its hash in manifest.json (corrupted or modified): retrain or copy it again")
+            try:
+                state = load_file(str(path), device=map_location)
+                nets[name].load_state_dict(state)
+            except (SafetensorError, RuntimeError, OSError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise BundleError(f"{path} cannot be loaded into the {name} network: {first}") from None
+            loaded[name] = nets[name]
+        b = cls(
+            config=cfg,
+            networks=loaded,
+            class_names=tuple(raw["class_names"]),
+            preset=raw.get("preset", "custom"),
+            temperatures={k: float(v) for k, v in raw.get("temperatures", DEFAULT_TEMPERATURES).items()},
+            thresholds={k: float(v) for k, v in raw.get("thresholds", {}).items()},
+            target_fpr=float(raw.get("target_fpr", 0.01)),
+            feedback_rounds=int(raw.get("feedback_rounds", 0)),
+            label_source=str(raw.get("label_source", "reformed")),
+            calibration=raw.get("calibration", {}),
+            provenance=raw.get("provenance", {}),
+            stages=raw.get("stages", {}),
+        )
+        return b.eval()
+
+
+def read_bundle_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check ``BUNDLE/manifest.json`` without loading weights (no torch work)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"bundle {directory} does not exist: train one with 'ism-edge train --out {directory}'")
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise BundleError(f"{path} is missing: {directory} is not a defense bundle")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON ({e}): the bundle is corrupt; retrain it") from None
+    if not isinstance(raw, dict) or raw.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path} is not an ism-edge defense bundle manifest")
+    if raw.get("format_version") != BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"{path} has bundle format version {raw.get('format_version')!r}; this ism-edge reads "
+            f"version {BUNDLE_FORMAT_VERSION}: retrain or use a matching ism-edge release"
+        )
+    for key in ("config", "class_names", "weights"):
+        if key not in raw:
+            raise BundleError(f"{path} has no {key!r} field: the bundle is corrupt; retrain it")
+    return raw
+
+
+def bundle_hash(directory: str | os.PathLike[str]) -> str:
+    """Identity of a bundle: SHA-256 over its manifest and weight files (what engines record)."""
+    directory = Path(directory)
+    raw = read_bundle_manifest(directory)
+    h = hashlib.sha256()
+    h.update((directory / "manifest.json").read_bytes())
+    for name in sorted(raw["weights"]):
+        h.update(name.encode())
+        h.update(str(raw["weights"][name].get("sha256", "")).encode())
+    return h.hexdigest()

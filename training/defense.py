@@ -1,0 +1,87 @@
+"""The full defense in PyTorch: the reference for ONNX Runtime and TensorRT (SPEC §2).
+
+x̂ = M(x); optional feedback reformation x̂ ← M(x̂) while ‖x̂ − M(x̂)‖₁ exceeds the
+reconstruction threshold, up to ``feedback_rounds`` times. Scores (on the first pass, so they are
+the MagNet detectors): reconstruction error ‖x − M(x)‖₁/(CHW), JSD between softmax(C(x)/T) and
+softmax(C(M(x))/T) at the detector temperature, and P(attacked) = sigmoid(P(x − x̂)).
+``flagged`` = any score over its calibrated threshold; ``label`` = argmax C(x̂) (or, with
+``label_source="auto"``, argmax C(x) for inputs that are not flagged — the paper's §VI reading).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from training.bundle import SCORES, DefenseBundle
+from training.models import js_divergence, reconstruction_error
+
+
+@dataclass
+class DefenseOutput:
+    """Batched defense result; every tensor has the batch as its first axis."""
+
+    x_hat: torch.Tensor
+    logits: torch.Tensor  # logits used for the label (C(x̂) or C(x), see label_source)
+    logits_raw: torch.Tensor  # C(x)
+    logits_reformed: torch.Tensor  # C(x̂)
+    recon_error: torch.Tensor
+    jsd: torch.Tensor
+    p_score: torch.Tensor
+    flagged: torch.Tensor  # bool; all False when the bundle is not calibrated
+
+    @property
+    def label(self) -> torch.Tensor:
+        return self.logits.argmax(dim=1)
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        return {"recon_error": self.recon_error, "jsd": self.jsd, "p_score": self.p_score}
+
+
+class Defense(nn.Module):
+    """C, M and P of a bundle wired as the deployed defense; differentiable end to end."""
+
+    def __init__(self, bundle: DefenseBundle, *, feedback_rounds: int | None = None) -> None:
+        super().__init__()
+        self.classifier = bundle.classifier
+        self.mapper = bundle.mapper
+        self.perturbation = bundle.perturbation
+        self.t_detector = float(bundle.temperatures.get("detector", 10.0))
+        self.thresholds = dict(bundle.thresholds)
+        self.feedback_rounds = bundle.feedback_rounds if feedback_rounds is None else feedback_rounds
+        self.label_source = bundle.label_source
+
+    def reform(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (x̂ after feedback rounds, first-pass reconstruction error)."""
+        x_hat = self.mapper(x)
+        recon = reconstruction_error(x, x_hat)
+        thr = self.thresholds.get("recon_error")
+        for _ in range(self.feedback_rounds if thr is not None else 0):
+            again = self.mapper(x_hat)
+            still = reconstruction_error(x_hat, again) > thr
+            if not bool(still.any()):
+                break
+            x_hat = torch.where(still.view(-1, 1, 1, 1), again, x_hat)
+        return x_hat, recon
+
+    def forward(self, x: torch.Tensor) -> DefenseOutput:
+        x_hat, recon = self.reform(x)
+        logits_raw = self.classifier(x)
+        logits_ref = self.classifier(x_hat)
+        jsd = js_divergence(logits_raw, logits_ref, self.t_detector)
+        p = torch.sigmoid(self.perturbation(x - x_hat))
+        if all(s in self.thresholds for s in SCORES):
+            flagged = (
+                (recon > self.thresholds["recon_error"])
+                | (jsd > self.thresholds["jsd"])
+                | (p > self.thresholds["p_score"])
+            )
+        else:
+            flagged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        if self.label_source == "auto":
+            logits = torch.where(flagged.view(-1, 1), logits_ref, logits_raw)
+        else:
+            logits = logits_ref
+        return DefenseOutput(x_hat, logits, logits_raw, logits_ref, recon, jsd, p, flagged)
