@@ -1,0 +1,91 @@
+"""Image sets stored as NumPy ``.npz`` archives: ``x`` uint8 NHWC, ``y`` labels, optional
+``exact`` (bool), ``index`` and ``class_names``; several files are parts concatenated in order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ism_edge.errors import DataError
+from training.data.cifar10 import CIFAR10_CLASSES
+
+FORMAT_HINT = "an image .npz holds x (uint8, N×H×W×C RGB) and y (integer labels, N), optionally exact (bool, N)"
+
+
+@dataclass(frozen=True)
+class NpzParts:
+    """The concatenated contents of one or more ``.npz`` parts."""
+
+    x: np.ndarray
+    y: np.ndarray
+    exact: np.ndarray | None
+    class_names: tuple[str, ...]
+    class_names_source: str
+
+
+def _read_part(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            missing = [k for k in ("x", "y") if k not in keys]
+            if missing:
+                raise DataError(f"{path} lacks array(s) {', '.join(missing)} (it has {', '.join(sorted(keys)) or 'none'}): "
+                                f"{FORMAT_HINT}")
+            x, y = z["x"], z["y"]
+            exact = z["exact"] if "exact" in keys else None
+            names = z["class_names"] if "class_names" in keys else None
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path} is not a readable .npz archive ({type(e).__name__}: {' '.join(str(e).split())[:120]}): "
+                        f"re-copy it or re-create it with numpy.savez_compressed") from None
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise DataError(f"{path}: x is {x.dtype} {x.shape}, expected uint8 (N, H, W, C) with C = 1 or 3; {FORMAT_HINT}")
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: y is {y.dtype} {y.shape}, expected integer labels of shape ({len(x)},); {FORMAT_HINT}")
+    if len(y) and y.min() < 0:
+        raise DataError(f"{path}: y holds negative labels; labels are class indices 0..K-1")
+    if exact is not None and (exact.dtype != np.bool_ or exact.shape != (len(x),)):
+        raise DataError(f"{path}: exact is {exact.dtype} {exact.shape}, expected bool of shape ({len(x)},)")
+    class_names = None
+    if names is not None:
+        if names.ndim != 1 or names.dtype.kind not in "US" or not len(names):
+            raise DataError(f"{path}: class_names is {names.dtype} {names.shape}, expected a 1-D array of strings")
+        class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist())
+    return x, y.astype(np.int64), exact, class_names
+
+
+def read_npz_parts(paths: Sequence[Path]) -> NpzParts:
+    """Read and concatenate ``.npz`` parts in order (e.g. the three parts of the 50k CIFAR-10 set).
+
+    Files without ``exact`` count as all-exact. Class names come from a ``class_names`` array
+    when present, else the CIFAR-10 names for 32×32×3 images with labels below 10 (the layout
+    of this project's CIFAR-10 files), else ``class_0`` … ``class_{K-1}``.
+    """
+    parts = [_read_part(p) for p in paths]
+    shape = parts[0][0].shape[1:]
+    for p, (x, *_rest) in zip(paths[1:], parts[1:], strict=True):
+        if x.shape[1:] != shape:
+            raise DataError(f"{p}: images are {x.shape[1:]} but {paths[0]} has {shape}: parts of one data set must match")
+    named = [(p, part[3]) for p, part in zip(paths, parts, strict=True) if part[3] is not None]
+    for p, names in named[1:]:
+        if names != named[0][1]:
+            raise DataError(f"{p}: class_names differ from those in {named[0][0]}: parts of one data set must match")
+    x = np.concatenate([part[0] for part in parts])
+    y = np.concatenate([part[1] for part in parts])
+    exact = None
+    if any(part[2] is not None for part in parts):
+        exact = np.concatenate([part[2] if part[2] is not None else np.ones(len(part[1]), bool) for part in parts])
+    top = int(y.max()) if len(y) else 0
+    if named:
+        class_names, source = named[0][1], "npz"
+        if top >= len(class_names):
+            raise DataError(f"{named[0][0]}: labels reach {top} but class_names lists only {len(class_names)} classes")
+    elif shape == (32, 32, 3) and top < len(CIFAR10_CLASSES):
+        class_names, source = CIFAR10_CLASSES, "cifar10"
+    else:
+        class_names, source = tuple(f"class_{i}" for i in range(top + 1)), "generic"
+    return NpzParts(x, y, exact, class_names, source)
