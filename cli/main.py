@@ -31,8 +31,31 @@ def _root(
         raise typer.Exit()
 
 
+MULTI_VALUE_OPTIONS = ("--data",)
+
+
+def expand_multi_value(argv: list[str]) -> list[str]:
+    """Rewrite ``--data A B C`` as ``--data A --data B --data C`` (typer options take one value)."""
+    out: list[str] = []
+    current: str | None = None
+    for arg in argv:
+        if arg in MULTI_VALUE_OPTIONS:
+            current = arg
+            out.append(arg)
+            continue
+        if current is not None and not arg.startswith("-") and out and out[-1] != current:
+            out.extend([current, arg])
+            continue
+        if arg.startswith("-"):
+            current = None
+        out.append(arg)
+    return out
+
+
 def main() -> None:
-    app()
+    import sys
+
+    app(args=expand_multi_value(sys.argv[1:]), prog_name="ism-edge")
 
 
 if __name__ == "__main__":

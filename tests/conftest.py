@@ -43,3 +43,19 @@ def untrained_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "untrained"
     b.save(out)
     return out
+
+
+# A small defense trained on the committed real CIFAR-10 sample (about a minute on 2 cores);
+# shared by every test that needs trained behaviour (recipe, evaluation, export, runtime).
+TRAINED_RECIPE = dict(epochs_classifier=4, epochs_mapper=3, epochs_perturbation=2, batch_size=64, adv_attack="fgsm")
+
+
+@pytest.fixture(scope="session")
+def trained_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")
+    from training.recipe import RecipeConfig, TrainRequest, train_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "trained"
+    req = TrainRequest(data=[CIFAR_TRAIN], out=out, preset="small", recipe=RecipeConfig(**TRAINED_RECIPE), device="cpu")
+    train_bundle(req, echo=lambda _m: None)
+    return out

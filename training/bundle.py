@@ -8,6 +8,7 @@ The single artifact that export and evaluation consume (SPEC §2). Layout::
       mapper.safetensors       instance sparsity mapping network M
       perturbation.safetensors perturbation classifier P
       discriminator.safetensors, teacher.safetensors   (kept for fine-tuning; optional)
+      undefended.safetensors   plain classifier: the oblivious threat model's source (optional)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from training.models import Classifier, Discriminator, MappingNetwork, ModelConf
 BUNDLE_FORMAT = "ism-edge-bundle"
 BUNDLE_FORMAT_VERSION = 1
 REQUIRED = ("classifier", "mapper", "perturbation")
-OPTIONAL = ("discriminator", "teacher")
+OPTIONAL = ("discriminator", "teacher", "undefended")
 DEFAULT_TEMPERATURES = {"train": 20.0, "deploy": 1.0, "detector": 10.0}
 SCORES = ("recon_error", "jsd", "p_score")
 
@@ -65,6 +66,7 @@ def build_networks(cfg: ModelConfig) -> dict[str, nn.Module]:
         "perturbation": PerturbationClassifier(cfg),
         "discriminator": Discriminator(cfg),
         "teacher": Classifier(cfg),
+        "undefended": Classifier(cfg),
     }
 
 

@@ -85,3 +85,23 @@ class Defense(nn.Module):
         else:
             logits = logits_ref
         return DefenseOutput(x_hat, logits, logits_raw, logits_ref, recon, jsd, p, flagged)
+
+
+def is_distilled(bundle: DefenseBundle) -> bool:
+    """True when the deployed classifier came out of defensive distillation at T > 1."""
+    st = bundle.stages.get("distill")
+    return isinstance(st, dict) and "skipped" not in st and bundle.temperatures.get("train", 1.0) > 1.0
+
+
+def attack_surrogate(bundle: DefenseBundle, name: str = "classifier") -> nn.Module:
+    """The module attacks should differentiate for network ``name`` of the bundle.
+
+    For distilled classifiers (and their teacher) this is ``logits / T`` (see
+    :class:`training.models.ScaledLogits`); otherwise the network itself.
+    """
+    from training.models import ScaledLogits
+
+    net = bundle.networks[name]
+    if name in ("classifier", "teacher") and is_distilled(bundle):
+        return ScaledLogits(net, 1.0 / bundle.temperatures["train"])
+    return net

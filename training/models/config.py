@@ -70,8 +70,8 @@ PRESETS: dict[str, ModelConfig] = {
     "paper": ModelConfig(),
     # Same structure, narrower: trains on 2 CPU cores in minutes.
     "small": ModelConfig(
-        clf_widths=(32, 64, 32, 16),
-        clf_dense=256,
+        clf_widths=(16, 32, 32, 16),
+        clf_dense=128,
         map_widths=(16, 32, 64, 64),
         latent_dim=128,
         sparsity_k=32,

@@ -202,3 +202,21 @@ def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: f
     kl_pm = (p * ((p + eps).log() - (m + eps).log())).sum(dim=1)
     kl_qm = (q * ((q + eps).log() - (m + eps).log())).sum(dim=1)
     return 0.5 * (kl_pm + kl_qm)
+
+
+class ScaledLogits(nn.Module):
+    """``model(x) * scale``: the attack target for a distilled classifier.
+
+    A classifier distilled at temperature T and deployed at T = 1 has logits ~T times larger, so
+    softmax saturates and cross-entropy gradients vanish in float32 — gradient masking, not
+    robustness (Carlini & Wagner 2016). Attacking ``logits / T`` leaves the argmax unchanged and
+    restores useful gradients; every attack in training and evaluation targets this wrapper.
+    """
+
+    def __init__(self, model: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.model = model
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * self.scale

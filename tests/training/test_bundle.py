@@ -1,0 +1,76 @@
+"""The defense bundle round-trips and refuses corrupt or foreign artifacts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ism_edge.errors import BundleError  # noqa: E402
+from training.bundle import DefenseBundle, bundle_hash  # noqa: E402
+from training.defense import Defense  # noqa: E402
+
+
+def test_round_trip_preserves_weights_and_outputs(untrained_bundle_dir: Path, tmp_path: Path) -> None:
+    b = DefenseBundle.load(untrained_bundle_dir)
+    b.save(tmp_path / "copy")
+    b2 = DefenseBundle.load(tmp_path / "copy")
+    assert b2.thresholds == b.thresholds and b2.class_names == b.class_names and b2.config == b.config
+    for name, net in b.networks.items():
+        for (k, v), (k2, v2) in zip(net.state_dict().items(), b2.networks[name].state_dict().items()):
+            assert k == k2 and torch.equal(v, v2)
+    x = torch.rand(4, 3, 32, 32)
+    o1, o2 = Defense(b)(x), Defense(b2)(x)
+    assert torch.equal(o1.x_hat, o2.x_hat) and torch.equal(o1.flagged, o2.flagged)
+
+
+def test_manifest_records_provenance_and_versions(untrained_bundle_dir: Path) -> None:
+    m = json.loads((untrained_bundle_dir / "manifest.json").read_text())
+    assert m["format"] == "ism-edge-bundle" and "torch" in m["versions"]
+    assert set(m["weights"]) >= {"classifier", "mapper", "perturbation"}
+    assert m["input"]["height"] == 32
+
+
+def test_tampered_weights_are_refused(untrained_bundle_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "b"
+    shutil.copytree(untrained_bundle_dir, d)
+    raw = bytearray((d / "mapper.safetensors").read_bytes())
+    raw[-10] ^= 0xFF
+    (d / "mapper.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="mapper.safetensors"):
+        DefenseBundle.load(d)
+
+
+@pytest.mark.parametrize("edit", ["version", "json", "missing"])
+def test_bad_manifest_is_refused(untrained_bundle_dir: Path, tmp_path: Path, edit: str) -> None:
+    d = tmp_path / "b"
+    shutil.copytree(untrained_bundle_dir, d)
+    mf = d / "manifest.json"
+    if edit == "version":
+        m = json.loads(mf.read_text())
+        m["format_version"] = 99
+        mf.write_text(json.dumps(m))
+    elif edit == "json":
+        mf.write_text("{not json")
+    else:
+        mf.unlink()
+    with pytest.raises(BundleError, match="manifest.json"):
+        DefenseBundle.load(d)
+
+
+def test_missing_bundle_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="ism-edge train"):
+        DefenseBundle.load(tmp_path / "nope")
+
+
+def test_hash_changes_with_weights(untrained_bundle_dir: Path, tmp_path: Path) -> None:
+    b = DefenseBundle.load(untrained_bundle_dir)
+    b.save(tmp_path / "a")
+    with torch.no_grad():
+        next(b.mapper.parameters()).add_(1.0)
+    b.save(tmp_path / "b")
+    assert bundle_hash(tmp_path / "a") != bundle_hash(tmp_path / "b")

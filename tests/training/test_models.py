@@ -1,0 +1,72 @@
+"""Properties of the defense's networks (paper Tables 1 and 2)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from training.models import (  # noqa: E402
+    PRESETS,
+    Classifier,
+    MappingNetwork,
+    ModelConfig,
+    PerturbationClassifier,
+    ScaledLogits,
+    k_sparse,
+    preset,
+)
+
+
+@pytest.mark.parametrize("k", [1, 7, 32, 128])
+def test_k_sparse_keeps_exactly_k_largest(k: int) -> None:
+    g = torch.Generator().manual_seed(k)
+    z = torch.randn(16, 128, generator=g)
+    s = k_sparse(z, k)
+    assert ((s != 0).sum(dim=1) == k).all()
+    kept = s != 0
+    # every kept magnitude is >= every dropped magnitude, and kept values are unchanged
+    assert (z.abs()[kept].view(16, k).min(dim=1).values >= z.abs().masked_fill(kept, -1).max(dim=1).values).all()
+    assert torch.equal(s[kept], z[kept])
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_mapper_code_is_k_sparse_and_output_matches_input(name: str) -> None:
+    cfg = preset(name)
+    m = MappingNetwork(cfg).eval()
+    x = torch.rand(2, cfg.channels, cfg.image_size, cfg.image_size)
+    x_hat, z = m.forward_with_code(x)
+    assert x_hat.shape == x.shape
+    assert ((z != 0).sum(dim=1) == cfg.sparsity_k).all()
+    assert x_hat.min() >= 0 and x_hat.max() <= 1
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_classifier_and_perturbation_shapes(name: str) -> None:
+    cfg = preset(name)
+    x = torch.rand(3, cfg.channels, cfg.image_size, cfg.image_size)
+    assert Classifier(cfg).eval()(x).shape == (3, cfg.num_classes)
+    assert PerturbationClassifier(cfg)(x).shape == (3,)
+
+
+def test_paper_preset_has_the_papers_sizes() -> None:
+    cfg = PRESETS["paper"]
+    assert cfg.clf_widths == (128, 256, 128, 64) and cfg.clf_dense == 1024
+    assert cfg.map_widths == (64, 128, 256, 256) and cfg.latent_dim == 128 and cfg.sparsity_k == 32
+
+
+@pytest.mark.parametrize("bad", [dict(image_size=40), dict(sparsity_k=0), dict(sparsity_k=200), dict(num_classes=1), dict(channels=2)])
+def test_config_validation(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        ModelConfig(**bad)
+
+
+def test_config_round_trip() -> None:
+    cfg = preset("celeba64", sparsity_k=16)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_scaled_logits_keeps_the_label() -> None:
+    clf = Classifier(preset("small")).eval()
+    x = torch.rand(8, 3, 32, 32)
+    assert torch.equal(ScaledLogits(clf, 0.05)(x).argmax(1), clf(x).argmax(1))

@@ -1,0 +1,134 @@
+"""The training recipe on the committed real CIFAR-10 sample: it learns, calibrates and resumes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ism_edge.errors import BundleError, IsmEdgeError  # noqa: E402
+from tests.conftest import CIFAR_TEST, CIFAR_TRAIN  # noqa: E402
+from training.bundle import DefenseBundle  # noqa: E402
+from training.data import load_dataset  # noqa: E402
+from training.defense import Defense  # noqa: E402
+from training.recipe import STAGES, RecipeConfig, TrainRequest, train_bundle  # noqa: E402
+from training.recipe import runner as runner_mod  # noqa: E402
+from training.recipe.stages import defense_scores  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def test_data():
+    return load_dataset([CIFAR_TEST])
+
+
+def _accuracy(net: torch.nn.Module, data) -> float:
+    from training.recipe.runner import clean_accuracy
+
+    return clean_accuracy(net, data, torch.device("cpu"))
+
+
+def test_short_training_beats_chance(trained_bundle_dir: Path, test_data) -> None:
+    b = DefenseBundle.load(trained_bundle_dir)
+    assert set(b.stages) == set(STAGES)
+    # 10 classes: chance is 10 %; a minute of training on 1,800 real images clearly beats it.
+    assert _accuracy(b.networks["undefended"], test_data) > 0.25
+    assert _accuracy(b.classifier, test_data) > 0.20
+
+
+def test_detectors_flag_large_attacks_far_more_than_clean(trained_bundle_dir: Path, test_data) -> None:
+    from training.attacks import PGD
+    from training.data.torch_utils import to_tensor
+    from training.defense import attack_surrogate
+
+    b = DefenseBundle.load(trained_bundle_dir)
+    x = to_tensor(test_data.x[:200])
+    y = torch.from_numpy(test_data.y[:200])
+    x_adv = PGD(attack_surrogate(b), 0.3, steps=5, seed=0)(x, y)
+    d = Defense(b)
+    with torch.no_grad():
+        clean, adv = d(x), d(x_adv)
+    assert adv.flagged.float().mean() > clean.flagged.float().mean() + 0.3
+
+
+def test_calibrated_fpr_is_near_target_on_held_out_clean_data(trained_bundle_dir: Path, test_data) -> None:
+    b = DefenseBundle.load(trained_bundle_dir)
+    assert b.calibrated and b.target_fpr == 0.01
+    s = defense_scores(Defense(b), test_data, torch.device("cpu"))
+    for k, thr in b.thresholds.items():
+        fpr = float((s[k] > thr).mean())
+        # 1,017 held-out test images: a 1 % FPR is ~10 ± 3 false positives; calibration used 200 others.
+        assert fpr <= 0.04, (k, fpr)
+    assert float(s["flagged"].mean()) <= 0.08
+
+
+def test_bundle_records_stages_provenance_and_temperatures(trained_bundle_dir: Path) -> None:
+    b = DefenseBundle.load(trained_bundle_dir)
+    assert b.temperatures == {"train": 20.0, "deploy": 1.0, "detector": 10.0}
+    assert b.provenance["data"]["kind"] == "npz" and b.provenance["n_train"] + b.provenance["n_calibration"] == 2000
+    assert b.stages["calibrate"]["n"] == 200
+    assert all("wall_s" in b.stages[s] for s in STAGES)
+
+
+def test_stage_alone_needs_the_earlier_stages(tmp_path: Path) -> None:
+    req = TrainRequest(data=[CIFAR_TRAIN], out=tmp_path / "b", recipe=RecipeConfig(epochs_mapper=1), stages=["mapper"], device="cpu")
+    with pytest.raises(BundleError, match="earlier stages"):
+        train_bundle(req, echo=lambda _m: None)
+
+
+def test_calibrate_stage_alone_on_an_existing_bundle(trained_bundle_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "b"
+    shutil.copytree(trained_bundle_dir, d)
+    req = TrainRequest(data=[CIFAR_TRAIN], out=d, recipe=RecipeConfig(target_fpr=0.05), stages=["calibrate"], device="cpu")
+    b = train_bundle(req, echo=lambda _m: None)
+    before = DefenseBundle.load(trained_bundle_dir)
+    assert b.target_fpr == 0.05
+    assert all(b.thresholds[k] <= before.thresholds[k] for k in b.thresholds)  # a higher FPR lowers thresholds
+    assert torch.equal(b.mapper.state_dict()["fc.weight"], before.mapper.state_dict()["fc.weight"])
+
+
+def test_resume_continues_after_an_interruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = RecipeConfig(epochs_classifier=2, batch_size=256, adv_ratio=0.0)
+    out = tmp_path / "b"
+    calls = {"n": 0}
+    real = runner_mod.classifier_epoch
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(runner_mod, "classifier_epoch", flaky)
+    req = TrainRequest(data=[CIFAR_TRAIN], out=out, recipe=recipe, stages=["undefended"], device="cpu", limit=600)
+    with pytest.raises(KeyboardInterrupt):
+        train_bundle(req, echo=lambda _m: None)
+    assert not out.exists() and (tmp_path / "b.ckpt" / "checkpoint.pt").is_file()
+    messages: list[str] = []
+    monkeypatch.setattr(runner_mod, "classifier_epoch", real)
+    req = TrainRequest(data=[CIFAR_TRAIN], out=out, recipe=recipe, stages=["undefended"], device="cpu", limit=600, resume=True)
+    b = train_bundle(req, echo=messages.append)
+    assert any("resuming at epoch 2/2" in m for m in messages)
+    assert len(b.stages["undefended"]["history"]) == 2
+
+
+def test_resume_with_other_options_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    base = dict(data=[CIFAR_TRAIN], out=out, stages=["undefended"], device="cpu", limit=300)
+    train_bundle(TrainRequest(recipe=RecipeConfig(epochs_classifier=1, adv_ratio=0.0), **base), echo=lambda _m: None)
+    with pytest.raises(IsmEdgeError, match="another preset or recipe"):
+        train_bundle(TrainRequest(recipe=RecipeConfig(epochs_classifier=2, adv_ratio=0.0), resume=True, **base), echo=lambda _m: None)
+
+
+def test_same_seed_same_weights(tmp_path: Path) -> None:
+    recipe = RecipeConfig(epochs_classifier=1, batch_size=128, adv_ratio=0.5, adv_attack="fgsm")
+    outs = []
+    for name in ("a", "b"):
+        req = TrainRequest(data=[CIFAR_TRAIN], out=tmp_path / name, recipe=recipe, stages=["adversarial"], device="cpu", limit=300)
+        outs.append(train_bundle(req, echo=lambda _m: None))
+    w = [o.networks["teacher"].state_dict()["head.3.weight"] for o in outs]
+    assert torch.allclose(w[0], w[1])
+    assert np.isfinite(w[0].numpy()).all()

@@ -1,0 +1,90 @@
+"""Configuration of the training recipe (SPEC §2): one frozen dataclass, saved in the bundle."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+STAGES = ("undefended", "adversarial", "distill", "mapper", "perturbation", "calibrate")
+STAGE_HELP = {
+    "undefended": "plain classifier (no defense): the source model of the oblivious threat model",
+    "adversarial": "teacher C trained at temperature T on clean + FGSM/PGD examples",
+    "distill": "student C trained on the teacher's soft labels at T, with adversarial examples",
+    "mapper": "mapping network M on (attacked, clean) and (clean, clean) pairs + sparsity + D",
+    "perturbation": "perturbation classifier P on residuals x - M(x), clean vs attacked",
+    "calibrate": "detector thresholds at the target false-positive rate on held-out clean data",
+}
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """Hyper-parameters of every stage. Pixels are in [0, 1]; every ε is an L∞ budget on that scale.
+
+    Epoch counts are per stage. ``adv_ratio`` is the fraction of each batch replaced by
+    adversarial examples crafted against the model being trained (0 disables adversarial
+    training); ``adv_eps`` is the (low, high) range ε is drawn from per batch; ``adv_attack`` is
+    "fgsm", "pgd" or "mixed" (half the batches each). ``temperature`` is the distillation
+    temperature T (paper: defensive distillation; default 20); ``distill=False`` deploys the
+    adversarially trained teacher directly. ``detector_temperature`` is MagNet's JSD temperature.
+    """
+
+    epochs_classifier: int = 10
+    epochs_mapper: int = 10
+    epochs_perturbation: int = 4
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    augment: bool = True
+    adv_ratio: float = 0.5
+    adv_eps: tuple[float, float] = (2 / 255, 8 / 255)
+    adv_attack: str = "mixed"
+    adv_pgd_steps: int = 5
+    temperature: float = 20.0
+    distill: bool = True
+    detector_temperature: float = 10.0
+    # Mapping network loss weights (SPEC §2 stage 3).
+    map_l1: float = 1e-4  # L1 penalty on the sparse code
+    map_adv: float = 1e-3  # generator loss from the discriminator
+    map_cls: float = 0.5  # classifier-guided term: KL(C(M(x')) || C(x)) (HGD-style, Liao et al. 2018)
+    # Adversarial pool of stages 3-4 (M and P): attack types and ε levels, crafted once against C.
+    pert_attacks: tuple[str, ...] = ("fgsm", "pgd")
+    pert_eps: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255, 0.1, 0.2, 0.3, 0.4)
+    # Calibration.
+    target_fpr: float = 0.01
+    calib_fraction: float = 0.1
+    feedback_rounds: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs_classifier", "epochs_mapper", "epochs_perturbation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2")
+        if not 0.0 <= self.adv_ratio <= 1.0:
+            raise ValueError(f"adv_ratio must be in [0, 1], got {self.adv_ratio}")
+        lo, hi = self.adv_eps
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"adv_eps must be 0 <= low <= high <= 1, got {self.adv_eps}")
+        if self.adv_attack not in ("fgsm", "pgd", "mixed"):
+            raise ValueError(f"adv_attack must be fgsm, pgd or mixed, got {self.adv_attack!r}")
+        if self.temperature <= 0 or self.detector_temperature <= 0:
+            raise ValueError("temperatures must be > 0")
+        if not 0.0 < self.target_fpr < 0.5:
+            raise ValueError(f"target_fpr must be in (0, 0.5), got {self.target_fpr}")
+        if not 0.0 < self.calib_fraction < 0.5:
+            raise ValueError(f"calib_fraction must be in (0, 0.5), got {self.calib_fraction}")
+        if any(a not in ("fgsm", "pgd") for a in self.pert_attacks) or not self.pert_attacks:
+            raise ValueError("pert_attacks must be a non-empty subset of fgsm, pgd")
+        if any(not 0 < e <= 1 for e in self.pert_eps) or not self.pert_eps:
+            raise ValueError("pert_eps must be a non-empty list of values in (0, 1]")
+        if self.feedback_rounds < 0:
+            raise ValueError("feedback_rounds must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RecipeConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})

@@ -1,0 +1,337 @@
+"""The recipe runner: all stages in order (or a chosen subset), checkpoints, resume, the bundle."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ism_edge._io import atomic_directory
+from ism_edge.errors import BundleError, IsmEdgeError
+from training.bundle import DefenseBundle, read_bundle_manifest
+from training.data import ImageArrays, load_dataset
+from training.defense import Defense, attack_surrogate
+from training.models import preset as model_preset
+from training.progress import log, make_progress
+from training.recipe.config import STAGES, RecipeConfig
+from training.recipe.stages import (
+    EpochContext,
+    adversarial_pool,
+    calibrate_thresholds,
+    classifier_epoch,
+    defense_scores,
+    mapper_epoch,
+    perturbation_epoch,
+)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise IsmEdgeError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device cpu")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise IsmEdgeError(f"--device {name!r} is not cpu, cuda, cuda:N or auto")
+    return torch.device(name)
+
+
+@dataclass
+class TrainRequest:
+    """Everything ``ism-edge train`` asks for."""
+
+    data: Sequence[str | os.PathLike[str]]
+    out: Path
+    preset: str = "small"
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    stages: Sequence[str] = STAGES
+    device: str = "auto"
+    resume: bool = False
+    data_kind: str = "auto"
+    attribute: str = "Smiling"
+    exact_only: bool = False
+    limit: int | None = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+class Checkpointer:
+    """The latest per-epoch training state in ``<bundle>.ckpt/checkpoint.pt`` (tensors + plain data)."""
+
+    def __init__(self, bundle_dir: Path) -> None:
+        self.dir = bundle_dir.with_name(bundle_dir.name + ".ckpt")
+        self.path = self.dir / CHECKPOINT
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt checkpoint
+            raise IsmEdgeError(f"checkpoint {self.path} cannot be read ({type(e).__name__}): delete it and train without --resume") from None
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def _optimizer(params: Any, cfg: RecipeConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def clean_accuracy(model: torch.nn.Module, data: ImageArrays, device: torch.device) -> float:
+    from training.data.torch_utils import iterate_batches
+
+    model.eval()
+    correct = 0
+    for x, y in iterate_batches(data, 256, shuffle=False, device=device):
+        correct += int((model(x).argmax(1) == y).sum())
+    return correct / max(len(data), 1)
+
+
+class RecipeRunner:
+    """Runs the stages of SPEC §2 on one dataset and writes the defense bundle after each stage."""
+
+    def __init__(self, req: TrainRequest, *, echo: Callable[[str], None] = log) -> None:
+        self.req = req
+        self.cfg = req.recipe
+        self.echo = echo
+        self.device = resolve_device(req.device)
+        unknown = [s for s in req.stages if s not in STAGES]
+        if unknown:
+            raise IsmEdgeError(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}")
+        self.stages = [s for s in STAGES if s in req.stages]
+        self.ckpt = Checkpointer(Path(req.out))
+
+    # -- set-up --------------------------------------------------------------------------
+    def _load_data(self, image_size: int) -> tuple[ImageArrays, ImageArrays]:
+        arrays = load_dataset(self.req.data, kind=self.req.data_kind, split="train", image_size=image_size,
+                              attribute=self.req.attribute, exact_only=self.req.exact_only,
+                              limit=self.req.limit, seed=self.cfg.seed)
+        train, calib = arrays.split(self.cfg.calib_fraction, seed=self.cfg.seed)
+        self.echo(f"data: {len(arrays)} images ({arrays.provenance.get('kind')}), {len(arrays.class_names)} classes; "
+                  f"{len(train)} for training, {len(calib)} held out for calibration")
+        return train, calib
+
+    def _initial_bundle(self, train: ImageArrays) -> DefenseBundle:
+        out = Path(self.req.out)
+        first = self.stages[0]
+        needs_existing = STAGES.index(first) > 0
+        if needs_existing and (out / "manifest.json").is_file():
+            b = DefenseBundle.load(out)
+            if tuple(b.class_names) != tuple(train.class_names):
+                raise BundleError(f"{out} was trained on classes {list(b.class_names)[:4]}…, the data has "
+                                  f"{list(train.class_names)[:4]}…: use the same dataset")
+            for n, net in DefenseBundle.create(b.config, b.class_names).networks.items():
+                b.networks.setdefault(n, net)
+            return b.to(self.device)
+        if needs_existing and first not in ("undefended", "adversarial"):
+            prior = [s for s in STAGES[: STAGES.index(first)] if s not in ("undefended",)]
+            raise BundleError(f"stage {first!r} needs a bundle with the earlier stages ({', '.join(prior)}) "
+                              f"at {out}: run those stages first (or all stages at once)")
+        cfg = model_preset(self.req.preset, num_classes=len(train.class_names), channels=int(train.x.shape[-1]),
+                           **self.req.model_overrides)
+        if self.req.preset not in ("celeba64", "celeba128") and train.x.shape[1] != cfg.image_size:
+            cfg = replace(cfg, image_size=int(train.x.shape[1]))
+        b = DefenseBundle.create(cfg, train.class_names, preset=self.req.preset)
+        return b.to(self.device)
+
+    # -- stages --------------------------------------------------------------------------
+    def _classifier_stage(self, stage: str, b: DefenseBundle, train: ImageArrays, calib: ImageArrays,
+                          state: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        if stage == "undefended":
+            net, teacher, temp, adv = b.networks["undefended"], None, 1.0, False
+        elif stage == "adversarial":
+            net = b.networks["teacher"] if cfg.distill else b.classifier
+            teacher, temp, adv = None, (cfg.temperature if cfg.distill else 1.0), cfg.adv_ratio > 0
+        else:  # distill
+            net, teacher, temp, adv = b.classifier, b.networks["teacher"], cfg.temperature, cfg.adv_ratio > 0
+            teacher.eval()
+        opt = _optimizer(net.parameters(), cfg)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs_classifier, 1))
+        return self._epochs(stage, cfg.epochs_classifier, [opt, sched], state, b, train,
+                            lambda ctx: classifier_epoch(net, opt, ctx, temperature=temp, adversarial=adv, teacher=teacher),
+                            after=lambda: {"clean_acc_heldout": clean_accuracy(net, calib, self.device)})
+
+    def _pool(self, b: DefenseBundle, train: ImageArrays) -> torch.Tensor:
+        if self._adv_pool is None:
+            t0 = time.perf_counter()
+            with make_progress() as progress:
+                self._adv_pool = adversarial_pool(attack_surrogate(b), train, self.cfg, self.device, progress)
+            self.echo(f"adversarial pool: {len(train)} examples crafted against the deployed classifier "
+                      f"in {time.perf_counter() - t0:.0f} s")
+        return self._adv_pool
+
+    def _mapper_stage(self, b: DefenseBundle, train: ImageArrays, calib: ImageArrays, state: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        opt_m = _optimizer(b.mapper.parameters(), cfg)
+        opt_d = torch.optim.Adam(b.networks["discriminator"].parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_m, T_max=max(cfg.epochs_mapper, 1))
+
+        def after() -> dict[str, Any]:
+            d = Defense(b)
+            s = defense_scores(d, calib, self.device)
+            y = calib.y
+            return {"heldout_recon_error_mean": float(s["recon_error"].mean()),
+                    "heldout_acc_reformed": float((s["label"] == y).mean()),
+                    "heldout_acc_raw": float((s["label_raw"] == y).mean())}
+
+        pool = self._pool(b, train) if cfg.epochs_mapper > 0 else None
+        return self._epochs("mapper", cfg.epochs_mapper, [opt_m, opt_d, sched], state, b, train,
+                            lambda ctx: mapper_epoch(b.mapper, b.networks["discriminator"], attack_surrogate(b),
+                                                     opt_m, opt_d, ctx),
+                            after=after, pool=pool)
+
+    def _perturbation_stage(self, b: DefenseBundle, train: ImageArrays, calib: ImageArrays, state: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        opt = _optimizer(b.perturbation.parameters(), cfg)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs_perturbation, 1))
+        pool = self._pool(b, train) if cfg.epochs_perturbation > 0 else None
+        return self._epochs("perturbation", cfg.epochs_perturbation, [opt, sched], state, b, train,
+                            lambda ctx: perturbation_epoch(b.perturbation, b.mapper, b.classifier, opt, ctx), pool=pool)
+
+    def _calibrate(self, b: DefenseBundle, calib: ImageArrays) -> dict[str, Any]:
+        b.thresholds = {}
+        b.feedback_rounds = self.cfg.feedback_rounds
+        b.temperatures["detector"] = self.cfg.detector_temperature
+        scores = defense_scores(Defense(b, feedback_rounds=0), calib, self.device)
+        b.thresholds = calibrate_thresholds(scores, self.cfg.target_fpr)
+        b.target_fpr = self.cfg.target_fpr
+        fpr = {k: float((scores[k] > v).mean()) for k, v in b.thresholds.items()}
+        any_flag = np.zeros(len(calib), dtype=bool)
+        for k, v in b.thresholds.items():
+            any_flag |= scores[k] > v
+        b.calibration = {"n": len(calib), "split": "held out from the training data", "target_fpr": self.cfg.target_fpr,
+                         "fpr_per_detector": fpr, "fpr_any": float(any_flag.mean()),
+                         "score_quantiles": {k: [float(q) for q in np.quantile(scores[k], [0.5, 0.9, 0.99])]
+                                             for k in b.thresholds}}
+        self.echo("calibrated thresholds: " + ", ".join(f"{k} {v:.4g}" for k, v in b.thresholds.items())
+                  + f" (target FPR {self.cfg.target_fpr:.2%} each; any-detector FPR {any_flag.mean():.2%} on {len(calib)} held-out)")
+        return dict(b.calibration)
+
+    def _epochs(self, stage: str, epochs: int, stateful: list[Any], state: dict[str, Any], b: DefenseBundle,
+                train: ImageArrays, run_epoch: Callable[[EpochContext], dict[str, float]],
+                after: Callable[[], dict[str, Any]] | None = None, pool: torch.Tensor | None = None) -> dict[str, Any]:
+        start_epoch = 0
+        if state.get("stage") == stage and "opt" in state:
+            for obj, sd in zip(stateful, state["opt"]):
+                obj.load_state_dict(sd)
+            start_epoch = int(state["epoch"]) + 1
+            self.echo(f"{stage}: resuming at epoch {start_epoch + 1}/{epochs}")
+        history: list[dict[str, float]] = list(state.get("history", [])) if state.get("stage") == stage else []
+        with make_progress() as progress:
+            for epoch in range(start_epoch, epochs):
+                ctx = EpochContext(self.cfg, train, self.device, epoch, progress, f"{stage} {epoch + 1}/{epochs}", pool)
+                metrics = run_epoch(ctx)
+                for obj in stateful:
+                    if isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
+                        obj.step()
+                history.append(metrics)
+                self.echo(f"{stage} epoch {epoch + 1}/{epochs}: " + "  ".join(
+                    f"{k} {v:.4g}" if k != "img_s" else f"{v:.0f} img/s" for k, v in metrics.items()))
+                self._checkpoint(b, stage=stage, epoch=epoch, opt=[o.state_dict() for o in stateful], history=history)
+        result: dict[str, Any] = {"epochs": epochs, "history": history}
+        if after is not None:
+            result.update(after())
+        return result
+
+    def _checkpoint(self, b: DefenseBundle, **extra: Any) -> None:
+        state = {
+            "nets": {n: {k: v.detach().cpu() for k, v in m.state_dict().items()} for n, m in b.networks.items()},
+            "completed": list(self._completed),
+            "stages_metrics": b.stages,
+            "recipe": self.cfg.to_dict(),
+            "preset": b.preset,
+            "model_config": b.config.to_dict(),
+            "class_names": list(b.class_names),
+            **extra,
+        }
+        self.ckpt.save(state)
+
+    # -- main ----------------------------------------------------------------------------
+    def run(self) -> DefenseBundle:
+        t_all = time.perf_counter()
+        _seed_everything(self.cfg.seed)
+        size = model_preset(self.req.preset).image_size
+        train, calib = self._load_data(size)
+        b = self._initial_bundle(train)
+        self._completed: list[str] = []
+        self._adv_pool: torch.Tensor | None = None
+        state: dict[str, Any] = {}
+        if self.req.resume:
+            ck = self.ckpt.load()
+            if ck is None:
+                self.echo(f"--resume: no checkpoint at {self.ckpt.path}; starting from scratch")
+            else:
+                if ck.get("recipe") != self.cfg.to_dict() or ck.get("preset") != b.preset:
+                    raise IsmEdgeError(f"checkpoint {self.ckpt.path} was written with another preset or recipe: "
+                                       "rerun with the same options, or delete it and train without --resume")
+                for n, sd in ck["nets"].items():
+                    if n in b.networks:
+                        b.networks[n].load_state_dict(sd)
+                self._completed = list(ck.get("completed", []))
+                b.stages = dict(ck.get("stages_metrics", {}))
+                state = ck
+                self.echo(f"--resume: stages done {self._completed or 'none'}; continuing")
+        n_threads = torch.get_num_threads()
+        b.provenance = {
+            "data": train.provenance,
+            "n_train": len(train),
+            "n_calibration": len(calib),
+            "recipe": self.cfg.to_dict(),
+            "seed": self.cfg.seed,
+            "device": str(self.device),
+            "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                         "torch_threads": n_threads,
+                         "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None},
+        }
+        b.temperatures = {"train": self.cfg.temperature, "deploy": 1.0, "detector": self.cfg.detector_temperature}
+        for stage in self.stages:
+            if stage in self._completed:
+                continue
+            if stage == "distill" and not self.cfg.distill:
+                b.classifier.load_state_dict(b.networks["teacher"].state_dict())
+                b.stages[stage] = {"skipped": "distillation disabled: the adversarially trained classifier is deployed"}
+                self._completed.append(stage)
+                continue
+            t0 = time.perf_counter()
+            st = state if state.get("stage") == stage else {}
+            if stage in ("undefended", "adversarial", "distill"):
+                metrics = self._classifier_stage(stage, b, train, calib, st)
+            elif stage == "mapper":
+                metrics = self._mapper_stage(b, train, calib, st)
+            elif stage == "perturbation":
+                metrics = self._perturbation_stage(b, train, calib, st)
+            else:
+                metrics = self._calibrate(b, calib)
+            metrics["wall_s"] = round(time.perf_counter() - t0, 1)
+            b.stages[stage] = metrics
+            self._completed.append(stage)
+            self._checkpoint(b, stage=None, epoch=-1)
+            b.save(self.req.out)
+            self.echo(f"stage {stage} done in {metrics['wall_s']:.0f} s → {self.req.out}")
+        b.provenance["wall_s_total"] = round(time.perf_counter() - t_all, 1)
+        b.save(self.req.out)
+        return b
+
+
+def train_bundle(req: TrainRequest, *, echo: Callable[[str], None] = log) -> DefenseBundle:
+    """Run the recipe for ``req`` and return the trained bundle (also saved at ``req.out``)."""
+    return RecipeRunner(req, echo=echo).run()

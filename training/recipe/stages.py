@@ -1,0 +1,254 @@
+"""The stages of the training recipe (SPEC §2), as plain per-epoch functions.
+
+Each ``*_epoch`` function trains for one epoch and returns its mean metrics; the runner
+(``training.recipe.runner``) owns the loop, optimisers, checkpoints and progress display.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+from torch import nn
+
+from training.attacks import make_attack
+from training.data import ImageArrays
+from training.data.torch_utils import iterate_batches, to_tensor
+from training.defense import Defense
+from training.models import ScaledLogits, sparse_l1
+from training.progress import Meter, track
+from training.recipe.config import RecipeConfig
+
+
+@dataclass
+class EpochContext:
+    """What every epoch function needs besides its networks."""
+
+    cfg: RecipeConfig
+    data: ImageArrays
+    device: torch.device
+    epoch: int
+    progress: Progress | None
+    description: str
+    pool: torch.Tensor | None = None  # adversarial version of every training image (stages 3-4)
+
+    def batches(self, augment: bool | None = None) -> Any:
+        aug = self.cfg.augment if augment is None else augment
+        it = iterate_batches(self.data, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed * 1000 + self.epoch,
+                             augment=aug, device=self.device)
+        return it
+
+    def pairs(self) -> Any:
+        """Shuffled (clean, adversarial, label) batches from the adversarial pool (no augmentation)."""
+        assert self.pool is not None
+        order = np.random.default_rng(self.cfg.seed * 1000 + self.epoch).permutation(len(self.data))
+        for start in range(0, len(order), self.cfg.batch_size):
+            idx = np.sort(order[start:start + self.cfg.batch_size])
+            x = to_tensor(self.data.x[idx]).to(self.device)
+            y = torch.from_numpy(self.data.y[idx]).long().to(self.device)
+            yield x, self.pool[torch.from_numpy(idx)].to(self.device), y
+
+    def n_batches(self) -> int:
+        return -(-len(self.data) // self.cfg.batch_size)
+
+    def rng(self, salt: int) -> random.Random:
+        return random.Random(self.cfg.seed * 1_000_003 + self.epoch * 101 + salt)
+
+
+def _craft(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, eps: float, cfg: RecipeConfig) -> torch.Tensor:
+    kw = {"steps": cfg.adv_pgd_steps} if kind == "pgd" else {}
+    return make_attack(kind, model, eps, **kw)(x, y)
+
+
+def adversarial_mix(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RecipeConfig, rng: random.Random) -> torch.Tensor:
+    """Replace the first ``adv_ratio`` of the batch by FGSM/PGD examples against ``model``.
+
+    ε is drawn uniformly from ``cfg.adv_eps`` per batch (adversarial training, Goodfellow et al.
+    2015 / Madry et al. 2018). Rows keep their order, so labels and soft targets still align.
+    """
+    n_adv = int(round(cfg.adv_ratio * x.shape[0]))
+    if n_adv == 0 or cfg.adv_eps[1] == 0:
+        return x
+    eps = rng.uniform(*cfg.adv_eps)
+    kind = cfg.adv_attack if cfg.adv_attack != "mixed" else rng.choice(("fgsm", "pgd"))
+    x_adv = _craft(model, x[:n_adv], y[:n_adv], kind, eps, cfg)
+    return torch.cat([x_adv, x[n_adv:]])
+
+
+def classifier_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    ctx: EpochContext,
+    *,
+    temperature: float,
+    adversarial: bool,
+    teacher: nn.Module | None = None,
+) -> dict[str, float]:
+    """One epoch of (adversarial) training of a classifier at ``temperature``.
+
+    With a ``teacher`` this is the student of defensive distillation (Papernot et al. 2016): the
+    targets are softmax(teacher(x)/T) of the clean inputs, for clean and adversarial rows alike.
+    """
+    meter = Meter()
+    rng = ctx.rng(1)
+    target = ScaledLogits(model, 1.0 / temperature) if temperature != 1.0 else model
+    for x, y in track(ctx.progress, ctx.batches(), ctx.n_batches(), ctx.description, meter):
+        x_in = adversarial_mix(target, x, y, ctx.cfg, rng) if adversarial else x
+        model.train()
+        logits = model(x_in)
+        if teacher is not None:
+            with torch.no_grad():
+                soft = F.softmax(teacher(x) / temperature, dim=1)
+            loss = -(soft * F.log_softmax(logits / temperature, dim=1)).sum(dim=1).mean()
+        else:
+            loss = F.cross_entropy(logits / temperature, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        acc = (logits.argmax(1) == y).float().mean()
+        meter.update(x.shape[0], loss=loss.item(), acc=acc.item())
+    return meter.mean()
+
+
+def mapper_epoch(
+    mapper: nn.Module,
+    discriminator: nn.Module,
+    classifier: nn.Module,
+    opt_m: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    ctx: EpochContext,
+) -> dict[str, float]:
+    """One epoch of the instance sparsity mapping network (paper Eq. 3; SPEC §2 stage 3).
+
+    Inputs are attacked x′ (the adversarial pool: FGSM/PGD against the deployed classifier) and
+    clean x, both mapped to the clean x: MSE reconstruction + L1 on the k-sparse code + the
+    non-saturating generator loss of a discriminator D that tells clean images from M's outputs +
+    a classifier-guided term KL(C(x) ‖ C(M(·))) that keeps the reformed image classifiable.
+    ``classifier`` should be the attack surrogate (logits / T for a distilled C), so the guided
+    term is not saturated.
+    """
+    cfg = ctx.cfg
+    meter = Meter()
+    classifier.eval()
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    try:
+        for x, x_adv, y in track(ctx.progress, ctx.pairs(), ctx.n_batches(), ctx.description, meter):
+            inp = torch.cat([x_adv, x])
+            tgt = torch.cat([x, x])
+            mapper.train()
+            discriminator.train()
+            # Discriminator step: clean images are real, M's outputs are fake.
+            with torch.no_grad():
+                fake = mapper(inp)
+            d_real = discriminator(x)
+            d_fake = discriminator(fake)
+            d_loss = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) + \
+                F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            # Mapping-network step.
+            out, z = mapper.forward_with_code(inp)
+            rec = F.mse_loss(out, tgt)
+            l1 = sparse_l1(z)
+            g = discriminator(out)
+            g_loss = F.binary_cross_entropy_with_logits(g, torch.ones_like(g))
+            loss = rec + cfg.map_l1 * l1 + cfg.map_adv * g_loss
+            if cfg.map_cls > 0:
+                with torch.no_grad():
+                    p_tgt = F.softmax(classifier(tgt), dim=1)
+                logits_out = classifier(out)
+                loss = loss + cfg.map_cls * F.kl_div(F.log_softmax(logits_out, dim=1), p_tgt, reduction="batchmean")
+            else:
+                with torch.no_grad():
+                    logits_out = classifier(out)
+            opt_m.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_m.step()
+            n = x.shape[0]
+            acc_adv = (logits_out[:n].argmax(1) == y).float().mean()
+            meter.update(n, loss=loss.item(), rec=rec.item(), d=d_loss.item(), acc_reformed_adv=acc_adv.item())
+    finally:
+        for p in classifier.parameters():
+            p.requires_grad_(True)
+    return meter.mean()
+
+
+def perturbation_epoch(
+    perturbation: nn.Module,
+    mapper: nn.Module,
+    classifier: nn.Module,
+    opt: torch.optim.Optimizer,
+    ctx: EpochContext,
+) -> dict[str, float]:
+    """One epoch of the perturbation classifier P on residuals r = x − M(x) (SPEC §2 stage 4).
+
+    Every batch is used twice: clean (label 0) and its adversarial-pool version (label 1).
+    """
+    cfg = ctx.cfg
+    meter = Meter()
+    mapper.eval()
+    for x, x_adv, _ in track(ctx.progress, ctx.pairs(), ctx.n_batches(), ctx.description, meter):
+        inp = torch.cat([x, x_adv])
+        target = torch.cat([torch.zeros(x.shape[0]), torch.ones(x.shape[0])]).to(inp.device)
+        with torch.no_grad():
+            residual = inp - mapper(inp)
+        perturbation.train()
+        logit = perturbation(residual)
+        loss = F.binary_cross_entropy_with_logits(logit, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        acc = ((logit > 0).float() == target).float().mean()
+        meter.update(x.shape[0], loss=loss.item(), acc=acc.item())
+    return meter.mean()
+
+
+def adversarial_pool(model: nn.Module, data: ImageArrays, cfg: RecipeConfig, device: torch.device,
+                     progress: Progress | None = None) -> torch.Tensor:
+    """One adversarial version of every training image, crafted once against the frozen ``model``.
+
+    The classifier no longer changes in stages 3 and 4, so their (attacked, clean) pairs can be
+    crafted once instead of every epoch. Each batch draws its attack from ``pert_attacks`` and its
+    ε from ``pert_eps`` (several attack types and levels, SPEC §2 stage 4). Returned on the CPU.
+    """
+    rng = random.Random(cfg.seed * 7919 + 17)
+    pool = torch.empty((len(data), data.x.shape[3], data.x.shape[1], data.x.shape[2]), dtype=torch.float32)
+    meter = Meter()
+    it = range(0, len(data), cfg.batch_size)
+    for start in track(progress, it, len(it), "adversarial pool", meter):
+        x = to_tensor(data.x[start:start + cfg.batch_size]).to(device)
+        y = torch.from_numpy(data.y[start:start + cfg.batch_size]).long().to(device)
+        pool[start:start + x.shape[0]] = _craft(model, x, y, rng.choice(cfg.pert_attacks), rng.choice(cfg.pert_eps), cfg).cpu()
+        meter.update(x.shape[0])
+    return pool
+
+
+@torch.no_grad()
+def defense_scores(defense: Defense, data: ImageArrays, device: torch.device, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Run the defense on clean data; return numpy arrays of every score, labels and flags."""
+    out: dict[str, list[np.ndarray]] = {"recon_error": [], "jsd": [], "p_score": [], "label": [], "label_raw": [], "flagged": []}
+    defense.eval()
+    for x, _ in iterate_batches(data, batch_size, shuffle=False, device=device):
+        o = defense(x)
+        for k, v in o.scores().items():
+            out[k].append(v.float().cpu().numpy())
+        out["label"].append(o.label.cpu().numpy())
+        out["label_raw"].append(o.logits_raw.argmax(1).cpu().numpy())
+        out["flagged"].append(o.flagged.cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def calibrate_thresholds(scores: dict[str, np.ndarray], target_fpr: float) -> dict[str, float]:
+    """Per-detector threshold = the (1 − target_fpr) quantile of its score on clean data.
+
+    A score strictly above the threshold flags the input, so on the calibration data each
+    detector's false-positive rate is at most ``target_fpr`` (MagNet's calibration).
+    """
+    return {k: float(np.quantile(scores[k], 1.0 - target_fpr, method="higher")) for k in ("recon_error", "jsd", "p_score")}
