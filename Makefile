@@ -23,7 +23,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 typecheck: $(VENV)/.installed
-	$(PY) -m mypy --config-file pyproject.toml engines/tensorrt_build.py ism_edge/backends/tensorrt ism_edge/cuda.py
+	# engines.typecheck repairs tensorrt-stubs so mypy really checks every TensorRT call.
+	$(PY) -m engines.typecheck engines/tensorrt_build.py ism_edge/backends/tensorrt ism_edge/cuda.py
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check ism_edge training engines cli tests

@@ -1,0 +1,209 @@
+"""Bundle → ONNX: the three deployed graphs with a dynamic batch axis ``N`` (SPEC §4).
+
+Graph roles and I/O names are the contract of :mod:`ism_edge.manifest`:
+
+* ``mapper``: ``x`` → ``x_hat`` = M(x), ``recon_error`` = mean |x − x̂| per sample (MagNet's
+  reconstruction detector, ``training.models.reconstruction_error``);
+* ``classifier``: ``x`` → ``logits`` of the deployed classifier (temperature 1);
+* ``perturbation``: ``x``, ``x_hat`` → ``p_score`` = sigmoid(P(x − x̂)); the residual is computed
+  inside the graph, so the runtime needs no torch and no extra residual graph.
+
+All inputs are float32 NCHW pixels in [0, 1]. Exported with the torch.export-based ("dynamo")
+exporter at opset 18: it is torch 2.13's default and maintained path (the TorchScript exporter is
+deprecated), it names the batch dimension from ``torch.export.Dim`` and emits no ``Constant``
+nodes or shape-arithmetic chains, and TensorRT 10 parses opset 18.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ism_edge.errors import EngineError, missing_dependency
+from ism_edge.manifest import ROLES, TensorSpec
+
+if TYPE_CHECKING:
+    import onnx
+    from torch import nn
+
+    from training.bundle import DefenseBundle
+
+OPSET = 18
+BATCH_DIM = "N"
+GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "mapper": (("x",), ("x_hat", "recon_error")),
+    "classifier": (("x",), ("logits",)),
+    "perturbation": (("x", "x_hat"), ("p_score",)),
+}
+
+
+def tensor_specs(role: str, input_shape: tuple[int, int, int], num_classes: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Input and output specs of a role's graph (``-1`` is the dynamic batch axis)."""
+    image = (-1, *input_shape)
+    shapes = {"x": image, "x_hat": image, "recon_error": (-1,), "logits": (-1, num_classes), "p_score": (-1,)}
+    ins, outs = GRAPH_IO[role]
+    return tuple(TensorSpec(n, shapes[n]) for n in ins), tuple(TensorSpec(n, shapes[n]) for n in outs)
+
+
+def graph_modules(bundle: DefenseBundle) -> dict[str, nn.Module]:
+    """The bundle's networks wrapped with the exact inputs and outputs of each ONNX graph."""
+    import torch
+    from torch import nn
+
+    from training.models import reconstruction_error
+
+    class MapperGraph(nn.Module):
+        def __init__(self, mapper: nn.Module) -> None:
+            super().__init__()
+            self.mapper = mapper
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x_hat = self.mapper(x)
+            return x_hat, reconstruction_error(x, x_hat)
+
+    class PerturbationGraph(nn.Module):
+        def __init__(self, perturbation: nn.Module) -> None:
+            super().__init__()
+            self.perturbation = perturbation
+
+        def forward(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.perturbation(x - x_hat))
+
+    graphs: dict[str, nn.Module] = {
+        "mapper": MapperGraph(bundle.mapper),
+        "classifier": bundle.classifier,
+        "perturbation": PerturbationGraph(bundle.perturbation),
+    }
+    return {role: g.eval() for role, g in graphs.items()}
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's per-step chatter and its 'torchvision is not installed' warnings."""
+    import warnings
+
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def onnx_from_module(
+    module: nn.Module,
+    role: str,
+    path: str | os.PathLike[str],
+    input_shape: tuple[int, int, int],
+    *,
+    opset: int = OPSET,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Export one graph to ``path`` with a dynamic batch axis and check it (``onnx.checker``)."""
+    try:
+        import onnx
+        import torch
+    except ImportError as e:
+        raise missing_dependency(e.name or "onnx", "train", "exporting ONNX graphs") from None
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ins, outs = GRAPH_IO[role]
+    example = tuple(torch.rand(2, *input_shape) for _ in ins)
+    n = torch.export.Dim(BATCH_DIM, min=1)
+    with torch.no_grad(), _quiet_exporter():
+        program = torch.onnx.export(
+            module,
+            example,
+            input_names=list(ins),
+            output_names=list(outs),
+            dynamic_shapes={name: {0: n} for name in _forward_arg_names(module, len(ins))},
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    if program is None:  # pragma: no cover - the dynamo exporter always returns a program
+        raise EngineError(f"torch.onnx.export returned no program for the {role} graph")
+    model = program.model_proto
+    for key, value in {"ism_edge.role": role, **(metadata or {})}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+    check_onnx(path, role)
+    return path
+
+
+def _forward_arg_names(module: nn.Module, n: int) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(module.forward).parameters)[:n]
+
+
+def check_onnx(path: str | os.PathLike[str], role: str | None = None) -> onnx.ModelProto:
+    """Load an ONNX file, run ``onnx.checker`` (full check) and verify the role's I/O contract.
+
+    Raises :class:`EngineError` naming the file when it is unreadable, invalid or has the wrong
+    inputs/outputs or no dynamic batch axis.
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise missing_dependency("onnx", "train", "checking ONNX graphs") from None
+
+    path = Path(path)
+    fix = "re-export it with 'ism-edge export' or rebuild with 'ism-edge build'"
+    if not path.is_file():
+        raise EngineError(f"{path} is missing: {fix}")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # onnx raises DecodeError, ValidationError, InferenceError, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EngineError(f"{path} is not a valid ONNX model ({first}): {fix}") from None
+    if role is not None:
+        want_in, want_out = GRAPH_IO[role]
+        got_in = tuple(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+        got_out = tuple(o.name for o in model.graph.output)
+        if got_in != want_in or got_out != want_out:
+            raise EngineError(
+                f"{path} has inputs {got_in} and outputs {got_out}; the {role} graph must have "
+                f"inputs {want_in} and outputs {want_out}: {fix}"
+            )
+        for value in (*model.graph.input, *model.graph.output):
+            dims = value.type.tensor_type.shape.dim
+            if not dims or dims[0].dim_param != BATCH_DIM:
+                raise EngineError(f"{path}: tensor {value.name!r} has no dynamic batch axis {BATCH_DIM!r}: {fix}")
+    return model
+
+
+def onnx_from_bundle(
+    bundle: DefenseBundle,
+    out_dir: str | os.PathLike[str],
+    *,
+    opset: int = OPSET,
+    metadata: dict[str, str] | None = None,
+    on_step: Any = None,
+) -> dict[str, Path]:
+    """Export the mapper, classifier and perturbation graphs of ``bundle`` to ``out_dir/{role}.onnx``.
+
+    ``on_step(role)`` is called before each export (for progress reporting).
+    """
+    cfg = bundle.config
+    input_shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    modules = graph_modules(bundle)
+    paths: dict[str, Path] = {}
+    for role in ROLES:
+        if on_step is not None:
+            on_step(role)
+        paths[role] = onnx_from_module(
+            modules[role], role, Path(out_dir) / f"{role}.onnx", input_shape, opset=opset, metadata=metadata
+        )
+    return paths

@@ -1,0 +1,276 @@
+"""Numerical parity of exported graphs and built engines against the PyTorch defense (SPEC §4).
+
+Two levels, both on real images (:func:`engines.samples.real_samples`):
+
+* **graph**: each graph's outputs against the same PyTorch module on the same inputs (the
+  perturbation graph gets PyTorch's x̂, so each graph's own error is measured): max and mean
+  absolute error, and the classifier's label agreement;
+* **defense**: the deployed pipeline run on the graphs' outputs, with the JSD computed in numpy by
+  :func:`ism_edge.scores.jsd` exactly as the runtime does, against
+  :class:`training.defense.Defense`: agreement of the label and of each detector flag.
+
+Tolerances (per precision; ``scale`` is the largest |value| of that output in PyTorch, so logits
+of any magnitude are judged relative to their range, while x̂, recon_error and p_score have
+scale ≤ 1):
+
+=========  ==================================  ===================================  =========
+precision  max |Δ| ≤                           mean |Δ| ≤                           agreement
+=========  ==================================  ===================================  =========
+fp32       1e-4 · (1 + scale)                  1e-5 · (1 + scale)                   ≥ 99.5 %
+fp16       2e-2 · (1 + scale)                  2e-3 · (1 + scale)                   ≥ 99 %
+int8       0.15 · (1 + scale)                  3e-2 · (1 + scale)                   ≥ 95 %
+=========  ==================================  ===================================  =========
+
+FP32 differences come from operation order only (measured ~1e-7 on x̂); FP16 keeps 11
+significant bits (relative step 4.9e-4) through ~10 layers, and the k-sparse code can swap its
+k-th entry for an almost equal one, hence the wider max bound; INT8 quantises the convolutions to
+256 levels. Label/flag agreement is the share of samples whose decision matches PyTorch. Per
+detector the report counts ``flips`` and, of those, ``borderline`` ones: the PyTorch score lay
+within the precision's max-|Δ| bound of the threshold, so the tolerated error explains the flip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ism_edge.errors import ParityError
+from ism_edge.scores import jsd
+
+if TYPE_CHECKING:
+    from training.bundle import DefenseBundle
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+SCORES = ("recon_error", "jsd", "p_score")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Parity bounds for one precision: |Δ| bounds scale with ``1 + scale`` of the output."""
+
+    max_abs: float
+    mean_abs: float
+    agreement: float
+
+    def __post_init__(self) -> None:
+        if self.max_abs <= 0 or self.mean_abs <= 0:
+            raise ValueError("tolerances must be > 0")
+        if not 0.0 < self.agreement <= 1.0:
+            raise ValueError(f"agreement must be in (0, 1], got {self.agreement}")
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(max_abs=1e-4, mean_abs=1e-5, agreement=0.995),
+    "fp16": Tolerance(max_abs=2e-2, mean_abs=2e-3, agreement=0.99),
+    "int8": Tolerance(max_abs=0.15, mean_abs=3e-2, agreement=0.95),
+}
+
+
+def _batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def run_batched(run: Runner, feed: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """Call ``run`` on slices of at most ``batch`` samples and concatenate the outputs."""
+    n = len(next(iter(feed.values())))
+    parts = [run({k: np.ascontiguousarray(v[s]) for k, v in feed.items()}) for s in _batches(n, batch)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def reference_outputs(bundle: DefenseBundle, x: np.ndarray, batch: int = 64) -> dict[str, dict[str, np.ndarray]]:
+    """PyTorch outputs of every graph module on ``x`` (float32 NCHW in [0, 1]), per role."""
+    import torch
+
+    from engines.export import graph_modules
+
+    modules = graph_modules(bundle)
+
+    def torch_runner(role: str) -> Runner:
+        from engines.export import GRAPH_IO
+
+        names = GRAPH_IO[role][1]
+
+        def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            with torch.no_grad():
+                out = modules[role](*(torch.from_numpy(v) for v in feed.values()))
+            outs = out if isinstance(out, tuple) else (out,)
+            return {k: o.numpy() for k, o in zip(names, outs, strict=True)}
+
+        return run
+
+    mapper = run_batched(torch_runner("mapper"), {"x": x}, batch)
+    return {
+        "mapper": mapper,
+        "classifier": run_batched(torch_runner("classifier"), {"x": x}, batch),
+        "perturbation": run_batched(torch_runner("perturbation"), {"x": x, "x_hat": mapper["x_hat"]}, batch),
+    }
+
+
+def graph_inputs(role: str, x: np.ndarray, reference: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The feed of a role's graph for parity: the samples, plus PyTorch's x̂ for the perturbation graph."""
+    if role == "perturbation":
+        return {"x": x, "x_hat": np.asarray(reference["mapper"]["x_hat"])}
+    return {"x": x}
+
+
+def compare_outputs(ours: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], tol: Tolerance) -> dict[str, Any]:
+    """Per-output max/mean absolute error against ``ref`` with the bounds they were held to."""
+    report: dict[str, Any] = {}
+    for name, want in ref.items():
+        got = np.asarray(ours[name], dtype=np.float64)
+        want64 = np.asarray(want, dtype=np.float64)
+        if got.shape != want64.shape:
+            report[name] = {"ok": False, "error": f"shape {got.shape} != {want64.shape}"}
+            continue
+        diff = np.abs(got - want64)
+        finite = bool(np.isfinite(got).all())
+        scale = float(np.abs(want64).max()) if want64.size else 0.0
+        max_abs = float(diff.max()) if diff.size else 0.0
+        mean_abs = float(diff.mean()) if diff.size else 0.0
+        limit_max = tol.max_abs * (1.0 + scale)
+        limit_mean = tol.mean_abs * (1.0 + scale)
+        report[name] = {
+            "max_abs": max_abs,
+            "mean_abs": mean_abs,
+            "limit_max_abs": limit_max,
+            "limit_mean_abs": limit_mean,
+            "ok": finite and max_abs <= limit_max and mean_abs <= limit_mean,
+        }
+        if not finite:
+            report[name]["error"] = "non-finite values"
+    return report
+
+
+def defense_outputs(
+    run: Mapping[str, Runner],
+    x: np.ndarray,
+    *,
+    thresholds: Mapping[str, float],
+    temperatures: Mapping[str, float],
+    feedback_rounds: int = 0,
+    label_source: str = "reformed",
+    batch: int = 64,
+) -> dict[str, np.ndarray]:
+    """The deployed defense computed from graph outputs (numpy), as the runtime computes it.
+
+    Mirrors :class:`training.defense.Defense`: first-pass recon error, optional feedback
+    reformation x̂ ← M(x̂) while M's residual on x̂ exceeds the recon threshold, JSD between C(x)
+    and C(x̂) at the detector temperature, P on (x, x̂), flags = any score over its threshold.
+    """
+    m = run_batched(run["mapper"], {"x": x}, batch)
+    x_hat, recon = m["x_hat"], m["recon_error"]
+    thr = thresholds.get("recon_error")
+    for _ in range(feedback_rounds if thr is not None else 0):
+        again = run_batched(run["mapper"], {"x": x_hat}, batch)
+        still = again["recon_error"] > thr
+        if not still.any():
+            break
+        x_hat = np.where(still[:, None, None, None], again["x_hat"], x_hat)
+    logits_raw = run_batched(run["classifier"], {"x": x}, batch)["logits"]
+    logits_ref = run_batched(run["classifier"], {"x": x_hat}, batch)["logits"]
+    scores = {
+        "recon_error": recon,
+        "jsd": jsd(logits_raw, logits_ref, float(temperatures.get("detector", 10.0))),
+        "p_score": run_batched(run["perturbation"], {"x": x, "x_hat": x_hat}, batch)["p_score"],
+    }
+    if all(s in thresholds for s in SCORES):
+        flags = {s: scores[s] > thresholds[s] for s in SCORES}
+    else:
+        flags = {s: np.zeros(len(x), dtype=bool) for s in SCORES}
+    flagged = flags["recon_error"] | flags["jsd"] | flags["p_score"]
+    logits = np.where(flagged[:, None], logits_ref, logits_raw) if label_source == "auto" else logits_ref
+    return {"label": logits.argmax(axis=1), "flagged": flagged, **scores, **{f"flag_{s}": f for s, f in flags.items()}}
+
+
+def torch_defense_outputs(bundle: DefenseBundle, x: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
+    """:class:`training.defense.Defense` on ``x``, as numpy arrays keyed like :func:`defense_outputs`."""
+    import torch
+
+    from training.defense import Defense
+
+    defense = Defense(bundle).eval()
+    parts: list[dict[str, np.ndarray]] = []
+    for s in _batches(len(x), batch):
+        with torch.no_grad():
+            out = defense(torch.from_numpy(np.ascontiguousarray(x[s])))
+        part = {"label": out.label.numpy(), "flagged": out.flagged.numpy()}
+        for name, score in out.scores().items():
+            part[name] = score.numpy()
+            thr = defense.thresholds.get(name)
+            part[f"flag_{name}"] = (score > thr).numpy() if thr is not None else np.zeros(len(score), dtype=bool)
+        parts.append(part)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def compare_defense(ours: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], tol: Tolerance, thresholds: Mapping[str, float]) -> dict[str, Any]:
+    """Label and flag agreement of the pipeline on graph outputs against PyTorch's ``Defense``."""
+    n = len(ref["label"])
+    report: dict[str, Any] = {
+        "label_agreement": float(np.mean(ours["label"] == ref["label"])),
+        "flag_agreement": float(np.mean(ours["flagged"] == ref["flagged"])),
+        "flag_rate": float(np.mean(ref["flagged"])),
+        "n": n,
+    }
+    per_score: dict[str, Any] = {}
+    for s in SCORES:
+        agree = ours[f"flag_{s}"] == ref[f"flag_{s}"]
+        diff = np.abs(np.asarray(ours[s], np.float64) - np.asarray(ref[s], np.float64))
+        entry: dict[str, Any] = {"agreement": float(agree.mean()), "max_abs": float(diff.max()), "flips": int(np.sum(~agree))}
+        if s in thresholds:
+            band = tol.max_abs * (1.0 + abs(thresholds[s]))
+            entry["borderline"] = int(np.sum(~agree & (np.abs(np.asarray(ref[s], np.float64) - thresholds[s]) <= band)))
+        per_score[s] = entry
+    report["scores"] = per_score
+    report["min_agreement"] = tol.agreement
+    report["ok"] = report["label_agreement"] >= tol.agreement and report["flag_agreement"] >= tol.agreement
+    return report
+
+
+def graph_report(role: str, file: str, sha256: str, ours: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], tol: Tolerance) -> dict[str, Any]:
+    """Parity entry of one graph file (outputs, plus label agreement for the classifier)."""
+    outputs = compare_outputs(ours, ref, tol)
+    entry: dict[str, Any] = {"file": file, "sha256": sha256, "outputs": outputs}
+    ok = all(o["ok"] for o in outputs.values())
+    if role == "classifier":
+        agree = float(np.mean(np.argmax(ours["logits"], 1) == np.argmax(ref["logits"], 1)))
+        entry["label_agreement"] = agree
+        ok = ok and agree >= tol.agreement
+    entry["ok"] = ok
+    return entry
+
+
+def tolerances_dict() -> dict[str, dict[str, float]]:
+    return {k: asdict(v) for k, v in TOLERANCES.items()}
+
+
+def raise_on_failure(report: Mapping[str, Any], what: str, samples: str) -> None:
+    """Raise :class:`ParityError` naming the first graph (or the defense) outside tolerance."""
+    if report.get("ok", True):
+        return
+    for role, entry in report.get("graphs", {}).items():
+        if entry.get("ok", True):
+            continue
+        for out, o in entry["outputs"].items():
+            if not o["ok"]:
+                detail = o.get("error") or (
+                    f"max |Δ| {o['max_abs']:.3g} (limit {o['limit_max_abs']:.3g}), "
+                    f"mean |Δ| {o['mean_abs']:.3g} (limit {o['limit_mean_abs']:.3g})"
+                )
+                raise ParityError(
+                    f"parity check failed: the {what} {role} graph {entry['file']} differs from PyTorch on "
+                    f"'{out}': {detail} over {samples}; the graph is not fit to deploy at this precision "
+                    "(build with --precision fp32, or check the bundle for overflowing weights)"
+                )
+        raise ParityError(
+            f"parity check failed: the {what} {role} graph {entry['file']} agrees with PyTorch on "
+            f"{entry.get('label_agreement', 0):.1%} of labels over {samples}: build with --precision fp32"
+        )
+    d = report.get("defense", {})
+    raise ParityError(
+        f"parity check failed: the {what} defense agrees with PyTorch on {d.get('label_agreement', 0):.1%} "
+        f"of labels and {d.get('flag_agreement', 0):.1%} of flags over {samples} (needs "
+        f"{d.get('min_agreement', 0):.1%}): build with --precision fp32"
+    )

@@ -1,0 +1,150 @@
+"""ONNX → TensorRT engine (plan), for TensorRT 10 (JetPack 6 Orin) and 11 alike (SPEC §4).
+
+The network is created **strongly typed** from the mixed-precision FP16 ONNX graph
+(:mod:`engines.fp16`): every tensor's type comes from the graph, so no precision builder flag is
+set (TensorRT 11 removed ``BuilderFlag.FP16``; strongly typed networks reject it on 10 too).
+One optimization profile covers the batch range (min/opt/max), the workspace memory pool is
+limited, and a timing cache is loaded before and saved after the build so later builds skip
+tactic timing. Written against the TensorRT 10 Python API and type-checked with mypy against
+``tensorrt-stubs``; TensorRT counts as present only when ``tensorrt.Builder`` exists (the stubs
+package alone makes ``import tensorrt`` succeed as an empty namespace).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ism_edge._io import atomic_write_bytes
+from ism_edge.errors import EngineError, missing_dependency
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+
+def tensorrt_available() -> bool:
+    """True when a real TensorRT (with ``Builder``) can be imported."""
+    try:
+        import tensorrt
+    except ImportError:
+        return False
+    return hasattr(tensorrt, "Builder")
+
+
+def _require_tensorrt() -> None:
+    if not tensorrt_available():
+        raise missing_dependency("tensorrt", "tensorrt", "building TensorRT engines")
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """The batch sizes of the one optimization profile: ``min <= opt <= max``."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise ValueError(f"batch profile must satisfy 1 <= min <= opt <= max, got {self.min},{self.opt},{self.max}")
+
+
+@dataclass(frozen=True)
+class BuiltPlan:
+    """What one build produced: the plan file and its I/O tensors as TensorRT sees them."""
+
+    path: Path
+    inputs: dict[str, tuple[int, ...]]
+    outputs: dict[str, tuple[int, ...]]
+    timing_cache_saved: bool
+
+
+def _dims(dims: trt.Dims) -> tuple[int, ...]:
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+def _parser_errors(parser: trt.OnnxParser) -> str:
+    lines: list[str] = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        node = err.node_name() or f"#{err.node()}"
+        lines.append(f"node {node} ({err.node_operator()}): {err.desc()}")
+    return "; ".join(lines) or "no error reported by the parser"
+
+
+def engine_from_onnx(
+    onnx_path: str | os.PathLike[str],
+    plan_path: str | os.PathLike[str],
+    *,
+    batch: BatchProfile,
+    workspace_mb: int = 1024,
+    timing_cache: str | os.PathLike[str] | None = None,
+    verbose: bool = False,
+) -> BuiltPlan:
+    """Parse ``onnx_path`` into a strongly typed network and write the serialized engine to ``plan_path``.
+
+    Every network input gets the profile ``(min|opt|max, *rest)`` on its batch axis. The
+    workspace pool is limited to ``workspace_mb`` MiB. ``timing_cache`` is read when it exists
+    and written back (atomically) after a successful build.
+    """
+    _require_tensorrt()
+    import tensorrt as trt
+
+    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    if workspace_mb < 1:
+        raise ValueError(f"workspace_mb must be >= 1, got {workspace_mb}")
+    logger = trt.Logger(trt.Logger.INFO if verbose else trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise EngineError(f"TensorRT cannot parse {onnx_path}: {_parser_errors(parser)}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    profile = builder.create_optimization_profile()
+    inputs: dict[str, tuple[int, ...]] = {}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = _dims(tensor.shape)
+        if len(shape) < 1 or shape[0] != -1 or any(d < 0 for d in shape[1:]):
+            raise EngineError(f"{onnx_path}: input {tensor.name!r} has shape {shape}; only the batch axis may be dynamic")
+        rest = list(shape[1:])
+        profile.set_shape(
+            tensor.name,
+            trt.Dims([batch.min, *rest]),
+            trt.Dims([batch.opt, *rest]),
+            trt.Dims([batch.max, *rest]),
+        )
+        inputs[tensor.name] = shape
+    config.add_optimization_profile(profile)
+    outputs = {network.get_output(i).name: _dims(network.get_output(i).shape) for i in range(network.num_outputs)}
+
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    blob = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    if not config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False):
+        # A cache written by another TensorRT version or GPU is not used; start an empty one.
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None or serialized.nbytes == 0:
+        raise EngineError(
+            f"TensorRT could not build an engine from {onnx_path} (see the TensorRT log above): "
+            "raise --workspace or lower the max batch of --batch"
+        )
+    atomic_write_bytes(plan_path, bytes(memoryview(serialized)))
+    saved = False
+    if cache_path is not None:
+        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+        saved = True
+    return BuiltPlan(path=plan_path, inputs=inputs, outputs=outputs, timing_cache_saved=saved)
+
+
+def tensorrt_version() -> str:
+    """Version of the importable TensorRT (raises when TensorRT is missing)."""
+    _require_tensorrt()
+    import tensorrt as trt
+
+    return str(trt.__version__)

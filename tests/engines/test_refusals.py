@@ -1,0 +1,125 @@
+"""Corrupted, tampered and foreign engine directories are refused with one clear line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ism_edge.errors import EngineError, EngineMismatchError
+from ism_edge.manifest import load_manifest
+from tests.engines._cli import invoke
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _edit_manifest(directory: Path, edit: object) -> None:
+    path = directory / "manifest.json"
+    raw = json.loads(path.read_text())
+    edit(raw)  # type: ignore[operator]
+    path.write_text(json.dumps(raw))
+
+
+def _one_line_error(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in output, output
+    return lines[0]
+
+
+def test_corrupted_onnx_source_is_refused(engine_copy: Path, tmp_path: Path) -> None:
+    src = engine_copy / "onnx" / "mapper.onnx"
+    src.write_bytes(src.read_bytes()[:1000])
+    run = invoke("build", str(engine_copy), "--out", str(tmp_path / "new"))
+    assert run.exit_code == 2
+    line = _one_line_error(run.output)
+    assert "onnx/mapper.onnx (mapper source) does not match the hash" in line and "ism-edge build BUNDLE" in line
+    assert not (tmp_path / "new").exists()
+
+
+def test_corrupted_engine_file_is_refused(engine_copy: Path) -> None:
+    from engines.ort_build import session
+
+    engine = engine_copy / "classifier.onnx"
+    engine.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(EngineError, match=r"classifier\.onnx \(classifier\) does not match the hash .*ism-edge build"):
+        load_manifest(engine_copy)
+    with pytest.raises(EngineError, match=r"ONNX Runtime cannot load .*classifier\.onnx"):
+        session(engine)
+
+
+def test_tampered_manifest_is_refused(engine_copy: Path, tmp_path: Path) -> None:
+    _edit_manifest(engine_copy, lambda m: m["engines"]["mapper"].update(sha256="0" * 64))
+    with pytest.raises(EngineError, match=r"mapper\.onnx \(mapper\) does not match the hash .*tampered"):
+        load_manifest(engine_copy)
+    _edit_manifest(engine_copy, lambda m: m["parity"]["sources"].update({"onnx/perturbation.onnx": "f" * 64}))
+    run = invoke("build", str(engine_copy), "--out", str(tmp_path / "new"))
+    assert run.exit_code != 0 and "onnx/perturbation.onnx (perturbation source) does not match" in _one_line_error(run.output)
+    _edit_manifest(engine_copy, lambda m: m["thresholds"].pop("jsd"))
+    run = invoke("build", str(engine_copy), "--out", str(tmp_path / "new"))
+    assert run.exit_code != 0 and "no threshold for jsd" in _one_line_error(run.output)
+    (engine_copy / "manifest.json").write_text("{not json")
+    run = invoke("build", str(engine_copy), "--out", str(tmp_path / "new"))
+    assert run.exit_code != 0 and "manifest.json is not valid JSON" in _one_line_error(run.output)
+    assert not (tmp_path / "new").exists()
+
+
+def test_manifest_from_another_format_version_is_refused(engine_copy: Path, tmp_path: Path) -> None:
+    _edit_manifest(engine_copy, lambda m: m.update(format_version=99))
+    run = invoke("build", str(engine_copy), "--out", str(tmp_path / "new"))
+    assert run.exit_code == 2
+    assert "format version 99 is not supported" in _one_line_error(run.output)
+    with pytest.raises(EngineError, match="rebuild the engines with 'ism-edge build'"):
+        load_manifest(engine_copy)
+
+
+def test_engine_from_another_onnxruntime_version_is_refused(engine_copy: Path) -> None:
+    from ism_edge.compat import check_compatible
+
+    m = load_manifest(engine_copy)
+    check_compatible(m, engine_copy)
+    old = replace(m, versions={**m.versions, "onnxruntime": "1.16.3"})
+    with pytest.raises(EngineMismatchError) as err:
+        check_compatible(old, engine_copy)
+    msg = str(err.value)
+    assert "built with ONNX Runtime 1.16.3; this machine has" in msg and "--rebuild-on-mismatch" in msg
+    assert f"ism-edge build {engine_copy} --out {engine_copy}" in msg and "\n" not in msg
+    patch = replace(m, versions={**m.versions, "onnxruntime": m.versions["onnxruntime"].rsplit(".", 1)[0] + ".99"})
+    check_compatible(patch, engine_copy)  # a patch release reads the same optimized model
+
+
+def test_engine_for_another_gpu_or_tensorrt_is_refused(engine_copy: Path) -> None:
+    from ism_edge.compat import check_compatible
+
+    m = load_manifest(engine_copy)
+    trt = replace(m, backend="tensorrt", versions={**m.versions, "tensorrt": "10.3.0"},
+                  gpu={"name": "Orin", "compute_capability": "8.7"})
+    with pytest.raises(EngineMismatchError, match=r"TensorRT 10\.3\.0 on Orin \(8\.7\).*not installed here.*--backend onnxruntime"):
+        check_compatible(trt, engine_copy)
+
+
+def test_engine_from_another_bundle_is_refused(engine_copy: Path, untrained_bundle_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from ism_edge.compat import check_compatible
+
+    other = tmp_path / "other-bundle"
+    shutil.copytree(untrained_bundle_dir, other)
+    _edit_manifest(other, lambda m: m["thresholds"].update(jsd=0.5))
+    m = load_manifest(engine_copy)
+    check_compatible(m, engine_copy, bundle=untrained_bundle_dir)
+    with pytest.raises(EngineMismatchError, match=r"built from another bundle .*ism-edge build .*other-bundle --out"):
+        check_compatible(m, engine_copy, bundle=other)
+
+
+def test_bundle_hash_without_torch_matches_training(untrained_bundle_dir: Path) -> None:
+    from ism_edge.compat import bundle_sha256
+    from training.bundle import bundle_hash
+
+    assert bundle_sha256(untrained_bundle_dir) == bundle_hash(untrained_bundle_dir)
+    code = "import sys, ism_edge.compat, engines, engines.build; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
