@@ -1,11 +1,193 @@
-"""`ism-edge run` (being written in this session; replaced before it lands)."""
+"""`ism-edge run`: filter a camera, stream, video or image folder through the compiled defense (SPEC §5)."""
 
 from __future__ import annotations
 
-from cli._common import cli_errors, fail
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from cli._common import cli_errors
+
+if TYPE_CHECKING:
+    from ism_edge.pipeline import RunSummary
+    from ism_edge.runtime import DefenseRuntime, RuntimeOptions
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    tensorrt = "tensorrt"
+    onnxruntime = "onnxruntime"
+
+
+class Mode(str, Enum):
+    resize = "resize"
+    tile = "tile"
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+    """Parse ``ROWSxCOLS`` (e.g. ``2x3``)."""
+    parts = text.lower().split("x")
+    try:
+        rows, cols = (int(p) for p in parts)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not ROWSxCOLS, e.g. 2x3") from None
+    if rows < 1 or cols < 1:
+        raise typer.BadParameter(f"{text!r}: rows and columns must be >= 1")
+    return rows, cols
+
+
+def load_runtime(engine_dir: Path, options: RuntimeOptions, *, rebuild_on_mismatch: bool) -> DefenseRuntime:
+    """Load the runtime; on a version/GPU mismatch optionally recompile the stored ONNX first."""
+    from ism_edge.errors import EngineMismatchError
+    from ism_edge.runtime import DefenseRuntime
+
+    try:
+        return DefenseRuntime(engine_dir, options)
+    except EngineMismatchError as e:
+        if not rebuild_on_mismatch:
+            raise
+        typer.echo(f"{e}\nrebuilding {engine_dir} for this machine from its stored ONNX ...", err=True)
+    from engines.build import rebuild_from_onnx
+
+    rebuild_from_onnx(engine_dir)
+    return DefenseRuntime(engine_dir, options)
+
+
+def print_summary(summary: RunSummary) -> None:
+    """The run's summary on stderr, one fact per line."""
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f} ms"
+
+    console.print(f"[bold]summary[/] ({summary.source}, {summary.backend}, stopped: {summary.stopped})")
+    console.print(f"  frames   {summary.frames}")
+    console.print(f"  flagged  {summary.flagged}")
+    console.print(f"  dropped  {summary.dropped}")
+    console.print(f"  skipped  {summary.skipped}")
+    if summary.reconnects:
+        console.print(f"  reconnects {summary.reconnects}")
+    console.print(f"  latency  p50 {ms(summary.latency_p50_ms)}, p99 {ms(summary.latency_p99_ms)}")
+    console.print(f"  fps      {'-' if summary.fps is None else f'{summary.fps:.1f}'}")
 
 
 @cli_errors
-def run() -> None:
-    """Not written yet."""
-    raise fail("'ism-edge run' is not available in this build")
+def run(
+    engine_dir: Annotated[Path, typer.Argument(help="Engine directory written by 'ism-edge build'.")],
+    input: Annotated[str | None, typer.Argument(help="Video file, image folder or URI: file://video.mp4, v4l2:///dev/video0, csi://0, rtsp://host/stream.")] = None,
+    output: Annotated[str | None, typer.Argument(help="Annotated output: file://out.mp4 (.mp4/.avi/.mkv), a folder for images, or display://0 (default: a window when OpenCV has a GUI).")] = None,
+    camera: Annotated[int | None, typer.Option("--camera", help="Local camera index N (short for INPUT=N).", min=0)] = None,
+    log: Annotated[str, typer.Option("--log", help="JSON-lines verdict log, appended and flushed per frame ('-': stdout).")] = "-",
+    backend: Annotated[Backend, typer.Option(help="tensorrt, onnxruntime, or auto (TensorRT when usable).")] = Backend.auto,
+    device: Annotated[str, typer.Option(help="auto, cpu (ONNX Runtime), cuda or cuda:N.")] = "auto",
+    mode: Annotated[Mode, typer.Option(help="resize: the whole frame to the model size; tile: model-size tiles and a heat map.")] = Mode.resize,
+    tile_grid: Annotated[str | None, typer.Option(help="Tile mode: resize the frame to ROWSxCOLS tiles first (default: native resolution).")] = None,
+    feedback_rounds: Annotated[int | None, typer.Option(help="Feedback-reformation rounds (default: the engine manifest's).", min=0)] = None,
+    max_frames: Annotated[int | None, typer.Option(help="Stop after this many frames.", min=1)] = None,
+    headless: Annotated[bool, typer.Option("--headless", help="Never open a window.")] = False,
+    purified: Annotated[Path | None, typer.Option(help="Also write each frame's purified image (x̂) into this folder.")] = None,
+    fps: Annotated[float | None, typer.Option(help="Frame rate of the output video (default: the source's, else 30).", min=0.1)] = None,
+    queue_size: Annotated[int, typer.Option(help="Frames buffered from a live source (the oldest is dropped beyond it).", min=1)] = 2,
+    stall_timeout: Annotated[float, typer.Option(help="Seconds without a frame before the source counts as stalled.", min=0.01)] = 10.0,
+    reconnect: Annotated[int, typer.Option(help="Reconnection attempts (exponential backoff) when a live source is lost.", min=0)] = 5,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: one per core).", min=1)] = None,
+    rebuild_on_mismatch: Annotated[bool, typer.Option(help="If the engines were built for another runtime version or GPU, recompile their stored ONNX here first.")] = False,
+    summary_json: Annotated[Path | None, typer.Option(help="Also write the summary as JSON to this file.")] = None,
+) -> None:
+    """Judge every frame of a camera, stream, video or image folder with the compiled defense.
+
+    Writes one JSON verdict per frame (label, confidence, detector scores, flagged, timings) to the
+    log as soon as it is known, draws the verdict on the frames (green border: clean, red:
+    flagged; a heat map in tile mode), and prints a summary at exit. Ctrl-C stops cleanly.
+    """
+    import cv2.utils.logging as cv_logging
+
+    from ism_edge.errors import SourceError
+    from ism_edge.outputs import (
+        FrameSink,
+        ImageFolderOutput,
+        VerdictLog,
+        open_output,
+        opencv_has_gui,
+        parse_output,
+    )
+    from ism_edge.pipeline import RunOptions, run_pipeline
+    from ism_edge.runtime import RuntimeOptions
+    from ism_edge.sources import FrameReader, ReaderOptions, open_source, parse_source
+
+    cv_logging.setLogLevel(cv_logging.LOG_LEVEL_ERROR)
+    if (input is None) == (camera is None):
+        raise SourceError("give exactly one input: a video file, an image folder, a URI such as rtsp://…, or --camera N")
+    source_uri = parse_source(camera if camera is not None else str(input))
+    out_uri = parse_output(output) if output is not None else None
+    if out_uri is None and not headless and opencv_has_gui():
+        out_uri = parse_output("display://0")
+    if out_uri is not None and out_uri.kind == "display" and headless:
+        out_uri = None
+    grid = parse_grid(tile_grid) if tile_grid else None
+    if grid is not None and mode != Mode.tile:
+        raise typer.BadParameter("--tile-grid needs --mode tile")
+    try:
+        options = RuntimeOptions(
+            backend=backend.value, device=device, mode=mode.value, color_order="BGR", tile_grid=grid,
+            feedback_rounds=feedback_rounds, threads=threads,
+        )  # fmt: skip
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+    runtime = load_runtime(engine_dir, options, rebuild_on_mismatch=rebuild_on_mismatch)
+    with runtime:
+        source = open_source(source_uri)
+        sinks: list[FrameSink] = []
+        log_out = None
+        try:
+            if out_uri is not None:
+                sinks.append(open_output(out_uri, fps=fps or source.fps or 30.0))
+            purified_out = ImageFolderOutput(purified) if purified is not None else None
+            log_out = VerdictLog(log)
+        except BaseException:
+            for sink in sinks:
+                sink.close()
+            source.close()
+            raise
+        reader = FrameReader(
+            source,
+            ReaderOptions(queue_size=queue_size, stall_timeout=stall_timeout, reconnect_attempts=reconnect),
+        )
+        typer.echo(f"engines: {engine_dir} — {runtime.describe()}", err=True)
+        typer.echo(f"input: {source_uri}" + (f" → {out_uri.text}" if out_uri else "") + f"; log: {log}", err=True)
+        runtime.warmup()
+        status = _status_printer() if sys.stderr.isatty() else None
+        summary = run_pipeline(
+            runtime, reader, log=log_out, sinks=sinks, purified=purified_out,
+            options=RunOptions(max_frames=max_frames), status=status,
+        )  # fmt: skip
+        if status is not None:
+            typer.echo("", err=True)
+    print_summary(summary)
+    if summary_json is not None:
+        from ism_edge._io import atomic_write_json
+
+        atomic_write_json(summary_json, summary.to_json())
+    if summary.failure is not None:
+        raise summary.failure
+    if summary.stopped == "interrupted":
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130)
+
+
+def _status_printer() -> Callable[[RunSummary], None]:
+    """A one-line status (frames, flagged, dropped, FPS) rewritten in place on a terminal."""
+
+    def show(summary: RunSummary) -> None:
+        rate = summary.frames / summary.seconds if summary.seconds else 0.0
+        sys.stderr.write(f"\r{summary.frames} frames, {summary.flagged} flagged, {summary.dropped} dropped, {rate:.1f} FPS   ")
+        sys.stderr.flush()
+
+    return show

@@ -38,6 +38,10 @@ class SourceError(IsmEdgeError):
     """A frame source (camera, stream, file, folder) cannot be opened or stopped delivering."""
 
 
+class OutputError(IsmEdgeError):
+    """An output (verdict log, video file, display) cannot be opened or written."""
+
+
 class FrameError(IsmEdgeError):
     """A frame has the wrong shape, dtype or non-finite values."""
 

@@ -89,6 +89,7 @@ class EngineManifest:
     bundle_name: str = ""
     color_order: str = "RGB"
     feedback_rounds: int = 0
+    label_source: str = "reformed"  # "reformed": argmax C(x̂); "auto": C(x̂) only for flagged inputs
     versions: dict[str, str] = field(default_factory=dict)
     gpu: dict[str, str] | None = None  # TensorRT only: {"name", "compute_capability"}
     parity: dict[str, Any] = field(default_factory=dict)
@@ -111,6 +112,8 @@ class EngineManifest:
             raise EngineError(f"engine manifest: input_shape {self.input_shape} is not (C, H, W)")
         if not self.class_names:
             raise EngineError("engine manifest: class_names is empty")
+        if self.label_source not in ("reformed", "auto"):
+            raise EngineError(f"engine manifest: label_source {self.label_source!r} is not 'reformed' or 'auto'")
 
     @property
     def num_classes(self) -> int:
@@ -148,6 +151,7 @@ class EngineManifest:
                 bundle_name=str(d.get("bundle_name", "")),
                 color_order=str(d.get("color_order", "RGB")),
                 feedback_rounds=int(d.get("feedback_rounds", 0)),
+                label_source=str(d.get("label_source", "reformed")),
                 versions={k: str(v) for k, v in d.get("versions", {}).items()},
                 gpu=d.get("gpu"),
                 parity=d.get("parity", {}),

@@ -14,7 +14,6 @@ The single artifact that export and evaluation consume (SPEC §2). Layout::
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
@@ -235,11 +234,7 @@ def read_bundle_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 def bundle_hash(directory: str | os.PathLike[str]) -> str:
     """Identity of a bundle: SHA-256 over its manifest and weight files (what engines record)."""
-    directory = Path(directory)
-    raw = read_bundle_manifest(directory)
-    h = hashlib.sha256()
-    h.update((directory / "manifest.json").read_bytes())
-    for name in sorted(raw["weights"]):
-        h.update(name.encode())
-        h.update(str(raw["weights"][name].get("sha256", "")).encode())
-    return h.hexdigest()
+    from ism_edge.compat import bundle_sha256
+
+    read_bundle_manifest(directory)
+    return bundle_sha256(directory)

@@ -1,0 +1,205 @@
+"""ONNX Runtime backend: three InferenceSessions (mapper, classifier, perturbation) on the host.
+
+The classifier runs once on the concatenated batch [x; x̂] (one call instead of two — faster on
+the CPU provider, same numbers). Feedback rounds re-map only the samples that are still above
+the reconstruction threshold, which gives the same result as re-mapping the whole batch and
+keeping the converged samples (``training.defense.Defense.reform``): a converged sample never
+changes again. Copies to and from a GPU (CUDA provider) happen inside ``session.run``; the
+``upload`` stage is therefore 0 and ``download`` is the host-side collection of the outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ism_edge._io import sha256_file
+from ism_edge.backends import GRAPH_IO, Backend, ChainOutput, Job
+from ism_edge.errors import EngineError, EngineMismatchError, MissingDependencyError
+from ism_edge.manifest import ROLES, EngineManifest
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MissingDependencyError(
+            "the ONNX Runtime backend needs the Python module 'onnxruntime', which is not installed: "
+            "pip install onnxruntime (or onnxruntime-gpu)"
+        ) from None
+    return onnxruntime
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class OnnxRuntimeBackend(Backend):
+    """The defense chain on ONNX Runtime.
+
+    ``device``: ``"auto"`` (CUDA provider when onnxruntime-gpu has it, else CPU), ``"cpu"``,
+    ``"cuda"`` or ``"cuda:N"``. ``threads``: intra-op threads (``None``: ONNX Runtime's default,
+    one per core). Runs the directory's ONNX Runtime models, or the ONNX sources of a TensorRT
+    engine directory.
+    """
+
+    name = "onnxruntime"
+    max_in_flight = 2
+
+    def __init__(
+        self,
+        directory: str | Path,
+        manifest: EngineManifest,
+        *,
+        feedback_rounds: int | None = None,
+        device: str = "auto",
+        threads: int | None = None,
+    ) -> None:
+        super().__init__(directory, manifest, feedback_rounds=feedback_rounds)
+        if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.device = device
+        self.threads = threads
+        self.model_files: dict[str, Path] = {}
+        for role in ROLES:
+            ef = manifest.engines[role]
+            self.model_files[role] = self.directory / (ef.file if manifest.backend == "onnxruntime" else ef.onnx)
+        self.providers: list[str] = []
+        self._sessions: dict[str, Any] = {}
+
+    @classmethod
+    def check_available(cls) -> None:
+        _onnxruntime()
+
+    def describe(self) -> str:
+        src = "" if self.manifest.backend == "onnxruntime" else " (ONNX sources of a TensorRT engine directory)"
+        return f"onnxruntime {_onnxruntime().__version__} [{', '.join(self.providers) or 'inactive'}]{src}"
+
+    def _provider_list(self, ort: Any) -> list[Any]:
+        available = ort.get_available_providers()
+        has_cuda = "CUDAExecutionProvider" in available
+        if self.device == "cpu" or (self.device == "auto" and not has_cuda):
+            return ["CPUExecutionProvider"]
+        if not has_cuda:
+            raise MissingDependencyError(
+                f"device {self.device!r} needs ONNX Runtime's CUDAExecutionProvider, but this onnxruntime "
+                f"has only {', '.join(available)}: pip install onnxruntime-gpu, or use --device cpu"
+            )
+        device_id = int(self.device[5:]) if self.device.startswith("cuda:") else 0
+        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+
+    def _activate_impl(self) -> None:
+        ort = _onnxruntime()
+        providers = self._provider_list(ort)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if self.threads is not None:
+            opts.intra_op_num_threads = self.threads
+        recorded = self.manifest.parity.get("sources", {}) if isinstance(self.manifest.parity, dict) else {}
+        for role, path in self.model_files.items():
+            if not path.is_file():
+                raise EngineError(f"{path} ({role}) is missing: rebuild the engines with 'ism-edge build'")
+            source = self.manifest.engines[role].onnx
+            if self.manifest.backend != "onnxruntime" and source in recorded and sha256_file(path) != recorded[source]:
+                raise EngineError(
+                    f"{path} ({role} ONNX source) does not match the hash recorded in the manifest "
+                    "(corrupted or modified): rebuild the engines with 'ism-edge build'"
+                )
+            try:
+                session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            except Exception as e:  # onnxruntime raises its own exception types, all plain Exceptions
+                raise EngineError(
+                    f"{path} ({role}) cannot be loaded by ONNX Runtime {ort.__version__} ({_first_line(e)}): "
+                    "the file is corrupt or was written for a newer runtime; rebuild with 'ism-edge build'"
+                ) from None
+            self._check_io(role, path, session)
+            self._sessions[role] = session
+        self.providers = list(self._sessions["mapper"].get_providers())
+
+    def _check_io(self, role: str, path: Path, session: Any) -> None:
+        """Refuse a graph whose I/O names or shapes disagree with the manifest (mismatched directory)."""
+        want_in, want_out = GRAPH_IO[role]
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        fix = "the engine directory is inconsistent; rebuild it with 'ism-edge build'"
+        if set(inputs) != set(want_in) or not set(want_out) <= set(outputs):
+            raise EngineMismatchError(
+                f"{path} ({role}) has inputs {sorted(inputs)} and outputs {sorted(outputs)}, expected "
+                f"{list(want_in)} -> {list(want_out)}: {fix}"
+            )
+        c, h, w = self.manifest.input_shape
+        for name, arg in inputs.items():
+            shape = list(arg.shape)
+            if arg.type != "tensor(float)":
+                raise EngineMismatchError(f"{path} ({role}) input {name!r} is {arg.type}, expected float32: {fix}")
+            if len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], (c, h, w), strict=True)):
+                raise EngineMismatchError(
+                    f"{path} ({role}) input {name!r} has shape {shape}, but the manifest says [N, {c}, {h}, {w}]: {fix}"
+                )
+        if role == "classifier":
+            k = outputs["logits"].shape[-1]
+            if isinstance(k, int) and k != self.manifest.num_classes:
+                raise EngineMismatchError(
+                    f"{path} (classifier) outputs {k} logits, but the manifest names {self.manifest.num_classes} classes: {fix}"
+                )
+
+    def _deactivate_impl(self) -> None:
+        self._sessions.clear()
+
+    def _map(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x_hat, recon = self._sessions["mapper"].run(["x_hat", "recon_error"], {"x": x})
+        return x_hat, recon.reshape(-1)
+
+    def _enqueue_impl(self, x: np.ndarray, job: Job, *, want_x_hat: bool) -> ChainOutput:
+        t = {"upload": 0.0, "mapping": 0.0, "classifier": 0.0, "detectors": 0.0, "download": 0.0}
+        n = x.shape[0]
+        t1 = time.perf_counter()
+
+        x_hat, recon = self._map(x)
+        x_hat = np.array(x_hat, dtype=np.float32, copy=True)
+        rounds = np.zeros(n, dtype=np.int32)
+        threshold = self.manifest.thresholds["recon_error"]
+        active = np.arange(n)
+        for _ in range(self.feedback_rounds):
+            again, residual = self._map(np.ascontiguousarray(x_hat[active]))
+            still = residual > threshold
+            if not still.any():
+                break
+            active = active[still]
+            x_hat[active] = again[still]
+            rounds[active] += 1
+        t2 = time.perf_counter()
+        t["mapping"] = t2 - t1
+
+        (logits,) = self._sessions["classifier"].run(["logits"], {"x": np.concatenate([x, x_hat])})
+        t3 = time.perf_counter()
+        t["classifier"] = t3 - t2
+
+        (p_score,) = self._sessions["perturbation"].run(["p_score"], {"x": x, "x_hat": x_hat})
+        t4 = time.perf_counter()
+        t["detectors"] = t4 - t3
+
+        out = ChainOutput(
+            recon_error=np.asarray(recon, dtype=np.float32),
+            logits_raw=np.asarray(logits[:n], dtype=np.float32),
+            logits_reformed=np.asarray(logits[n:], dtype=np.float32),
+            p_score=np.asarray(p_score, dtype=np.float32).reshape(-1),
+            rounds=rounds,
+            x_hat=x_hat if want_x_hat else None,
+        )
+        t["download"] = time.perf_counter() - t4
+        out.timings_ms = {k: v * 1e3 for k, v in t.items()}
+        return out
+
+    def _wait_impl(self, job: Job) -> ChainOutput:
+        result: ChainOutput = job.payload
+        return result

@@ -1,0 +1,251 @@
+"""Outputs of ``ism-edge run``: the JSON-lines verdict log, annotated video or images, a window.
+
+Output URIs follow jetson-utils' ``videoOutput``: ``file://out.mp4`` (or a plain path; ``.mp4``,
+``.m4v``, ``.mov`` are written with the mp4v codec, ``.avi`` with MJPG, ``.mkv`` with XVID), a
+folder (``out/`` — numbered JPEG images), ``display://0`` (an OpenCV window; needs an OpenCV
+with GUI support). Nothing is left half-written: the video goes to a temporary file renamed into
+place when it is closed, each image is written and renamed, and the verdict log is appended one
+complete, flushed line per frame.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import cv2
+import numpy as np
+
+from ism_edge.errors import MissingDependencyError, OutputError
+
+VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "XVID"}
+
+
+
+@dataclass(frozen=True)
+class OutputURI:
+    """A parsed output: ``kind`` is ``video``, ``images`` or ``display``."""
+
+    kind: str
+    location: str
+    text: str
+
+
+def parse_output(text: str) -> OutputURI:
+    """Parse an output URI (see the module docstring); raises :class:`OutputError` if unsupported."""
+    raw = text.strip()
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", raw)
+    if match is not None:
+        scheme, rest = match.group(1).lower(), match.group(2)
+        if scheme == "display":
+            return OutputURI("display", rest or "0", raw)
+        if scheme != "file":
+            raise OutputError(
+                f"output {raw!r}: scheme {scheme!r} is not supported: write a file (file://out.mp4), a folder, or use display://0"
+            )
+        raw_path = rest
+    else:
+        raw_path = raw
+    path = Path(os.path.expanduser(raw_path))
+    if raw_path.endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
+        return OutputURI("images", str(path), raw)
+    if path.suffix.lower() not in VIDEO_CODECS:
+        raise OutputError(
+            f"output {raw}: extension {path.suffix!r} is not a supported video container ({', '.join(VIDEO_CODECS)}); "
+            "or give a folder for images"
+        )
+    return OutputURI("video", str(path), raw)
+
+
+class VerdictLog:
+    """Appends one JSON object per line to a file (or stdout for ``-``), flushed per line.
+
+    Each line is written with a single ``write`` and flushed, so after Ctrl-C (which
+    ``ism-edge run`` turns into a graceful stop) or a crash every finished frame is on disk. If
+    an earlier run died mid-line, a newline is added first so the old partial line cannot merge
+    with a new one.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        self.lines = 0
+        self._fh: IO[str]
+        if self.path == "-":
+            self._fh = sys.stdout
+            self._own = False
+            return
+        p = Path(self.path)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            needs_newline = p.is_file() and p.stat().st_size > 0 and _last_byte(p) != b"\n"
+            self._fh = open(p, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        except OSError as e:
+            raise OutputError(f"verdict log {p} cannot be opened for appending ({e.strerror}): check the path and permissions") from None
+        self._own = True
+        if needs_newline:
+            self._fh.write("\n")
+            self._fh.flush()
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n"
+        try:
+            self._fh.write(line)
+            self._fh.flush()
+        except OSError as e:
+            raise OutputError(f"verdict log {self.path} cannot be written ({e.strerror}): check free disk space") from None
+        self.lines += 1
+
+    def close(self) -> None:
+        if self._own and not self._fh.closed:
+            self._fh.flush()
+            with contextlib.suppress(OSError):
+                os.fsync(self._fh.fileno())
+            self._fh.close()
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
+class FrameSink:
+    """Somewhere annotated frames go. ``stop_requested`` lets a window end the run."""
+
+    stop_requested = False
+
+    def write(self, image: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        return None
+
+
+class VideoFileOutput(FrameSink):
+    """An annotated video file, written to a temporary sibling and renamed on :meth:`close`.
+
+    The frame size is fixed by the first frame; later frames of another size (an image folder)
+    are resized to it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fps: float = 30.0) -> None:
+        self.path = Path(path)
+        self.fps = float(fps) if fps and fps > 0 else 30.0
+        self.frames = 0
+        suffix = self.path.suffix.lower()
+        if suffix not in VIDEO_CODECS:
+            raise OutputError(f"output {self.path}: unsupported video extension {suffix!r} ({', '.join(VIDEO_CODECS)})")
+        self._fourcc = VIDEO_CODECS[suffix]
+        self._writer: Any = None
+        self._size: tuple[int, int] | None = None
+        self._tmp: Path | None = None
+
+    def _open(self, width: int, height: int) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".partial{self.path.suffix}", dir=self.path.parent)
+            os.close(fd)
+        except OSError as e:
+            raise OutputError(f"output {self.path} cannot be created ({e.strerror}): check the folder and permissions") from None
+        self._tmp = Path(tmp)
+        writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter.fourcc(*self._fourcc), self.fps, (width, height))
+        if not writer.isOpened():
+            self._tmp.unlink(missing_ok=True)
+            raise OutputError(f"output {self.path}: OpenCV cannot write {self._fourcc} video here: try an .avi output")
+        self._writer = writer
+        self._size = (width, height)
+
+    def write(self, image: np.ndarray) -> None:
+        h, w = image.shape[:2]
+        if self._writer is None:
+            self._open(w, h)
+        assert self._size is not None
+        if (w, h) != self._size:
+            image = cv2.resize(image, self._size, interpolation=cv2.INTER_AREA)
+        self._writer.write(np.ascontiguousarray(image))
+        self.frames += 1
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.release()
+        self._writer = None
+        assert self._tmp is not None
+        if self.frames:
+            os.replace(self._tmp, self.path)
+        else:
+            self._tmp.unlink(missing_ok=True)
+
+
+class ImageFolderOutput(FrameSink):
+    """Numbered JPEG images in a folder (``frame_000000.jpg``, …), each written atomically."""
+
+    def __init__(self, folder: str | os.PathLike[str], pattern: str = "frame_{:06d}.jpg") -> None:
+        self.folder = Path(folder)
+        self.pattern = pattern
+        self.frames = 0
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"output folder {self.folder} cannot be created ({e.strerror}): check the path") from None
+
+    def write(self, image: np.ndarray) -> None:
+        name = self.folder / self.pattern.format(self.frames)
+        tmp = name.with_name(f".{name.stem}.partial{name.suffix}")
+        if not cv2.imwrite(str(tmp), image):
+            raise OutputError(f"image {name} cannot be written: check free disk space and permissions")
+        os.replace(tmp, name)
+        self.frames += 1
+
+
+def opencv_has_gui() -> bool:
+    """False for opencv-python-headless and other builds without a GUI backend."""
+    match = re.search(r"GUI:\s*(\S+)", cv2.getBuildInformation())
+    return bool(match and match.group(1).upper() not in ("NONE", "NO"))
+
+
+class DisplayOutput(FrameSink):
+    """An OpenCV window; closing it or pressing q / Esc asks the run to stop."""
+
+    def __init__(self, name: str = "ism-edge") -> None:
+        self.name = name
+        if not opencv_has_gui():
+            raise MissingDependencyError(
+                "display://0 needs OpenCV with a GUI, and this OpenCV has none (opencv-python-headless): "
+                "pip install opencv-python, write a file instead, or pass --headless"
+            )
+        try:
+            cv2.namedWindow(self.name, cv2.WINDOW_NORMAL)
+        except cv2.error as e:
+            raise OutputError(f"display://0: cannot open a window ({str(e).strip().splitlines()[-1]}): is DISPLAY set? or pass --headless") from None
+        self._shown = False
+
+    def write(self, image: np.ndarray) -> None:
+        cv2.imshow(self.name, image)
+        key = cv2.waitKey(1) & 0xFF
+        if key in (ord("q"), 27):
+            self.stop_requested = True
+        if self._shown and cv2.getWindowProperty(self.name, cv2.WND_PROP_VISIBLE) < 1:
+            self.stop_requested = True
+        self._shown = True
+
+    def close(self) -> None:
+        with contextlib.suppress(cv2.error):
+            cv2.destroyWindow(self.name)
+
+
+def open_output(uri: OutputURI | str, *, fps: float = 30.0) -> FrameSink:
+    """The sink for an output URI."""
+    parsed = uri if isinstance(uri, OutputURI) else parse_output(uri)
+    if parsed.kind == "display":
+        return DisplayOutput()
+    if parsed.kind == "images":
+        return ImageFolderOutput(parsed.location)
+    return VideoFileOutput(parsed.location, fps=fps)

@@ -1,0 +1,167 @@
+"""Frame → model input: validation, colour order, resize mode and tile mode (SPEC §5).
+
+Frames are ``H×W×3`` arrays (``H×W`` or ``H×W×1`` grey also accepted) of ``uint8`` (0–255) or
+float (``float32``/``float64`` in [0, 1]), of any size, in the caller's colour order (``"BGR"``
+for OpenCV and ROS ``bgr8``, ``"RGB"`` for PIL/imageio). Model inputs are float32 NCHW pixels in
+[0, 1] in the colour order of the engine manifest.
+
+* **resize** — the whole frame is resized to the model size (area interpolation when shrinking,
+  bilinear when enlarging): one input per frame.
+* **tile** — the frame is cut into model-size tiles at its native resolution (or first resized to
+  an exact ``rows × cols`` grid of tiles), batched; edge tiles are shifted inwards so the grid
+  covers the whole frame without padding (they overlap their neighbours when the frame size is
+  not a multiple of the tile size). Frames smaller than one tile are enlarged to one tile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from ism_edge.errors import FrameError
+
+COLOR_ORDERS = ("RGB", "BGR")
+MODES = ("resize", "tile")
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where each tile of a frame came from: boxes ``(x, y, w, h)`` in frame pixels, row-major."""
+
+    rows: int
+    cols: int
+    boxes: tuple[tuple[int, int, int, int], ...]
+    frame_size: tuple[int, int]  # (height, width) of the original frame
+    tiled_size: tuple[int, int]  # (height, width) of the image that was cut into tiles
+
+
+def check_frame(frame: object) -> np.ndarray:
+    """Validate a frame and return it as an ``H×W×C`` array (C = 1 or 3).
+
+    Raises :class:`~ism_edge.errors.FrameError` (one line) for anything else: not an array, wrong
+    number of dimensions or channels, empty, unsupported dtype, non-finite or out-of-range floats.
+    """
+    if not isinstance(frame, np.ndarray):
+        raise FrameError(f"frame is a {type(frame).__name__}, expected a numpy array H×W×3 of uint8")
+    if frame.ndim == 2:
+        frame = frame[:, :, None]
+    if frame.ndim != 3 or frame.shape[2] not in (1, 3):
+        raise FrameError(f"frame has shape {frame.shape}, expected H×W×3 (or H×W grey)")
+    if frame.shape[0] < 1 or frame.shape[1] < 1:
+        raise FrameError(f"frame has shape {frame.shape}: it is empty")
+    if frame.dtype == np.uint8:
+        return frame
+    if frame.dtype in (np.float32, np.float64):
+        if not np.isfinite(frame).all():
+            raise FrameError("frame contains NaN or infinite values: check the camera driver or the conversion before process()")
+        lo, hi = float(frame.min()), float(frame.max())
+        if lo < 0.0 or hi > 1.0:
+            raise FrameError(
+                f"float frame has values in [{lo:g}, {hi:g}], expected [0, 1]: divide by 255 or pass uint8"
+            )
+        return frame.astype(np.float32, copy=False)
+    raise FrameError(f"frame dtype {frame.dtype} is not supported: pass uint8 (0-255) or float32 in [0, 1]")
+
+
+def _channels(frame: np.ndarray, color_order: str, model_order: str, channels: int) -> np.ndarray:
+    """Convert ``frame`` (H×W×{1,3}) to the model's channel count and colour order."""
+    if channels == 1:
+        if frame.shape[2] == 1:
+            return frame
+        code = cv2.COLOR_BGR2GRAY if color_order == "BGR" else cv2.COLOR_RGB2GRAY
+        return np.asarray(cv2.cvtColor(frame, code))[:, :, None]
+    if frame.shape[2] == 1:
+        return np.repeat(frame, 3, axis=2)
+    return frame[:, :, ::-1] if color_order != model_order else frame
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    if image.shape[0] == height and image.shape[1] == width:
+        return image
+    shrink = height * width < image.shape[0] * image.shape[1]
+    out = cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return out if out.ndim == 3 else out[:, :, None]
+
+
+def _to_nchw(images: np.ndarray) -> np.ndarray:
+    """``N×H×W×C`` uint8/float → float32 NCHW in [0, 1]."""
+    x = images.astype(np.float32)
+    if images.dtype == np.uint8:
+        x *= np.float32(1.0 / 255.0)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def resize_input(
+    frame: np.ndarray, input_shape: tuple[int, int, int], *, color_order: str = "BGR", model_order: str = "RGB"
+) -> np.ndarray:
+    """Resize mode: one validated frame → float32 ``[1, C, H, W]`` in [0, 1]."""
+    c, h, w = input_shape
+    image = _channels(_resize(frame, h, w), color_order, model_order, c)
+    return _to_nchw(image[None])
+
+
+def tile_positions(length: int, tile: int) -> list[int]:
+    """Start offsets of ⌈length/tile⌉ tiles covering ``[0, length)``; the last one ends at the edge."""
+    if length <= tile:
+        return [0]
+    count = -(-length // tile)
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def tile_input(
+    frame: np.ndarray,
+    input_shape: tuple[int, int, int],
+    *,
+    color_order: str = "BGR",
+    model_order: str = "RGB",
+    grid: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, TileLayout]:
+    """Tile mode: one validated frame → float32 ``[T, C, H, W]`` tiles and their layout.
+
+    ``grid=(rows, cols)`` first resizes the frame to exactly ``rows×H`` by ``cols×W`` pixels;
+    without it the frame is tiled at its own resolution.
+    """
+    c, th, tw = input_shape
+    fh, fw = frame.shape[:2]
+    if grid is not None:
+        rows, cols = grid
+        image = _resize(frame, rows * th, cols * tw)
+    else:
+        scale = max(th / fh, tw / fw, 1.0)
+        image = _resize(frame, max(th, round(fh * scale)), max(tw, round(fw * scale))) if scale > 1.0 else frame
+    ih, iw = image.shape[:2]
+    ys, xs = tile_positions(ih, th), tile_positions(iw, tw)
+    image = _channels(image, color_order, model_order, c)
+    tiles = np.stack([image[y : y + th, x : x + tw] for y in ys for x in xs])
+    sy, sx = fh / ih, fw / iw
+    boxes = tuple(
+        (round(x * sx), round(y * sy), max(1, round(tw * sx)), max(1, round(th * sy))) for y in ys for x in xs
+    )
+    return _to_nchw(tiles), TileLayout(len(ys), len(xs), boxes, (fh, fw), (ih, iw))
+
+
+def from_model_output(x: np.ndarray, *, color_order: str = "BGR", model_order: str = "RGB") -> np.ndarray:
+    """A float32 ``[C, H, W]`` model image in [0, 1] → ``H×W×3`` uint8 in the caller's colour order."""
+    image = np.clip(np.rint(x.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
+    if image.shape[2] == 1:
+        return np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[:, :, ::-1]) if color_order != model_order else image
+
+
+def stitch_tiles(tiles: np.ndarray, layout: TileLayout, *, color_order: str = "BGR", model_order: str = "RGB") -> np.ndarray:
+    """Purified tiles ``[T, C, H, W]`` → one ``H×W×3`` uint8 image at the tiled resolution.
+
+    Overlapping pixels are averaged.
+    """
+    _, c, th, tw = tiles.shape
+    ih, iw = layout.tiled_size
+    acc = np.zeros((ih, iw, c), dtype=np.float32)
+    weight = np.zeros((ih, iw, 1), dtype=np.float32)
+    ys, xs = tile_positions(ih, th), tile_positions(iw, tw)
+    for tile, (y, x) in zip(tiles, ((y, x) for y in ys for x in xs), strict=True):
+        acc[y : y + th, x : x + tw] += tile.transpose(1, 2, 0)
+        weight[y : y + th, x : x + tw] += 1.0
+    merged = (acc / np.maximum(weight, 1.0)).transpose(2, 0, 1)
+    return from_model_output(merged, color_order=color_order, model_order=model_order)

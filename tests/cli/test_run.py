@@ -1,0 +1,158 @@
+"""`ism-edge run` from the command line on short generated videos and image folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("torch")  # only to build the engine directory fixture
+
+from cli.main import app  # noqa: E402
+from ism_edge.outputs import opencv_has_gui  # noqa: E402
+from tests.ism_edge.conftest import (  # noqa: E402
+    PHOTO_NAMES,
+    PHOTOS,
+    count_video_frames,
+    edit_manifest,
+    shared_engine_dir,
+    shared_sample_video,
+)
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def engine_dir(untrained_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The engine directory that tests/ism_edge uses (built once per session)."""
+    return shared_engine_dir(untrained_bundle_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def sample_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 12-frame 160×120 mp4 made from the sample photos."""
+    return shared_sample_video(tmp_path_factory)
+
+
+def one_error_line(result) -> str:
+    """The run failed with exactly one `error:` line on stderr and no traceback."""
+    assert result.exit_code != 0, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    return errors[0]
+
+
+def log_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_on_a_video_logs_every_frame_and_writes_the_annotated_video(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+    log, out, summary = tmp_path / "verdicts.jsonl", tmp_path / "annotated.mp4", tmp_path / "summary.json"
+    r = runner.invoke(app, ["run", str(engine_dir), f"file://{sample_video}", f"file://{out}", "--log", str(log),
+                            "--summary-json", str(summary)])  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    records = log_records(log)
+    assert len(records) == 12 == count_video_frames(sample_video) == count_video_frames(out)
+    assert [rec["frame"] for rec in records] == list(range(12))
+    for rec in records:
+        assert {"label", "confidence", "flagged", "scores", "timings_ms", "latency_ms"} <= set(rec)
+    s = json.loads(summary.read_text())
+    assert s["frames"] == 12 and s["flagged"] == sum(rec["flagged"] for rec in records)
+    assert s["dropped"] == 0 and s["stopped"] == "end" and s["latency_p99_ms"] >= s["latency_p50_ms"] > 0
+    assert "frames   12" in r.stderr and "p50" in r.stderr and "fps" in r.stderr
+
+
+def test_the_log_defaults_to_stdout_and_max_frames(engine_dir: Path, sample_video: Path) -> None:
+    r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "--headless", "--max-frames", "4"])
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 4 and all(json.loads(line)["frame"] == i for i, line in enumerate(lines))
+
+
+def test_the_log_is_appended_across_runs(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+    log = tmp_path / "v.jsonl"
+    for _ in range(2):
+        r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "--headless", "--max-frames", "3", "--log", str(log)])
+        assert r.exit_code == 0, r.stderr
+    assert [rec["frame"] for rec in log_records(log)] == [0, 1, 2, 0, 1, 2]
+
+
+def test_an_image_folder_in_tile_mode_to_an_image_folder(engine_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in PHOTO_NAMES[:2]:
+        shutil.copy(PHOTOS / f"{name}.jpg", folder)
+    out, log = tmp_path / "out", tmp_path / "v.jsonl"
+    r = runner.invoke(app, ["run", str(engine_dir), str(folder), f"{out}/", "--mode", "tile", "--tile-grid", "2x3",
+                            "--log", str(log), "--purified", str(tmp_path / "purified")])  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    records = log_records(log)
+    assert len(records) == 2 and all(rec["tiles"]["rows"] * rec["tiles"]["cols"] == 6 for rec in records)
+    assert len(list(out.glob("*.jpg"))) == 2 and len(list((tmp_path / "purified").glob("*.jpg"))) == 2
+
+
+def test_missing_engine_directory(tmp_path: Path, sample_video: Path) -> None:
+    line = one_error_line(runner.invoke(app, ["run", str(tmp_path / "nope"), str(sample_video), "--headless"]))
+    assert "does not exist" in line and "ism-edge build" in line
+
+
+def test_corrupt_engine_directory_writes_no_log(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "engines"
+    shutil.copytree(engine_dir, broken)
+    (broken / "manifest.json").write_text("{not json")
+    log = tmp_path / "v.jsonl"
+    line = one_error_line(runner.invoke(app, ["run", str(broken), str(sample_video), "--headless", "--log", str(log)]))
+    assert "manifest.json" in line and not log.exists()
+
+
+def test_mismatched_engines_and_rebuild_on_mismatch(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "engines"
+    shutil.copytree(engine_dir, copy)
+    versions = json.loads((copy / "manifest.json").read_text())["versions"]
+    edit_manifest(copy, versions={**versions, "onnxruntime": "0.9.0"})
+    args = ["run", str(copy), str(sample_video), "--headless", "--max-frames", "2", "--log", str(tmp_path / "v.jsonl")]
+    assert "0.9.0" in one_error_line(runner.invoke(app, args))
+    r = runner.invoke(app, [*args, "--rebuild-on-mismatch"])
+    assert r.exit_code == 0, r.stderr
+    assert "rebuilding" in r.stderr and len(log_records(tmp_path / "v.jsonl")) == 2
+
+
+def test_a_camera_that_cannot_be_opened(engine_dir: Path) -> None:
+    line = one_error_line(runner.invoke(app, ["run", str(engine_dir), "--camera", "99", "--headless"]))
+    assert "camera 99 could not be opened" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["nothing.mp4"], "does not exist"),
+        (["ftp://host/video"], "unsupported scheme"),
+        ([], "give exactly one input"),
+        (["clip.mp4", "--camera", "0"], "give exactly one input"),
+    ],
+)
+def test_bad_inputs(engine_dir: Path, args: list[str], words: str) -> None:
+    assert words in one_error_line(runner.invoke(app, ["run", str(engine_dir), *args, "--headless"]))
+
+
+def test_corrupt_video(engine_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00garbage" * 500)
+    assert "could not be opened" in one_error_line(runner.invoke(app, ["run", str(engine_dir), str(bad), "--headless"]))
+
+
+def test_unsupported_output(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+    line = one_error_line(runner.invoke(app, ["run", str(engine_dir), str(sample_video), str(tmp_path / "out.gif")]))
+    assert "out.gif" in line
+
+
+@pytest.mark.skipif(opencv_has_gui(), reason="this OpenCV has a GUI")
+def test_display_output_without_a_gui_and_headless(engine_dir: Path, sample_video: Path) -> None:
+    line = one_error_line(runner.invoke(app, ["run", str(engine_dir), str(sample_video), "display://0"]))
+    assert "--headless" in line
+    r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "display://0", "--headless", "--max-frames", "1"])
+    assert r.exit_code == 0, r.stderr

@@ -1,0 +1,56 @@
+"""The runtime never imports torch: checked in a fresh interpreter (STYLE.md habit 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+HEAVY = ("torch", "training", "engines", "tensorrt", "pycuda", "cuda.bindings.runtime", "onnx")
+
+SCRIPT = r"""
+import json, sys
+import ism_edge
+after_import = sorted(m for m in {heavy!r} if m in sys.modules)
+
+import numpy as np
+from ism_edge import DefenseRuntime
+from ism_edge.outputs import VerdictLog, VideoFileOutput
+from ism_edge.pipeline import run_pipeline
+from ism_edge.sources import FrameReader, open_source
+import ism_edge.backends.tensorrt, ism_edge.cuda  # importable without TensorRT or a GPU
+
+with DefenseRuntime({engine_dir!r}) as rt:
+    verdict = rt.process(np.zeros((240, 320, 3), np.uint8))
+    batch = rt.process_batch([np.full((64, 48, 3), 200, np.uint8)] * 3)
+with DefenseRuntime({engine_dir!r}, mode="tile") as rt:
+    tiled = rt.process(np.zeros((100, 70, 3), np.uint8))
+    summary = run_pipeline(
+        rt, FrameReader(open_source({video!r})), log=VerdictLog({log!r}), sinks=[VideoFileOutput({out!r}, fps=10)]
+    )
+print(json.dumps({{
+    "after_import": after_import,
+    "after_run": sorted(m for m in {heavy!r} if m in sys.modules),
+    "label": verdict.label,
+    "batch": len(batch),
+    "tiles": tiled.tiles.rows * tiled.tiles.cols,
+    "frames": summary.frames,
+    "error": summary.error,
+}}))
+"""
+
+
+def test_import_and_a_full_onnxruntime_run_load_no_torch(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+    code = SCRIPT.format(
+        heavy=HEAVY, engine_dir=str(engine_dir), video=str(sample_video), log=str(tmp_path / "v.jsonl"), out=str(tmp_path / "o.mp4")
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["after_import"] == []
+    assert result["after_run"] == [], f"the runtime imported {result['after_run']}"
+    assert result["batch"] == 3 and result["tiles"] == 12 and result["frames"] == 12 and result["error"] is None
+    assert len((tmp_path / "v.jsonl").read_text().splitlines()) == 12

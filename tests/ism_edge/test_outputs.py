@@ -1,0 +1,134 @@
+"""Outputs: the verdict log, video and image writers (atomic), the window, annotation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ism_edge.errors import MissingDependencyError
+from ism_edge.outputs import (
+    DisplayOutput,
+    ImageFolderOutput,
+    OutputError,
+    VerdictLog,
+    VideoFileOutput,
+    opencv_has_gui,
+    parse_output,
+)
+from ism_edge.render import GREEN, RED, annotate
+from ism_edge.verdict import TileScores, Verdict
+from tests.ism_edge.conftest import count_video_frames
+
+
+def make_verdict(flagged: bool, *, tiles: TileScores | None = None, jsd: float = 0.001) -> Verdict:
+    scores = {"recon_error": 0.5 if flagged else 0.01, "jsd": jsd, "p_score": 0.1}
+    thresholds = {"recon_error": 0.1, "jsd": 0.01, "p_score": 0.5}
+    return Verdict(
+        label="cat", label_index=3, confidence=0.8, scores=scores, thresholds=thresholds, flagged=flagged,
+        flagged_by=("recon_error",) if flagged else (), timings_ms={"mapping": 1.0}, tiles=tiles,
+    )  # fmt: skip
+
+
+def test_output_uris() -> None:
+    assert parse_output("display://0").kind == "display"
+    assert parse_output("file://out.mp4").kind == "video"
+    assert parse_output("out.avi").location == "out.avi"
+    assert parse_output("frames/").kind == "images"
+    for bad in ("rtp://host:1234", "out.gif"):
+        with pytest.raises(OutputError):
+            parse_output(bad)
+
+
+def test_verdict_log_appends_complete_lines(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "v.jsonl"
+    for run in range(2):
+        log = VerdictLog(path)
+        for i in range(3):
+            log.write({"run": run, "frame": i})
+        assert len(path.read_text().splitlines()) == 3 * run + 3  # flushed per line, before close
+        log.close()
+    assert [json.loads(line)["frame"] for line in path.read_text().splitlines()] == [0, 1, 2] * 2
+
+
+def test_verdict_log_repairs_a_partial_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "v.jsonl"
+    path.write_text('{"frame": 0}\n{"frame": 1, "lab')  # an earlier run died mid-line
+    log = VerdictLog(path)
+    log.write({"frame": 2})
+    log.close()
+    lines = path.read_text().splitlines()
+    assert lines[-1] == '{"frame":2}' and json.loads(lines[0]) == {"frame": 0}
+
+
+def test_verdict_json_is_strict_even_with_non_finite_scores(tmp_path: Path) -> None:
+    record = make_verdict(False, jsd=math.nan).to_json()
+    assert record["scores"]["jsd"] is None
+    log = VerdictLog(tmp_path / "v.jsonl")
+    log.write(record)
+    log.close()
+    assert json.loads((tmp_path / "v.jsonl").read_text())["label"] == "cat"
+
+
+def test_unwritable_log_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="cannot be opened"):
+        VerdictLog(blocker / "v.jsonl")
+
+
+def test_video_output_appears_only_when_closed(tmp_path: Path, photos: list[np.ndarray]) -> None:
+    path = tmp_path / "out.avi"
+    out = VideoFileOutput(path, fps=5)
+    for p in photos:  # different sizes: resized to the first
+        out.write(p)
+    assert not path.exists() and len(list(tmp_path.iterdir())) == 1  # only the temporary file
+    out.close()
+    assert path.is_file() and count_video_frames(path) == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["out.avi"]
+
+
+def test_an_empty_video_output_leaves_nothing(tmp_path: Path) -> None:
+    VideoFileOutput(tmp_path / "out.mp4").close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_image_folder_output(tmp_path: Path, photos: list[np.ndarray]) -> None:
+    out = ImageFolderOutput(tmp_path / "frames")
+    for p in photos[:2]:
+        out.write(p)
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["frame_000000.jpg", "frame_000001.jpg"]
+
+
+@pytest.mark.skipif(opencv_has_gui(), reason="this OpenCV has a GUI")
+def test_display_without_a_gui_says_how_to_fix_it() -> None:
+    with pytest.raises(MissingDependencyError, match="--headless"):
+        DisplayOutput()
+
+
+def test_annotation_draws_a_green_or_red_border_and_keeps_the_input(photos: list[np.ndarray]) -> None:
+    frame = photos[0]
+    before = frame.copy()
+    clean = annotate(frame, make_verdict(False), fps=25.0)
+    bad = annotate(frame, make_verdict(True))
+    assert np.array_equal(frame, before)
+    assert clean.shape == bad.shape == frame.shape and clean.dtype == np.uint8
+    h, w = frame.shape[:2]
+    for y, x in ((h - 1, w // 2), (h // 2, w - 1), (h - 2, 1)):
+        assert tuple(int(c) for c in clean[y, x]) == GREEN
+        assert tuple(int(c) for c in bad[y, x]) == RED
+    assert np.abs(clean[10:40, 10:120].astype(int) - frame[10:40, 10:120]).sum() > 0  # the text panel
+
+
+def test_heat_map_colours_the_flagged_tiles() -> None:
+    frame = np.full((256, 256, 3), 128, np.uint8)
+    tiles = TileScores(
+        rows=1, cols=2, boxes=((0, 0, 128, 256), (128, 0, 128, 256)), scores={"recon_error": (0.01, 0.9)},
+        flagged=(False, True), labels=("a", "b"), severity=(0.1, 9.0),
+    )  # fmt: skip
+    out = annotate(frame, make_verdict(True, tiles=tiles))
+    left, right = out[230, 64].astype(int), out[230, 192].astype(int)
+    assert right[2] > left[2] and left[1] > right[1]  # red on the flagged tile, green on the other
