@@ -3,8 +3,9 @@
 In the spirit of jetson-inference's examples: a reader thread captures (dropping the oldest
 frames of a live source so latency never grows), the runtime judges each frame, every verdict is
 appended to the JSON-lines log at once, and annotated frames go to a video file, an image
-folder or a window. Frame N+1 is submitted before frame N is collected, so on TensorRT its
-upload overlaps N's compute.
+folder or a window. When frame N+1 is already waiting it is submitted before frame N is
+collected, so on TensorRT its upload overlaps N's compute; when none is waiting (a live source
+at its own pace) frame N is answered at once rather than one capture later.
 
 Ctrl-C stops the loop gracefully (the frame in flight is finished and logged, outputs are
 closed, the summary is printed); a second Ctrl-C interrupts at once. A frame the runtime
@@ -52,6 +53,8 @@ class RunSummary:
 
     ``latency`` is from capture (the reader thread's read) to the verdict, in milliseconds;
     ``fps`` is frames judged per second of wall time from the first capture to the last verdict.
+    ``timeline`` holds, per judged frame, (seconds from the first capture to its capture, its
+    latency in ms): to see whether latency grows over a run (not part of :meth:`to_json`).
     """
 
     source: str
@@ -69,6 +72,7 @@ class RunSummary:
     error: str | None = None
     labels: dict[str, int] = field(default_factory=dict)
     failure: IsmEdgeError | None = field(default=None, repr=False)
+    timeline: list[tuple[float, float]] = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         def r(v: float | None, d: int = 3) -> float | None:
@@ -163,6 +167,8 @@ def run_pipeline(
         last_verdict = now
         latency = (now - item.t_capture) * 1e3
         latencies.append(latency)
+        start = item.t_capture if first_capture is None else first_capture
+        summary.timeline.append((item.t_capture - start, latency))
         summary.frames += 1
         summary.flagged += int(verdict.flagged)
         labels[verdict.label] += 1
@@ -189,6 +195,11 @@ def run_pipeline(
                 if opts.max_frames is not None and taken >= opts.max_frames:
                     summary.stopped = "max-frames"
                     break
+                if in_flight is not None and len(reader.queue) == 0:
+                    # No frame is waiting (a live source at its own pace): answer the frame in
+                    # flight now instead of holding its verdict until the next capture.
+                    answer, in_flight = in_flight, None
+                    finish(*answer)
                 item = reader.get(stop=stop)
                 if item is None:
                     summary.stopped = "interrupted" if stop.is_set() else "end"

@@ -85,21 +85,42 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return out if out.ndim == 3 else out[:, :, None]
 
 
-def _to_nchw(images: np.ndarray) -> np.ndarray:
-    """``N×H×W×C`` uint8/float → float32 NCHW in [0, 1]."""
-    x = images.astype(np.float32)
+def _to_nchw(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``…×H×W×C`` uint8/float → float32 ``…×C×H×W`` in [0, 1], in one pass (layout, cast, scale).
+
+    ``images`` may be any strided view (a reversed channel axis, tiles of a larger image); the
+    result is written into ``out`` (float32, of the output shape) when it is given. The
+    arithmetic is that of ``images.astype(float32) * float32(1/255)``, bit for bit.
+    """
+    src = np.moveaxis(images, -1, -3)
+    if out is None:
+        out = np.empty(src.shape, dtype=np.float32)
+    elif out.shape != src.shape or out.dtype != np.float32:
+        raise ValueError(f"out must be a float32 array of shape {src.shape}, got {out.dtype} {out.shape}")
     if images.dtype == np.uint8:
-        x *= np.float32(1.0 / 255.0)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        np.multiply(src, np.float32(1.0 / 255.0), out=out, dtype=np.float32)
+    else:
+        np.copyto(out, src, casting="same_kind")
+    return out
 
 
 def resize_input(
-    frame: np.ndarray, input_shape: tuple[int, int, int], *, color_order: str = "BGR", model_order: str = "RGB"
+    frame: np.ndarray,
+    input_shape: tuple[int, int, int],
+    *,
+    color_order: str = "BGR",
+    model_order: str = "RGB",
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Resize mode: one validated frame → float32 ``[1, C, H, W]`` in [0, 1]."""
+    """Resize mode: one validated frame → float32 ``[1, C, H, W]`` in [0, 1].
+
+    One resize (on the frame's own dtype), then one pass that reorders the channels, changes the
+    layout and scales, into ``out`` (a ``[1, C, H, W]`` float32 buffer, e.g. a slot of a batch)
+    when it is given.
+    """
     c, h, w = input_shape
     image = _channels(_resize(frame, h, w), color_order, model_order, c)
-    return _to_nchw(image[None])
+    return _to_nchw(image[None], out)
 
 
 def tile_positions(length: int, tile: int) -> list[int]:
@@ -110,6 +131,25 @@ def tile_positions(length: int, tile: int) -> list[int]:
     return [round(i * (length - tile) / (count - 1)) for i in range(count)]
 
 
+def tiled_size(frame_size: tuple[int, int], input_shape: tuple[int, int, int], grid: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(height, width) of the image that a frame of ``frame_size`` is cut into tiles from."""
+    _, th, tw = input_shape
+    fh, fw = frame_size
+    if grid is not None:
+        return grid[0] * th, grid[1] * tw
+    scale = max(th / fh, tw / fw, 1.0)
+    if scale > 1.0:
+        return max(th, round(fh * scale)), max(tw, round(fw * scale))
+    return fh, fw
+
+
+def tile_count(frame_size: tuple[int, int], input_shape: tuple[int, int, int], grid: tuple[int, int] | None = None) -> int:
+    """How many tiles :func:`tile_input` makes of a frame of ``frame_size`` (height, width)."""
+    _, th, tw = input_shape
+    ih, iw = tiled_size(frame_size, input_shape, grid)
+    return len(tile_positions(ih, th)) * len(tile_positions(iw, tw))
+
+
 def tile_input(
     frame: np.ndarray,
     input_shape: tuple[int, int, int],
@@ -117,29 +157,37 @@ def tile_input(
     color_order: str = "BGR",
     model_order: str = "RGB",
     grid: tuple[int, int] | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, TileLayout]:
     """Tile mode: one validated frame → float32 ``[T, C, H, W]`` tiles and their layout.
 
     ``grid=(rows, cols)`` first resizes the frame to exactly ``rows×H`` by ``cols×W`` pixels;
-    without it the frame is tiled at its own resolution.
+    without it the frame is tiled at its own resolution. The tiles are gathered as strided views
+    of the image (no copy when they do not overlap) and converted in one pass into ``out`` (a
+    ``[T, C, H, W]`` float32 buffer, see :func:`tile_count`) when it is given.
     """
     c, th, tw = input_shape
     fh, fw = frame.shape[:2]
-    if grid is not None:
-        rows, cols = grid
-        image = _resize(frame, rows * th, cols * tw)
-    else:
-        scale = max(th / fh, tw / fw, 1.0)
-        image = _resize(frame, max(th, round(fh * scale)), max(tw, round(fw * scale))) if scale > 1.0 else frame
-    ih, iw = image.shape[:2]
+    ih, iw = tiled_size((fh, fw), input_shape, grid)
+    image = _resize(frame, ih, iw) if (ih, iw) != (fh, fw) else frame
     ys, xs = tile_positions(ih, th), tile_positions(iw, tw)
     image = _channels(image, color_order, model_order, c)
-    tiles = np.stack([image[y : y + th, x : x + tw] for y in ys for x in xs])
+    rows, cols = len(ys), len(xs)
+    if ys == list(range(0, rows * th, th)) and xs == list(range(0, cols * tw, tw)):
+        tiles = image[: rows * th, : cols * tw].reshape(rows, th, cols, tw, -1).transpose(0, 2, 1, 3, 4)
+    else:  # overlapping edge tiles: gather the uint8 windows first
+        windows = np.lib.stride_tricks.sliding_window_view(image, (th, tw), axis=(0, 1))  # [y, x, C, th, tw]
+        tiles = windows[np.ix_(ys, xs)].transpose(0, 1, 3, 4, 2)
+    if out is None:
+        out = np.empty((rows * cols, image.shape[2], th, tw), dtype=np.float32)
+    elif out.shape != (rows * cols, image.shape[2], th, tw) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {(rows * cols, image.shape[2], th, tw)}, got {out.dtype} {out.shape}")
+    _to_nchw(tiles, out.reshape(rows, cols, image.shape[2], th, tw))
     sy, sx = fh / ih, fw / iw
     boxes = tuple(
         (round(x * sx), round(y * sy), max(1, round(tw * sx)), max(1, round(th * sy))) for y in ys for x in xs
     )
-    return _to_nchw(tiles), TileLayout(len(ys), len(xs), boxes, (fh, fw), (ih, iw))
+    return out, TileLayout(rows, cols, boxes, (fh, fw), (ih, iw))
 
 
 def from_model_output(x: np.ndarray, *, color_order: str = "BGR", model_order: str = "RGB") -> np.ndarray:

@@ -50,7 +50,8 @@ class RuntimeOptions:
     exact grid first, ``None`` tiles at native resolution. ``color_order`` of the frames you pass
     (``"BGR"``: OpenCV, ROS ``bgr8``; ``"RGB"``: PIL). ``feedback_rounds``: ``None`` uses the
     manifest's. ``purified``: attach the reformed image to every verdict. ``threads``: ONNX
-    Runtime intra-op threads. ``verify``: check engine file hashes when loading.
+    Runtime intra-op threads; ``spinning``: whether ONNX Runtime's idle threads spin (``None``: its
+    default). ``verify``: check engine file hashes when loading.
     """
 
     backend: str | None = None
@@ -61,6 +62,7 @@ class RuntimeOptions:
     feedback_rounds: int | None = None
     purified: bool = False
     threads: int | None = None
+    spinning: bool | None = None
     verify: bool = True
 
     def __post_init__(self) -> None:
@@ -99,6 +101,42 @@ class Pending:
     collected: bool = False
 
 
+@dataclass(frozen=True)
+class Decisions:
+    """Per-sample verdict arrays of one batch: ``scores`` (float64 [N] per score name),
+    ``flags`` (bool [N]: any score above its threshold) and ``probs`` (float64 [N, K], the
+    softmax at the deploy temperature that the label and confidence come from)."""
+
+    scores: dict[str, np.ndarray]
+    flags: np.ndarray
+    probs: np.ndarray
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.probs.argmax(axis=1))
+
+
+def decide(out: ChainOutput, manifest: EngineManifest) -> Decisions:
+    """The host half of the chain (SPEC §2): JSD, thresholds and label probabilities.
+
+    JSD between softmax(C(x)/T_det) and softmax(C(x̂)/T_det); flagged = any score above its
+    calibrated threshold; probabilities of C(x̂) at T_deploy (with ``label_source="auto"``: of
+    C(x) for inputs that are not flagged, the paper's §VI reading).
+    """
+    per_sample = {
+        "recon_error": out.recon_error.astype(np.float64),
+        "jsd": scores.jsd(out.logits_raw, out.logits_reformed, manifest.temperatures["detector"]).astype(np.float64),
+        "p_score": out.p_score.astype(np.float64),
+    }
+    flags = np.zeros(len(out), dtype=bool)
+    for k in SCORE_NAMES:
+        flags |= per_sample[k] > manifest.thresholds[k]
+    probs = scores.softmax(out.logits_reformed, manifest.temperatures["deploy"])
+    if manifest.label_source == "auto":
+        probs = np.where(flags[:, None], probs, scores.softmax(out.logits_raw, manifest.temperatures["deploy"]))
+    return Decisions(per_sample, flags, probs)
+
+
 def _check_compatible(manifest: EngineManifest, directory: Path) -> None:
     """The engines engineer's target check (GPU, TensorRT/ORT version), when it is installed."""
     try:
@@ -133,15 +171,18 @@ class DefenseRuntime:
         cls = select_backend(self.options.backend, self.manifest, self.directory)
         if cls.name == self.manifest.backend:
             _check_compatible(self.manifest, self.directory)
+        extra = {"spinning": self.options.spinning} if cls.name == "onnxruntime" else {}
         self.backend: Backend = cls(
             self.directory,
             self.manifest,
             feedback_rounds=self.options.feedback_rounds,
             device=self.options.device,  # type: ignore[call-arg]
             threads=self.options.threads,  # type: ignore[call-arg]
+            **extra,
         )
         self.backend.activate()
         self._lock = threading.RLock()
+        self._buffers = threading.local()
         self._inflight: deque[tuple[Pending, int, Job]] = deque()
 
     # -- properties ------------------------------------------------------------------------------
@@ -212,33 +253,57 @@ class DefenseRuntime:
         wrong shape, dtype or non-finite values.
         """
         started = time.perf_counter()
-        metas: list[_FrameMeta] = []
-        inputs: list[np.ndarray] = []
-        count = 0
+        checked: list[np.ndarray] = []
+        check_ms: list[float] = []
+        counts: list[int] = []
         for i, frame in enumerate(frames):
             t0 = time.perf_counter()
             try:
-                checked = preprocess.check_frame(frame)
+                checked.append(preprocess.check_frame(frame))
             except FrameError as e:
                 raise FrameError(f"frame {i} of the batch: {e}" if len(frames) > 1 else str(e)) from None
-            x, layout = self._prepare(checked)
-            inputs.append(x)
-            metas.append(_FrameMeta(count, count + len(x), checked.shape[:2], layout, (time.perf_counter() - t0) * 1e3))
-            count += len(x)
+            counts.append(self._input_count(checked[-1]))
+            check_ms.append((time.perf_counter() - t0) * 1e3)
+        x_all = self._input_buffer(sum(counts))
+        metas: list[_FrameMeta] = []
+        count = 0
+        for frame, n, ms in zip(checked, counts, check_ms, strict=True):
+            t0 = time.perf_counter()
+            layout = self._prepare(frame, x_all[count : count + n])
+            metas.append(_FrameMeta(count, count + n, frame.shape[:2], layout, ms + (time.perf_counter() - t0) * 1e3))
+            count += n
         want = self.options.purified if purified is None else purified
         pending = Pending(metas, purified=want, started=started)
-        x_all = np.concatenate(inputs) if len(inputs) > 1 else inputs[0]
         step = self.backend.max_batch
         with self._lock:
             for lo in range(0, len(x_all), step):
                 self._enqueue(pending, x_all[lo : lo + step])
         return pending
 
-    def _prepare(self, frame: np.ndarray) -> tuple[np.ndarray, preprocess.TileLayout | None]:
+    def _input_count(self, frame: np.ndarray) -> int:
+        if self.options.mode == "tile":
+            return preprocess.tile_count(frame.shape[:2], self.input_shape, self.options.tile_grid)
+        return 1
+
+    def _input_buffer(self, n: int) -> np.ndarray:
+        """``[n, C, H, W]`` float32 model inputs, a view of this thread's reusable buffer.
+
+        Backends copy their input when a job is enqueued (into pinned or staging memory), so the
+        buffer is free again once :meth:`submit_batch` returns.
+        """
+        buf: np.ndarray | None = getattr(self._buffers, "inputs", None)
+        if buf is None or len(buf) < n:
+            buf = np.empty((max(n, self.backend.max_batch), *self.input_shape), dtype=np.float32)
+            self._buffers.inputs = buf
+        return buf[:n]
+
+    def _prepare(self, frame: np.ndarray, out: np.ndarray) -> preprocess.TileLayout | None:
+        """Write the model inputs of one validated frame into ``out``; the tile layout in tile mode."""
         kw = {"color_order": self.options.color_order, "model_order": self.manifest.color_order}
         if self.options.mode == "tile":
-            return preprocess.tile_input(frame, self.input_shape, grid=self.options.tile_grid, **kw)  # type: ignore[arg-type]
-        return preprocess.resize_input(frame, self.input_shape, **kw), None  # type: ignore[arg-type]
+            return preprocess.tile_input(frame, self.input_shape, grid=self.options.tile_grid, out=out, **kw)[1]  # type: ignore[arg-type]
+        preprocess.resize_input(frame, self.input_shape, out=out, **kw)  # type: ignore[arg-type]
+        return None
 
     def _enqueue(self, pending: Pending, x: np.ndarray) -> None:
         while len(self._inflight) >= self.backend.max_in_flight:
@@ -270,19 +335,9 @@ class DefenseRuntime:
         parts = [pending.outputs[i] for i in range(len(pending.jobs))]
         out = ChainOutput.concatenate(parts)
         m = self.manifest
-        per_sample = {
-            "recon_error": out.recon_error.astype(np.float64),
-            "jsd": scores.jsd(out.logits_raw, out.logits_reformed, m.temperatures["detector"]).astype(np.float64),
-            "p_score": out.p_score.astype(np.float64),
-        }
+        decided = decide(out, m)
+        per_sample, flags, probs = decided.scores, decided.flags, decided.probs
         thresholds = self.thresholds
-        flags = np.zeros(len(out), dtype=bool)
-        for k in SCORE_NAMES:
-            flags |= per_sample[k] > thresholds[k]
-        probs = scores.softmax(out.logits_reformed, m.temperatures["deploy"])
-        if m.label_source == "auto":
-            # The paper's reading (§VI): only inputs detected as adversarial are classified reformed.
-            probs = np.where(flags[:, None], probs, scores.softmax(out.logits_raw, m.temperatures["deploy"]))
         host_ms = (time.perf_counter() - t0) * 1e3
 
         job_rows: list[tuple[int, int]] = []

@@ -1,0 +1,109 @@
+"""`ism-edge bench` from the command line: the side-by-side report, the camera-rate run, errors.
+
+Tiny runs only: the structure of what is printed and written is tested, never a speed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+pytest.importorskip("torch")  # the engine directory fixture and the PyTorch column
+pytest.importorskip("onnx")
+
+from cli.main import app as main_app  # noqa: E402
+from tests.ism_edge.conftest import shared_engine_dir  # noqa: E402
+
+runner = CliRunner()
+
+
+def _app() -> typer.Typer:
+    """cli.main.app once `bench` is registered there; until then the same command on its own app."""
+    if any(c.name == "bench" for c in main_app.registered_commands):
+        return main_app
+    from cli.bench import bench
+
+    app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+    app.command("bench")(bench)
+    app.callback()(lambda: None)
+    return app
+
+
+APP = _app()
+
+
+@pytest.fixture(scope="session")
+def engine_dir(untrained_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_engine_dir(untrained_bundle_dir, tmp_path_factory)
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code != 0, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    return errors[0]
+
+
+def test_side_by_side_with_pytorch_eager(engine_dir: Path, untrained_bundle_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    r = runner.invoke(APP, ["bench", str(engine_dir), "--bundle", str(untrained_bundle_dir), "--batch", "1,4", "--frames", "8",
+                            "--threads", "1", "--frame-size", "128x96", "--json", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(out.read_text())
+    cols = {c["name"]: c for c in rep["columns"]}
+    assert list(cols) == ["pytorch-eager", "onnxruntime-fp32", "onnxruntime-int8", "tensorrt"]
+    eager, fp32 = cols["pytorch-eager"], cols["onnxruntime-fp32"]
+    assert eager["status"] == fp32["status"] == "ok" and "torch" in eager["describe"]
+    assert cols["onnxruntime-int8"]["status"] == "not run" and "--precision int8" in cols["onnxruntime-int8"]["reason"]
+    tensorrt = cols["tensorrt"]
+    assert tensorrt["status"] == "not run" and tensorrt["reason"]
+    for res in eager["results"]:
+        assert res["vs_eager"] == 1.0
+    for res, base in zip(fp32["results"], eager["results"], strict=True):
+        assert res["vs_eager"] == pytest.approx(res["images_per_s"] / base["images_per_s"])
+        assert set(res["stages_ms"]) >= {"preprocess", "upload", "mapping", "classifier", "detectors", "download"}
+    # the same inputs through PyTorch and the FP32 engines: the same decisions
+    assert fp32["agreement"]["against"] == "pytorch-eager"
+    assert fp32["agreement"]["labels"] == 1.0 and fp32["agreement"]["flags"] == 1.0
+    assert rep["flops"]["per_input"] > 0 and rep["peak"]["gflops"] > 0 and 0 < rep["best_peak_share"]["peak_share"]
+    # the table and the lines for what did not run
+    assert "PyTorch eager" in r.stdout and "ONNX Runtime FP32" in r.stdout and "% peak" in r.stdout
+    assert "ONNX Runtime INT8: no INT8 engine directory given" in r.stdout
+    assert "TensorRT FP16:" in r.stdout
+
+
+def test_camera_rate_run(engine_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "stream.json"
+    r = runner.invoke(APP, ["bench", str(engine_dir), "--camera-rate", "--seconds", "1.5", "--fps", "10", "--window", "0.5",
+                            "--frame-size", "80x60", "--threads", "1", "--json", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(out.read_text())
+    assert rep["frames_judged"] >= 1 and rep["source"]["fps"] == 10 and rep["source"]["frame_size"] == [60, 80]
+    assert {"p50", "p99", "max"} <= set(rep["latency_ms"]) and rep["windows"]
+    assert "sustained" in r.stdout and "dropped" in r.stdout
+
+
+def test_a_bundle_the_engines_were_not_built_from_is_refused(engine_dir: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    raw = {"format": "ism-edge-bundle", "format_version": 1, "config": {}, "class_names": [], "weights": {}}
+    (other / "manifest.json").write_text(json.dumps(raw))
+    line = one_error_line(runner.invoke(APP, ["bench", str(engine_dir), "--bundle", str(other)]))
+    assert str(other) in line and "ism-edge build" in line
+
+
+def test_a_missing_engine_directory_is_one_error_line(tmp_path: Path) -> None:
+    line = one_error_line(runner.invoke(APP, ["bench", str(tmp_path / "nowhere")]))
+    assert "nowhere" in line
+
+
+def test_bad_options(engine_dir: Path) -> None:
+    r = runner.invoke(APP, ["bench", str(engine_dir), "--tile-grid", "2x2"])
+    assert r.exit_code == 2 and "--mode tile" in r.stderr
+    r = runner.invoke(APP, ["bench", str(engine_dir), "--batch", "0,4"])
+    assert r.exit_code == 2 and ">= 1" in r.stderr
