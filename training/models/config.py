@@ -65,6 +65,21 @@ class ModelConfig:
         return cls(**kw)
 
 
+# CelebA-style inputs: a binary attribute, wider latent code (256, k = 64).
+_CELEBA = ModelConfig(
+    image_size=64,
+    num_classes=2,
+    clf_widths=(64, 128, 64, 32),
+    clf_dense=512,
+    map_widths=(32, 64, 128, 128),
+    latent_dim=256,
+    sparsity_k=64,
+    pert_widths=(16, 32, 64),
+    disc_widths=(32, 64, 128),
+    mean=CELEBA_MEAN,
+    std=CELEBA_STD,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     # The paper's sizes at 32×32 (Tables 1 and 2).
     "paper": ModelConfig(),
@@ -79,32 +94,8 @@ PRESETS: dict[str, ModelConfig] = {
         disc_widths=(16, 32, 64),
     ),
     # CelebA-style inputs (binary attribute by default).
-    "celeba64": ModelConfig(
-        image_size=64,
-        num_classes=2,
-        clf_widths=(64, 128, 64, 32),
-        clf_dense=512,
-        map_widths=(32, 64, 128, 128),
-        latent_dim=256,
-        sparsity_k=64,
-        pert_widths=(16, 32, 64),
-        disc_widths=(32, 64, 128),
-        mean=CELEBA_MEAN,
-        std=CELEBA_STD,
-    ),
-    "celeba128": ModelConfig(
-        image_size=128,
-        num_classes=2,
-        clf_widths=(64, 128, 64, 32),
-        clf_dense=512,
-        map_widths=(32, 64, 128, 128),
-        latent_dim=256,
-        sparsity_k=64,
-        pert_widths=(16, 32, 64),
-        disc_widths=(32, 64, 128),
-        mean=CELEBA_MEAN,
-        std=CELEBA_STD,
-    ),
+    "celeba64": _CELEBA,
+    "celeba128": replace(_CELEBA, image_size=128),
 }
 
 
