@@ -33,8 +33,8 @@ else
 fi
 ism-edge build "$BUNDLE" --out "$OUT/engines" --backend onnxruntime --precision fp32
 
-step "4/5 make a 640x480 test video from real photos; frames 10-19, 40-49, 70-79 attacked with PGD"
-python scripts/make_attack_video.py --bundle "$BUNDLE" --photos data/samples/photos --out "$OUT/video" --frames 90
+step "4/5 make a 640x480 test video from real photos; frames 10-19, 40-49, 70-79 attacked with PGD at eps 8/255, 0.1, 0.3"
+python scripts/make_attack_video.py --bundle "$BUNDLE" --photos data/samples/photos --out "$OUT/video" --frames 90 --eps 8/255,0.1,0.3
 
 step "5/5 filter it with the torch-free runtime (ism-edge run, ONNX Runtime on the CPU)"
 video=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['video'])" "$OUT/video/truth.json")
