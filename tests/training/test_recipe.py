@@ -21,7 +21,7 @@ from training.recipe.stages import defense_scores  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def test_data():
+def heldout():
     return load_dataset([CIFAR_TEST])
 
 
@@ -31,22 +31,22 @@ def _accuracy(net: torch.nn.Module, data) -> float:
     return clean_accuracy(net, data, torch.device("cpu"))
 
 
-def test_short_training_beats_chance(trained_bundle_dir: Path, test_data) -> None:
+def test_short_training_beats_chance(trained_bundle_dir: Path, heldout) -> None:
     b = DefenseBundle.load(trained_bundle_dir)
     assert set(b.stages) == set(STAGES)
     # 10 classes: chance is 10 %; a minute of training on 1,800 real images clearly beats it.
-    assert _accuracy(b.networks["undefended"], test_data) > 0.25
-    assert _accuracy(b.classifier, test_data) > 0.20
+    assert _accuracy(b.networks["undefended"], heldout) > 0.25
+    assert _accuracy(b.classifier, heldout) > 0.20
 
 
-def test_detectors_flag_large_attacks_far_more_than_clean(trained_bundle_dir: Path, test_data) -> None:
+def test_detectors_flag_large_attacks_far_more_than_clean(trained_bundle_dir: Path, heldout) -> None:
     from training.attacks import PGD
     from training.data.torch_utils import to_tensor
     from training.defense import attack_surrogate
 
     b = DefenseBundle.load(trained_bundle_dir)
-    x = to_tensor(test_data.x[:200])
-    y = torch.from_numpy(test_data.y[:200])
+    x = to_tensor(heldout.x[:200])
+    y = torch.from_numpy(heldout.y[:200])
     x_adv = PGD(attack_surrogate(b), 0.3, steps=5, seed=0)(x, y)
     d = Defense(b)
     with torch.no_grad():
@@ -54,10 +54,10 @@ def test_detectors_flag_large_attacks_far_more_than_clean(trained_bundle_dir: Pa
     assert adv.flagged.float().mean() > clean.flagged.float().mean() + 0.3
 
 
-def test_calibrated_fpr_is_near_target_on_held_out_clean_data(trained_bundle_dir: Path, test_data) -> None:
+def test_calibrated_fpr_is_near_target_on_held_out_clean_data(trained_bundle_dir: Path, heldout) -> None:
     b = DefenseBundle.load(trained_bundle_dir)
     assert b.calibrated and b.target_fpr == 0.01
-    s = defense_scores(Defense(b), test_data, torch.device("cpu"))
+    s = defense_scores(Defense(b), heldout, torch.device("cpu"))
     for k, thr in b.thresholds.items():
         fpr = float((s[k] > thr).mean())
         # 1,017 held-out test images: a 1 % FPR is ~10 ± 3 false positives; calibration used 200 others.
