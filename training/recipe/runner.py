@@ -307,7 +307,7 @@ class RecipeRunner:
             if stage in self._completed:
                 continue
             if stage == "distill" and not self.cfg.distill:
-                b.classifier.load_state_dict(b.networks["teacher"].state_dict())
+                # The adversarial stage already trained the deployed classifier itself.
                 b.stages[stage] = {"skipped": "distillation disabled: the adversarially trained classifier is deployed"}
                 self._completed.append(stage)
                 continue
