@@ -1,8 +1,7 @@
-"""``ism-edge evaluate``: accuracy, detection and FPR of a bundle under FGSM/PGD (SPEC §3)."""
+"""``ism-edge evaluate``: the defense and its baselines under oblivious, known and adaptive attacks (SPEC §3)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -11,18 +10,29 @@ import typer
 from cli._common import cli_errors, parse_eps, parse_list
 
 
+def _names(baselines: list[str], dirs: list[Path]) -> list[str]:
+    """Report labels: the baseline name, with the directory name where two bundles share one."""
+    return [b if baselines.count(b) == 1 else f"{b} ({d.name})" for b, d in zip(baselines, dirs, strict=True)]
+
+
 @cli_errors
 def evaluate(
-    bundle: Annotated[Path, typer.Argument(help="Defense bundle directory (from ism-edge train).")],
+    bundles: Annotated[list[Path], typer.Argument(help="Defense bundle directories (from ism-edge train; baselines with --baseline), evaluated on the same images.")],
     data: Annotated[list[Path], typer.Option("--data", help="Held-out data: CIFAR-10 directory (its test batch is used), .npz file(s), CelebA root, image folder.")],
-    attacks: Annotated[str, typer.Option(help="Comma-separated attacks: fgsm, pgd.")] = "fgsm,pgd",
+    attacks: Annotated[str, typer.Option(help="Comma-separated attacks: fgsm, pgd, square (score-based black-box).")] = "fgsm,pgd",
     eps: Annotated[str, typer.Option(help="Comma-separated L∞ budgets on the [0,1] scale; fractions allowed.")] = "8/255,0.1,0.2,0.3,0.4",
-    threat: Annotated[str, typer.Option(help="Comma-separated threat models: oblivious, known.")] = "oblivious,known",
-    n: Annotated[int, typer.Option(help="Number of test images (a fixed random subset; 0 = all).")] = 1000,
-    pgd_steps: Annotated[int, typer.Option(help="PGD iterations (step size 2.5·ε/steps, random start).")] = 20,
+    threat: Annotated[str, typer.Option(help="Comma-separated threat models: oblivious (crafted on an undefended classifier), known (on the deployed C), adaptive (through the whole defense and its detectors).")] = "oblivious,known,adaptive",
+    n: Annotated[int, typer.Option(help="Number of test images (a fixed random subset, the same for every bundle; 0 = all).")] = 100,
+    pgd_steps: Annotated[int, typer.Option(help="PGD iterations against a classifier (step 2.5·ε/steps, random start).")] = 20,
     pgd_restarts: Annotated[int, typer.Option(help="PGD random restarts.")] = 1,
+    adaptive_steps: Annotated[int, typer.Option(help="Iterations of the adaptive PGD through the defense.")] = 50,
+    adaptive_restarts: Annotated[int, typer.Option(help="Random restarts of the adaptive PGD.")] = 1,
+    adaptive_bpda: Annotated[str, typer.Option(help="Adaptive gradients: none (exact), feedback (BPDA on the feedback rounds) or mapper (BPDA on M).")] = "none",
+    square_queries: Annotated[int, typer.Option(help="Query budget per image of the Square attack.")] = 1000,
+    sanity: Annotated[bool, typer.Option(help="Run the extra cells of the sanity checks (ε = 0, ε = 1, twice the steps).")] = True,
+    crosscheck: Annotated[bool, typer.Option(help="Also run ART's PGD, APGD-CE and APGD-DLR on the same models (needs adversarial-robustness-toolbox).")] = False,
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 200,
-    out: Annotated[Path | None, typer.Option(help="Directory for results.json and results.md (default: BUNDLE-eval next to the bundle).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Directory for results.json/.md/.csv and accuracy_vs_eps.png (default: BUNDLE-eval for one bundle, ./ism-edge-eval for several).")] = None,
     split: Annotated[str, typer.Option(help="Split of a CIFAR-10/CelebA directory: test, train, valid, all.")] = "test",
     kind: Annotated[str, typer.Option(help="Dataset layout: auto, cifar10-pickle, cifar10-binary, npz, celeba, folder.")] = "auto",
     attribute: Annotated[str, typer.Option(help="CelebA binary attribute (must match the bundle's).")] = "Smiling",
@@ -30,13 +40,24 @@ def evaluate(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for the subset and the attacks' random starts.")] = 0,
 ) -> None:
-    """Evaluate a defense bundle: clean accuracy, each detector's FPR, and accuracy / detection /
-    defended accuracy under FGSM and PGD at each ε, per threat model; printed and written as JSON."""
+    """Evaluate defense bundles on the same images: for every threat model, attack and ε, clean
+    accuracy, accuracy under attack, detection rate, FPR on clean data and defended accuracy
+    (flagged or correct), with sanity checks and the paper's claims alongside; written as a
+    Markdown table, CSV, JSON and a plot of accuracy vs ε."""
+    import sys
+
     from ism_edge._io import atomic_write_bytes, atomic_write_json
     from ism_edge.errors import IsmEdgeError
-    from training.bundle import DefenseBundle, bundle_hash
+    from training.bundle import DefenseBundle, bundle_hash, library_versions
     from training.data import load_dataset
-    from training.evaluation import EvalConfig, evaluate_bundle, markdown_table, rich_table
+    from training.evaluation import (
+        EvalConfig,
+        csv_text,
+        evaluate_bundle,
+        markdown_report,
+        plot_accuracy_vs_eps,
+        rich_table,
+    )
     from training.progress import console, make_progress
     from training.recipe.runner import resolve_device
 
@@ -45,22 +66,59 @@ def evaluate(
                          eps=tuple(parse_eps(eps)),
                          threats=tuple(parse_list(threat, ("oblivious", "known", "adaptive"), "--threat")),
                          n=None if n == 0 else n, batch_size=batch_size, pgd_steps=pgd_steps,
-                         pgd_restarts=pgd_restarts, seed=seed)
+                         pgd_restarts=pgd_restarts, adaptive_steps=adaptive_steps, adaptive_restarts=adaptive_restarts,
+                         adaptive_bpda=adaptive_bpda, square_queries=square_queries, sanity=sanity, seed=seed)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    b = DefenseBundle.load(bundle)
-    arrays = load_dataset(data, kind=kind, split=split, image_size=b.config.image_size, attribute=attribute,
+    if crosscheck:
+        from training.evaluation.crosscheck import ART_PACKAGE, art_version
+
+        if art_version() is None:
+            raise IsmEdgeError(f"--crosscheck needs the Adversarial Robustness Toolbox, which is not installed: "
+                               f"pip install {ART_PACKAGE} (or 'ism-edge[eval]'), or drop --crosscheck")
+    loaded = [DefenseBundle.load(b) for b in bundles]
+    first = loaded[0]
+    for path, b in zip(bundles[1:], loaded[1:], strict=True):
+        if tuple(b.class_names) != tuple(first.class_names) or b.config.image_size != first.config.image_size:
+            raise IsmEdgeError(f"{path} was trained on other classes or another image size than {bundles[0]}: "
+                               "evaluate bundles of one dataset together")
+    arrays = load_dataset(data, kind=kind, split=split, image_size=first.config.image_size, attribute=attribute,
                           exact_only=exact_only, seed=seed)
-    if tuple(arrays.class_names) != tuple(b.class_names) and len(arrays.class_names) != len(b.class_names):
-        raise IsmEdgeError(f"the data has {len(arrays.class_names)} classes, the bundle {len(b.class_names)}: "
+    if len(arrays.class_names) != len(first.class_names):
+        raise IsmEdgeError(f"the data has {len(arrays.class_names)} classes, the bundle {len(first.class_names)}: "
                            "evaluate on the dataset the bundle was trained for")
     dev = resolve_device(device)
+    names = _names([b.defense.baseline for b in loaded], list(bundles))
+    results = []
+    checks = []
     with make_progress() as progress:
-        result = evaluate_bundle(b, arrays, cfg, device=dev, progress=progress)
-    result["bundle"] = {"path": str(bundle.resolve()), "sha256": bundle_hash(bundle), "preset": b.preset}
-    console.print(rich_table(result, title=f"{bundle.name}: {cfg.n or result['n']} images, PGD {pgd_steps} steps"))
-    out_dir = out or bundle.with_name(bundle.name + "-eval")
-    atomic_write_json(out_dir / "results.json", result)
-    atomic_write_bytes(out_dir / "results.md", markdown_table(result).encode())
-    typer.echo(f"results written to {out_dir}/results.json and results.md ({result['wall_s']:.0f} s)")
-    _ = json  # results are plain JSON
+        for path, b, name in zip(bundles, loaded, names, strict=True):
+            r = evaluate_bundle(b, arrays, cfg, device=dev, progress=progress, name=name)
+            r["bundle"] = {"path": str(path.resolve()), "sha256": bundle_hash(path), "preset": b.preset,
+                           "baseline": b.defense.baseline}
+            results.append(r)
+            if crosscheck:
+                from training.evaluation.crosscheck import crosscheck as run_crosscheck
+
+                checks.append(run_crosscheck(b, arrays, cfg, device=dev, progress=progress, name=name))
+    title = f"{', '.join(names)}: {results[0]['n']} images"
+    console.print(rich_table(results, title=title))
+    out_dir = out or (bundles[0].with_name(bundles[0].name + "-eval") if len(bundles) == 1 else Path("ism-edge-eval"))
+    command = "ism-edge " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("ism-edge") else None
+    atomic_write_json(out_dir / "results.json", {"bundles": results, "crosscheck": checks or None, "command": command,
+                                                 "versions": library_versions()})
+    report = markdown_report(results, title=f"Evaluation: {title}")
+    if checks:
+        from training.evaluation.crosscheck import crosscheck_markdown
+
+        report += "\n## Cross-check with the Adversarial Robustness Toolbox\n\n" + crosscheck_markdown(checks)
+        atomic_write_bytes(out_dir / "crosscheck.md", crosscheck_markdown(checks).encode())
+    atomic_write_bytes(out_dir / "results.md", report.encode())
+    atomic_write_bytes(out_dir / "results.csv", csv_text(results).encode())
+    plot_accuracy_vs_eps(results, out_dir / "accuracy_vs_eps.png")
+    failed = [f"{r['name']}: {c['name']}" for r in results for c in r["sanity"] if c["passed"] is False]
+    if failed:
+        typer.echo("sanity checks FAILED (the numbers above are not trustworthy where they apply): " + "; ".join(failed), err=True)
+    wall = sum(r["wall_s"] for r in results) + sum(c["wall_s"] for c in checks)
+    typer.echo(f"results written to {out_dir}/: results.md, results.csv, results.json, accuracy_vs_eps.png"
+               f"{', crosscheck.md' if checks else ''} ({wall:.0f} s)")

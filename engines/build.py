@@ -165,6 +165,21 @@ def _gpu_for_tensorrt() -> dict[str, str]:
 # -- graphs -----------------------------------------------------------------------------------
 
 
+def load_deployable(bundle_dir: Path) -> DefenseBundle:
+    """Load a bundle of the full defense; evaluation baselines (``--baseline``) are refused.
+
+    The engines and the runtime implement the full chain (M, C, P, three detectors); a baseline
+    bundle lacks networks or deploys fewer detectors, so compiling it would change what it means.
+    """
+    from training.bundle import DefenseBundle, DefenseSpec
+
+    bundle = DefenseBundle.load(bundle_dir)
+    if bundle.defense != DefenseSpec():
+        raise BundleError(f"{bundle_dir} is the evaluation baseline {bundle.defense.baseline!r}, not the full "
+                          "defense: only full-defense bundles (ism-edge train without --baseline) can be compiled")
+    return bundle
+
+
 def export_graphs(bundle: DefenseBundle, onnx_dir: Path, steps: Steps, *, metadata: dict[str, str]) -> dict[str, dict[str, Path]]:
     """Export the FP32 graphs to ``onnx_dir`` and convert each to FP16; ``{precision: {role: path}}``."""
     from engines.export import graph_modules, onnx_from_module
@@ -232,14 +247,13 @@ def export_bundle(
     from engines.samples import real_samples
     from ism_edge._io import atomic_write_json
     from ism_edge.compat import bundle_sha256
-    from training.bundle import DefenseBundle
 
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     _check_out_dir(out_dir, bundle_dir, marker=EXPORT_REPORT)
     steps = Steps(on_step)
     started = time.perf_counter()
     with steps("load bundle"):
-        bundle = DefenseBundle.load(bundle_dir)
+        bundle = load_deployable(bundle_dir)
         digest = bundle_sha256(bundle_dir)
     cfg = bundle.config
     input_shape = (cfg.channels, cfg.image_size, cfg.image_size)
@@ -318,7 +332,6 @@ def build_engines(
     from engines import ort_build, parity
     from engines.samples import real_samples
     from ism_edge.compat import bundle_sha256
-    from training.bundle import DefenseBundle
 
     backend = resolve_backend(backend)
     batch = (int(batch[0]), int(batch[1]), int(batch[2]))
@@ -330,7 +343,7 @@ def build_engines(
     gpu = _gpu_for_tensorrt() if backend == "tensorrt" else None
 
     with steps("load bundle"):
-        bundle = DefenseBundle.load(bundle_dir)
+        bundle = load_deployable(bundle_dir)
         missing = [s for s in parity.SCORES if s not in bundle.thresholds]
         if missing:
             raise BundleError(

@@ -22,7 +22,7 @@ ism-edge train --preset small --data data/samples/cifar10/train.npz --out "$OUT/
 
 step "2/5 evaluate it on 300 real CIFAR-10 test images (FGSM/PGD, oblivious and known-classifier threat models)"
 ism-edge evaluate "$OUT/bundle" --data data/samples/cifar10/test.npz --n 300 --eps 8/255,0.1,0.3 \
-    --pgd-steps 10 --device cpu --out "$OUT/eval"
+    --threat oblivious,known --pgd-steps 10 --device cpu --out "$OUT/eval"
 
 if [ -f "$SHIPPED/manifest.json" ]; then
     BUNDLE="$SHIPPED"

@@ -9,6 +9,11 @@ The single artifact that export and evaluation consume (SPEC §2). Layout::
       perturbation.safetensors perturbation classifier P
       discriminator.safetensors, teacher.safetensors   (kept for fine-tuning; optional)
       undefended.safetensors   plain classifier: the oblivious threat model's source (optional)
+
+The manifest's ``defense`` field says which parts of the defense the bundle deploys (the
+evaluation's baselines: no defense, MagNet, adversarial training alone, distillation alone, the
+full defense); a manifest without it deploys the full defense. Networks a bundle does not deploy
+need not be in it.
 """
 
 from __future__ import annotations
@@ -26,14 +31,81 @@ from torch import nn
 
 from ism_edge._io import atomic_directory, atomic_write_json, sha256_file
 from ism_edge.errors import BundleError
-from training.models import Classifier, Discriminator, MappingNetwork, ModelConfig, PerturbationClassifier
+from training.models import (
+    Classifier,
+    Discriminator,
+    MappingNetwork,
+    ModelConfig,
+    PerturbationClassifier,
+)
 
 BUNDLE_FORMAT = "ism-edge-bundle"
 BUNDLE_FORMAT_VERSION = 1
-REQUIRED = ("classifier", "mapper", "perturbation")
+REQUIRED = ("classifier", "mapper", "perturbation")  # of the full defense; see DefenseSpec.required_networks
 OPTIONAL = ("discriminator", "teacher", "undefended")
 DEFAULT_TEMPERATURES = {"train": 20.0, "deploy": 1.0, "detector": 10.0}
 SCORES = ("recon_error", "jsd", "p_score")
+BASELINES = ("none", "magnet", "adv-only", "distill-only", "full")
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    """Which parts of the defense a bundle deploys (its manifest's ``defense`` field).
+
+    ``reformer``: the label is argmax C(x̂) with x̂ = M(x) (else argmax C(x)); ``detectors``: the
+    scores (a subset of :data:`SCORES`) that can flag an input; the others never flag.
+    ``baseline`` names the recipe that trained it (one of :data:`BASELINES`, or ``"custom"``).
+    The default is the full defense, which is what a manifest without the field means.
+    """
+
+    baseline: str = "full"
+    reformer: bool = True
+    detectors: tuple[str, ...] = SCORES
+
+    def __post_init__(self) -> None:
+        if self.baseline not in (*BASELINES, "custom"):
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)} or custom, got {self.baseline!r}")
+        if not isinstance(self.reformer, bool):
+            raise ValueError(f"reformer must be true or false, got {self.reformer!r}")
+        bad = [d for d in self.detectors if d not in SCORES]
+        if bad or len(set(self.detectors)) != len(self.detectors):
+            raise ValueError(f"detectors must be distinct entries of {', '.join(SCORES)}, got {list(self.detectors)}")
+        object.__setattr__(self, "detectors", tuple(s for s in SCORES if s in self.detectors))
+
+    @classmethod
+    def for_baseline(cls, name: str) -> DefenseSpec:
+        """The deployed parts of a named baseline (see ``training.recipe.config.BASELINE_HELP``)."""
+        if name not in BASELINES:
+            raise ValueError(f"unknown baseline {name!r}: choose one of {', '.join(BASELINES)}")
+        if name == "full":
+            return cls()
+        if name == "magnet":
+            return cls("magnet", True, ("recon_error", "jsd"))
+        return cls(name, False, ())
+
+    @property
+    def needs_mapper(self) -> bool:
+        return self.reformer or "recon_error" in self.detectors or "jsd" in self.detectors
+
+    @property
+    def needs_perturbation(self) -> bool:
+        return "p_score" in self.detectors
+
+    def required_networks(self) -> tuple[str, ...]:
+        """Networks a bundle with this spec must hold."""
+        return ("classifier",) + (("mapper",) if self.needs_mapper else ()) + (("perturbation",) if self.needs_perturbation else ())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"baseline": self.baseline, "reformer": self.reformer, "detectors": list(self.detectors)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> DefenseSpec:
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise ValueError(f"expected an object with baseline, reformer and detectors, got {type(d).__name__}")
+        return cls(baseline=str(d.get("baseline", "custom")), reformer=d.get("reformer", True),
+                   detectors=tuple(d.get("detectors", SCORES)))
 
 
 def library_versions() -> dict[str, str]:
@@ -85,6 +157,7 @@ class DefenseBundle:
     calibration: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     stages: dict[str, Any] = field(default_factory=dict)  # per-stage metrics and status
+    defense: DefenseSpec = field(default_factory=DefenseSpec)  # which parts are deployed
 
     @classmethod
     def create(cls, cfg: ModelConfig, class_names: tuple[str, ...] | list[str], preset: str = "custom") -> DefenseBundle:
@@ -107,7 +180,8 @@ class DefenseBundle:
 
     @property
     def calibrated(self) -> bool:
-        return all(s in self.thresholds for s in SCORES)
+        """Every deployed detector has a threshold (vacuously true for a bundle without detectors)."""
+        return all(s in self.thresholds for s in self.defense.detectors)
 
     def to(self, device: torch.device | str) -> DefenseBundle:
         for m in self.networks.values():
@@ -135,6 +209,7 @@ class DefenseBundle:
             "target_fpr": self.target_fpr,
             "feedback_rounds": self.feedback_rounds,
             "label_source": self.label_source,
+            "defense": self.defense.to_dict(),
             "calibration": self.calibration,
             "stages": self.stages,
             "provenance": self.provenance,
@@ -169,9 +244,13 @@ class DefenseBundle:
             cfg = ModelConfig.from_dict(raw["config"])
         except (TypeError, ValueError) as e:
             raise BundleError(f"{directory}/manifest.json has an invalid model config: {e}") from None
+        try:
+            spec = DefenseSpec.from_dict(raw.get("defense"))
+        except ValueError as e:
+            raise BundleError(f"{directory}/manifest.json has an invalid 'defense' field: {e}") from None
         nets = build_networks(cfg)
         weights = raw.get("weights", {})
-        missing = [n for n in REQUIRED if n not in weights]
+        missing = [n for n in spec.required_networks() if n not in weights]
         if missing:
             raise BundleError(f"{directory} has no weights for {', '.join(missing)}: it is incomplete; retrain or copy it again")
         loaded: dict[str, nn.Module] = {}
@@ -203,6 +282,7 @@ class DefenseBundle:
             calibration=raw.get("calibration", {}),
             provenance=raw.get("provenance", {}),
             stages=raw.get("stages", {}),
+            defense=spec,
         )
         return b.eval()
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 pytest.importorskip("torch")
 
 from cli.main import app, expand_multi_value  # noqa: E402
-from tests.conftest import CIFAR_TEST  # noqa: E402
+from tests.conftest import CIFAR_TEST, CIFAR_TRAIN  # noqa: E402
 
 runner = CliRunner()
 
@@ -51,11 +51,64 @@ def test_bad_eps_is_a_usage_error(tmp_path: Path, trained_bundle_dir: Path) -> N
 def test_evaluate_writes_table_and_json(tmp_path: Path, trained_bundle_dir: Path) -> None:
     out = tmp_path / "eval"
     r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), "--data", str(CIFAR_TEST), "--n", "40",
-                            "--eps", "8/255", "--attacks", "fgsm", "--threat", "known", "--out", str(out), "--device", "cpu"])
+                            "--eps", "8/255", "--attacks", "fgsm", "--threat", "known", "--no-sanity",
+                            "--out", str(out), "--device", "cpu"])
     assert r.exit_code == 0, r.output + r.stderr
     res = json.loads((out / "results.json").read_text())
-    assert res["n"] == 40 and len(res["cells"]) == 1 and res["bundle"]["sha256"]
-    assert "| known | fgsm | 8/255 |" in (out / "results.md").read_text()
+    (b,) = res["bundles"]
+    assert b["n"] == 40 and len(b["cells"]) == 1 and b["bundle"]["sha256"] and not b["sanity_cells"]
+    assert "| full | known | fgsm | 8/255 |" in (out / "results.md").read_text()
+
+
+def test_baseline_option_is_checked(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["train", "--data", str(CIFAR_TRAIN), "--out", str(tmp_path / "b"), "--baseline", "nope"])
+    assert r.exit_code == 2 and "--baseline must be one of none, magnet" in r.output + r.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_train_a_baseline_and_evaluate_it_next_to_the_defense(tmp_path: Path, trained_bundle_dir: Path) -> None:
+    none = tmp_path / "none"
+    r = runner.invoke(app, ["train", "--data", str(CIFAR_TRAIN), "--out", str(none), "--baseline", "none", "--limit", "200",
+                            "--epochs", "1", "--device", "cpu"])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "baseline 'none' bundle written" in r.output
+    out = tmp_path / "eval"
+    r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), str(none), "--data", str(CIFAR_TEST), "--n", "20",
+                            "--eps", "0.3", "--attacks", "fgsm,pgd", "--threat", "oblivious,adaptive", "--pgd-steps", "3",
+                            "--adaptive-steps", "3", "--no-sanity", "--out", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output + r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert [b["name"] for b in res["bundles"]] == ["full", "none"]
+    md = (out / "results.md").read_text()
+    for row in ("| full | oblivious | pgd | 0.3 |", "| none | adaptive | pgd | 0.3 |"):
+        assert row in md
+    assert "37.4 |" in md and "89.4 |" in md  # the paper's claims for no defense and the defense at 0.3
+    lines = (out / "results.csv").read_text().splitlines()
+    assert lines[0].startswith("defense,baseline,dataset,threat") and len(lines) == 1 + 2 * 4
+    assert (out / "accuracy_vs_eps.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_crosscheck_without_art_is_one_clear_line(tmp_path: Path, trained_bundle_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("training.evaluation.crosscheck.art_version", lambda: None)
+    r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), "--data", str(CIFAR_TEST), "--crosscheck",
+                            "--out", str(tmp_path / "eval")])
+    assert "pip install adversarial-robustness-toolbox" in _one_error_line(r)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_crosscheck_with_art(tmp_path: Path, trained_bundle_dir: Path) -> None:
+    pytest.importorskip("art", reason="the ART cross-check needs adversarial-robustness-toolbox")
+    out = tmp_path / "eval"
+    r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), "--data", str(CIFAR_TEST), "--n", "8",
+                            "--eps", "0.1", "--attacks", "fgsm", "--threat", "known", "--pgd-steps", "3",
+                            "--adaptive-steps", "2", "--no-sanity", "--crosscheck", "--out", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output + r.stderr
+    (check,) = json.loads((out / "results.json").read_text())["crosscheck"]
+    assert [row["target"] for row in check["rows"]] == ["undefended C", "deployed C (logits/T)", "defense label C(M(x))"]
+    for row in check["rows"]:
+        assert {"ours_pgd", "art_pgd", "art_apgd_ce", "art_apgd_dlr"} <= set(row)
+    assert "ART PGD %" in (out / "crosscheck.md").read_text()
 
 
 def test_data_option_takes_several_values() -> None:

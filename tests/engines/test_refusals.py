@@ -123,3 +123,18 @@ def test_bundle_hash_without_torch_matches_training(untrained_bundle_dir: Path) 
     code = "import sys, ism_edge.compat, engines, engines.build; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("command", ["build", "export"])
+def test_baseline_bundle_is_refused(command: str, untrained_bundle_dir: Path, tmp_path: Path) -> None:
+    """An evaluation baseline (here MagNet: no P, two detectors) is not the chain the engines implement."""
+    import shutil
+
+    bundle = tmp_path / "magnet"
+    shutil.copytree(untrained_bundle_dir, bundle)
+    _edit_manifest(bundle, lambda raw: raw.update(defense={"baseline": "magnet", "reformer": True,
+                                                           "detectors": ["recon_error", "jsd"]}))
+    run = invoke(command, str(bundle), "--out", str(tmp_path / "out"))
+    assert run.exit_code != 0
+    assert "evaluation baseline 'magnet'" in _one_line_error(run.output)
+    assert not (tmp_path / "out").exists()

@@ -287,7 +287,7 @@ def test_bpda_is_exact_forward_and_identity_backward():
 def feedback_defense(bundle) -> Defense:
     """The defense with a reconstruction threshold so low that every input gets 2 feedback rounds."""
     d = Defense(bundle, feedback_rounds=2).eval()
-    d.thresholds = {**d.thresholds, "recon_error": 1e-9}
+    d.feedback_threshold = 1e-9
     return d
 
 
@@ -362,3 +362,14 @@ def test_adaptive_attack_without_thresholds_attacks_the_classifier(bundle, batch
         clean, adv = d(x), d(x_adv)
     assert not adv.flagged.any()
     assert (adv.label == y).float().mean() < (clean.label == y).float().mean()
+
+
+def test_adaptive_attack_started_from_smaller_budget_examples_is_never_weaker(defense, batch):
+    """Nested budgets: a run at 4ε started from the ε examples keeps every input they got through."""
+    x, y = batch
+    small = AdaptiveAttack(defense, EPS, steps=10, seed=0)(x, y)
+    big = AdaptiveAttack(defense, 4 * EPS, steps=2, seed=0)(x, y, start=small)
+    assert (big - x).abs().max().item() <= 4 * EPS + 1e-6
+    assert _defended(defense, big, y) <= _defended(defense, small, y)
+    with pytest.raises(ValueError, match="start must be a tensor shaped like x"):
+        AdaptiveAttack(defense, EPS, steps=1)(x, y, start=small[:2])

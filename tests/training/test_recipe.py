@@ -123,6 +123,15 @@ def test_resume_with_other_options_is_refused(tmp_path: Path) -> None:
         train_bundle(TrainRequest(recipe=RecipeConfig(epochs_classifier=2, adv_ratio=0.0), resume=True, **base), echo=lambda _m: None)
 
 
+def test_resume_with_other_stages_is_refused(tmp_path: Path) -> None:
+    """A run of --stages undefended cannot be resumed as the full recipe (it would redo stages silently)."""
+    out = tmp_path / "b"
+    base = dict(data=[CIFAR_TRAIN], out=out, device="cpu", limit=300, recipe=RecipeConfig(epochs_classifier=1, adv_ratio=0.0))
+    train_bundle(TrainRequest(stages=["undefended"], **base), echo=lambda _m: None)
+    with pytest.raises(IsmEdgeError, match="--stages undefended --resume"):
+        train_bundle(TrainRequest(stages=list(STAGES), resume=True, **base), echo=lambda _m: None)
+
+
 def test_same_seed_same_weights(tmp_path: Path) -> None:
     recipe = RecipeConfig(epochs_classifier=1, batch_size=128, adv_ratio=0.5, adv_attack="fgsm")
     outs = []

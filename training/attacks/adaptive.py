@@ -76,7 +76,7 @@ class AdaptiveAttack(Attack):
 
     Each step ascends, per sample,
     ``L(logits, y) − lam · Σ_s relu((score_s − thr_s)/thr_s + margin)`` over the scores
-    s ∈ {recon_error, jsd, p_score} and their calibrated thresholds, where ``logits`` are the
+    deployed scores s ⊆ {recon_error, jsd, p_score} and their calibrated thresholds, where ``logits`` are the
     defense's label logits (C(x̂), or C(x) for unflagged inputs with ``label_source="auto"``).
     ``loss="margin"`` (default) is Carlini & Wagner's objective min(max_{j≠y} z_j − z_y, 0): it
     stops pulling once the sample is misclassified, leaving the step to the detector term, and
@@ -138,8 +138,13 @@ class AdaptiveAttack(Attack):
             raise ValueError(f"restarts={restarts} needs random_start=True (without it every restart is the same run)")
         self.random_start = random_start
         self.seed = check_seed(seed)
+        self._start: Tensor | None = None  # set by __call__(..., start=)
+        # Evade every detector the defense deploys (all three for the full defense; a baseline's
+        # spec may deploy fewer) — and none when they are not all calibrated (nothing is flagged).
         thresholds = defense.thresholds
-        self.thresholds = {s: float(thresholds[s]) for s in SCORES} if all(s in thresholds for s in SCORES) else {}
+        deployed = tuple(getattr(defense, "detectors", SCORES))
+        self.thresholds = ({s: float(thresholds[s]) for s in deployed}
+                           if deployed and all(s in thresholds for s in deployed) else {})
         bad = {s: t for s, t in self.thresholds.items() if not t > 0}
         if bad:
             raise ValueError(f"detector thresholds must be > 0 to be evaded, got {bad}: calibrate the bundle first")
@@ -170,6 +175,24 @@ class AdaptiveAttack(Attack):
             loss = loss - self.lam * excess
         return loss
 
+    def __call__(self, x: Tensor, y: Tensor, *, start: Tensor | None = None) -> Tensor:
+        """Adversarial examples for ``(x, y)``.
+
+        ``start``: adversarial examples already found for the same inputs — typically at a smaller
+        ε, whose ball lies inside this one. One extra run starts from them (projected into this
+        ε-ball) before the random restarts, and its iterates are kept like any other, so a larger
+        budget never ends weaker than a smaller one: with sign steps of 2.5·ε/steps, runs from a
+        random start at a large ε can stay flagged throughout where a small ε succeeds.
+        """
+        if start is not None and (not isinstance(start, Tensor) or start.shape != x.shape):
+            got = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
+            raise ValueError(f"start must be a tensor shaped like x {tuple(x.shape)}, got {got}")
+        self._start = start
+        try:
+            return super().__call__(x, y)
+        finally:
+            self._start = None
+
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         gen = make_generator(self.seed, x.device)
         best = x.clone()
@@ -182,8 +205,14 @@ class AdaptiveAttack(Attack):
             best.copy_(torch.where(take.view(-1, 1, 1, 1), cand.detach(), best))
             rank.copy_(torch.where(take, new, rank))
 
-        for _ in range(self.restarts):
-            x_adv = random_start(x, self.eps, gen) if self.random_start else x.clone()
+        start = self._start
+        runs: list[Tensor | None] = [project(start.detach().to(x), x, self.eps)] if start is not None else []
+        runs += [None] * self.restarts
+        for first in runs:
+            if first is not None:
+                x_adv = first
+            else:
+                x_adv = random_start(x, self.eps, gen) if self.random_start else x.clone()
             for _ in range(self.steps):
                 x_adv.requires_grad_(True)
                 out = self._forward(x_adv)

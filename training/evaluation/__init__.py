@@ -1,6 +1,38 @@
-"""Honest evaluation of a defense bundle (SPEC §3)."""
+"""Honest evaluation of a defense bundle and its baselines (SPEC §3)."""
 
-from training.evaluation.protocol import DEFAULT_EPS, EvalConfig, ThreatModel, evaluate_bundle
-from training.evaluation.report import markdown_table, rich_table
+from training.evaluation.claims import CLAIMS, claim_for
+from training.evaluation.protocol import (
+    DEFAULT_EPS,
+    Cell,
+    DefenseAdaptiveAttack,
+    EvalConfig,
+    ThreatModel,
+    evaluate_bundle,
+    plan_cells,
+)
+from training.evaluation.report import (
+    csv_text,
+    markdown_report,
+    markdown_table,
+    plot_accuracy_vs_eps,
+    rich_table,
+)
+from training.evaluation.sanity import sanity_checks
 
-__all__ = ["DEFAULT_EPS", "EvalConfig", "ThreatModel", "evaluate_bundle", "markdown_table", "rich_table"]
+__all__ = [
+    "CLAIMS",
+    "DEFAULT_EPS",
+    "Cell",
+    "DefenseAdaptiveAttack",
+    "EvalConfig",
+    "ThreatModel",
+    "claim_for",
+    "csv_text",
+    "evaluate_bundle",
+    "markdown_report",
+    "markdown_table",
+    "plan_cells",
+    "plot_accuracy_vs_eps",
+    "rich_table",
+    "sanity_checks",
+]

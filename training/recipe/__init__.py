@@ -1,6 +1,14 @@
 """The training recipe of SPEC §2: adversarial training, distillation, M, P, calibration."""
 
-from training.recipe.config import STAGE_HELP, STAGES, RecipeConfig
+from training.recipe.config import (
+           BASELINE_HELP,
+           BASELINE_STAGES,
+           STAGE_HELP,
+           STAGES,
+           RecipeConfig,
+           baseline_stages,
+)
 from training.recipe.runner import TrainRequest, train_bundle
 
-__all__ = ["STAGES", "STAGE_HELP", "RecipeConfig", "TrainRequest", "train_bundle"]
+__all__ = ["BASELINE_HELP", "BASELINE_STAGES", "STAGES", "STAGE_HELP", "RecipeConfig", "TrainRequest",
+           "baseline_stages", "train_bundle"]

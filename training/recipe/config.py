@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
+
+from training.bundle import BASELINES
 
 STAGES = ("undefended", "adversarial", "distill", "mapper", "perturbation", "calibrate")
 STAGE_HELP = {
@@ -14,6 +16,26 @@ STAGE_HELP = {
     "perturbation": "perturbation classifier P on residuals x - M(x), clean vs attacked",
     "calibrate": "detector thresholds at the target false-positive rate on held-out clean data",
 }
+
+BASELINE_HELP = {
+    "none": "no defense: the undefended classifier deployed alone",
+    "magnet": "MagNet (Meng & Chen 2017): the undefended classifier, a plain autoencoder reformer "
+              "(M without k-sparsity, discriminator, guided or adversarial-pair terms) trained on noisy clean "
+              "images, reconstruction and JSD detectors",
+    "adv-only": "adversarial training alone: C trained on clean + FGSM/PGD examples at T = 1; no reformer, no detectors",
+    "distill-only": "defensive distillation alone (Papernot et al. 2016): teacher and student at T, no adversarial "
+                    "examples; no reformer, no detectors",
+    "full": "the full defense: adversarial training, distillation, the instance sparsity mapping network, P, three detectors",
+}
+BASELINE_STAGES = {
+    "none": ("undefended",),
+    "magnet": ("undefended", "mapper", "calibrate"),
+    "adv-only": ("undefended", "adversarial", "distill"),
+    "distill-only": ("undefended", "adversarial", "distill"),
+    "full": STAGES,
+}
+# MagNet's denoising-autoencoder input noise for CIFAR-10 (Gaussian std on [0, 1] pixels).
+MAGNET_NOISE = 0.025
 
 
 @dataclass(frozen=True)
@@ -26,6 +48,11 @@ class RecipeConfig:
     "fgsm", "pgd" or "mixed" (half the batches each). ``temperature`` is the distillation
     temperature T (paper: defensive distillation; default 20); ``distill=False`` deploys the
     adversarially trained teacher directly. ``detector_temperature`` is MagNet's JSD temperature.
+
+    ``baseline`` names what the recipe trains (:data:`BASELINE_HELP`); build a baseline's config
+    with :meth:`for_baseline`, which sets the flags it implies (``adv_ratio``, ``distill`` and the
+    mapping network's terms). ``map_pairs=False`` trains M on clean images only (with Gaussian
+    input noise of std ``map_noise``, MagNet's denoising autoencoder) instead of attacked pairs.
     """
 
     epochs_classifier: int = 10
@@ -46,6 +73,8 @@ class RecipeConfig:
     map_l1: float = 1e-4  # L1 penalty on the sparse code
     map_adv: float = 1e-3  # generator loss from the discriminator
     map_cls: float = 0.5  # classifier-guided term: KL(C(M(x')) || C(x)) (HGD-style, Liao et al. 2018)
+    map_pairs: bool = True  # train M on (attacked, clean) pairs as well as clean ones (paper Eq. 3)
+    map_noise: float = 0.0  # std of Gaussian noise on M's clean inputs (MagNet: 0.025 on CIFAR-10)
     # Adversarial pool of stages 3-4 (M and P): attack types and ε levels, crafted once against C.
     pert_attacks: tuple[str, ...] = ("fgsm", "pgd")
     pert_eps: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255, 0.1, 0.2, 0.3, 0.4)
@@ -54,6 +83,7 @@ class RecipeConfig:
     calib_fraction: float = 0.1
     feedback_rounds: int = 0
     seed: int = 0
+    baseline: str = "full"
 
     def __post_init__(self) -> None:
         for name in ("epochs_classifier", "epochs_mapper", "epochs_perturbation"):
@@ -80,6 +110,29 @@ class RecipeConfig:
             raise ValueError("pert_eps must be a non-empty list of values in (0, 1]")
         if self.feedback_rounds < 0:
             raise ValueError("feedback_rounds must be >= 0")
+        if not 0.0 <= self.map_noise <= 1.0:
+            raise ValueError(f"map_noise must be in [0, 1], got {self.map_noise}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        if self != self.for_baseline(self.baseline):
+            raise ValueError(f"the options contradict baseline {self.baseline!r} ({BASELINE_HELP[self.baseline]}): "
+                             f"build the config with RecipeConfig.for_baseline")
+
+    def for_baseline(self, name: str) -> RecipeConfig:
+        """This config with the flags baseline ``name`` implies; other options are kept."""
+        if name not in BASELINES:
+            raise ValueError(f"unknown baseline {name!r}: choose one of {', '.join(BASELINES)}")
+        flags: dict[str, Any] = {"baseline": name}
+        if name in ("none", "magnet", "distill-only"):
+            flags["adv_ratio"] = 0.0
+        if name in ("none", "magnet", "adv-only"):
+            flags["distill"] = False
+        if name == "magnet":
+            flags.update(map_pairs=False, map_l1=0.0, map_adv=0.0, map_cls=0.0,
+                         map_noise=self.map_noise if self.baseline == "magnet" else MAGNET_NOISE)
+        if all(getattr(self, k) == v for k, v in flags.items()):
+            return self
+        return replace(self, **flags)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -88,3 +141,10 @@ class RecipeConfig:
     def from_dict(cls, d: dict[str, Any]) -> RecipeConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+
+
+def baseline_stages(name: str) -> tuple[str, ...]:
+    """The recipe stages that train baseline ``name``, in recipe order."""
+    if name not in BASELINE_STAGES:
+        raise ValueError(f"unknown baseline {name!r}: choose one of {', '.join(BASELINES)}")
+    return BASELINE_STAGES[name]

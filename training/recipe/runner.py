@@ -13,14 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ism_edge._io import atomic_directory
 from ism_edge.errors import BundleError, IsmEdgeError
-from training.bundle import DefenseBundle, read_bundle_manifest
+from training.bundle import DefenseBundle, DefenseSpec
 from training.data import ImageArrays, load_dataset
 from training.defense import Defense, attack_surrogate
 from training.models import preset as model_preset
 from training.progress import log, make_progress
-from training.recipe.config import STAGES, RecipeConfig
+from training.recipe.config import STAGES, RecipeConfig, baseline_stages
 from training.recipe.stages import (
     EpochContext,
     adversarial_pool,
@@ -116,7 +115,14 @@ class RecipeRunner:
         unknown = [s for s in req.stages if s not in STAGES]
         if unknown:
             raise IsmEdgeError(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}")
-        self.stages = [s for s in STAGES if s in req.stages]
+        allowed = baseline_stages(self.cfg.baseline)
+        if set(req.stages) != set(STAGES):
+            extra = [s for s in req.stages if s not in allowed]
+            if extra:
+                raise IsmEdgeError(f"stage(s) {', '.join(extra)} are not part of baseline {self.cfg.baseline!r} "
+                                   f"(its stages: {', '.join(allowed)})")
+        self.stages = [s for s in STAGES if s in req.stages and s in allowed]
+        self.spec = DefenseSpec.for_baseline(self.cfg.baseline)
         self.ckpt = Checkpointer(Path(req.out))
 
     # -- set-up --------------------------------------------------------------------------
@@ -135,6 +141,9 @@ class RecipeRunner:
         needs_existing = STAGES.index(first) > 0
         if needs_existing and (out / "manifest.json").is_file():
             b = DefenseBundle.load(out)
+            if b.defense.baseline != self.cfg.baseline:
+                raise BundleError(f"{out} was trained as baseline {b.defense.baseline!r}, not {self.cfg.baseline!r}: "
+                                  f"rerun with --baseline {b.defense.baseline} or write to another --out")
             if tuple(b.class_names) != tuple(train.class_names):
                 raise BundleError(f"{out} was trained on classes {list(b.class_names)[:4]}…, the data has "
                                   f"{list(train.class_names)[:4]}…: use the same dataset")
@@ -145,8 +154,11 @@ class RecipeRunner:
             prior = [s for s in STAGES[: STAGES.index(first)] if s not in ("undefended",)]
             raise BundleError(f"stage {first!r} needs a bundle with the earlier stages ({', '.join(prior)}) "
                               f"at {out}: run those stages first (or all stages at once)")
+        overrides = dict(self.req.model_overrides)
+        if self.cfg.baseline == "magnet":  # a plain autoencoder: no k-sparse step
+            overrides["sparsity_k"] = model_preset(self.req.preset).latent_dim
         cfg = model_preset(self.req.preset, num_classes=len(train.class_names), channels=int(train.x.shape[-1]),
-                           **self.req.model_overrides)
+                           **overrides)
         if self.req.preset not in ("celeba64", "celeba128") and train.x.shape[1] != cfg.image_size:
             cfg = replace(cfg, image_size=int(train.x.shape[1]))
         b = DefenseBundle.create(cfg, train.class_names, preset=self.req.preset)
@@ -193,7 +205,7 @@ class RecipeRunner:
                     "heldout_acc_reformed": float((s["label"] == y).mean()),
                     "heldout_acc_raw": float((s["label_raw"] == y).mean())}
 
-        pool = self._pool(b, train) if cfg.epochs_mapper > 0 else None
+        pool = self._pool(b, train) if cfg.epochs_mapper > 0 and cfg.map_pairs else None
         return self._epochs("mapper", cfg.epochs_mapper, [opt_m, opt_d, sched], state, b, train,
                             lambda ctx: mapper_epoch(b.mapper, b.networks["discriminator"], attack_surrogate(b),
                                                      opt_m, opt_d, ctx),
@@ -212,7 +224,7 @@ class RecipeRunner:
         b.feedback_rounds = self.cfg.feedback_rounds
         b.temperatures["detector"] = self.cfg.detector_temperature
         scores = defense_scores(Defense(b, feedback_rounds=0), calib, self.device)
-        b.thresholds = calibrate_thresholds(scores, self.cfg.target_fpr)
+        b.thresholds = calibrate_thresholds(scores, self.cfg.target_fpr, b.defense.detectors)
         b.target_fpr = self.cfg.target_fpr
         fpr = {k: float((scores[k] > v).mean()) for k, v in b.thresholds.items()}
         any_flag = np.zeros(len(calib), dtype=bool)
@@ -231,7 +243,7 @@ class RecipeRunner:
                 after: Callable[[], dict[str, Any]] | None = None, pool: torch.Tensor | None = None) -> dict[str, Any]:
         start_epoch = 0
         if state.get("stage") == stage and "opt" in state:
-            for obj, sd in zip(stateful, state["opt"]):
+            for obj, sd in zip(stateful, state["opt"], strict=True):
                 obj.load_state_dict(sd)
             start_epoch = int(state["epoch"]) + 1
             self.echo(f"{stage}: resuming at epoch {start_epoch + 1}/{epochs}")
@@ -258,6 +270,7 @@ class RecipeRunner:
             "completed": list(self._completed),
             "stages_metrics": b.stages,
             "recipe": self.cfg.to_dict(),
+            "run_stages": list(self.stages),
             "preset": b.preset,
             "model_config": b.config.to_dict(),
             "class_names": list(b.class_names),
@@ -280,9 +293,14 @@ class RecipeRunner:
             if ck is None:
                 self.echo(f"--resume: no checkpoint at {self.ckpt.path}; starting from scratch")
             else:
-                if ck.get("recipe") != self.cfg.to_dict() or ck.get("preset") != b.preset:
+                if not isinstance(ck.get("recipe"), dict) or _recipe_of(ck["recipe"]) != self.cfg or ck.get("preset") != b.preset:
                     raise IsmEdgeError(f"checkpoint {self.ckpt.path} was written with another preset or recipe: "
                                        "rerun with the same options, or delete it and train without --resume")
+                run_stages = ck.get("run_stages")
+                if run_stages is not None and list(run_stages) != self.stages:
+                    # Resuming a --stages run as another would redo (or skip) stages silently.
+                    raise IsmEdgeError(f"checkpoint {self.ckpt.path} was written by a run of stages "
+                                       f"{','.join(run_stages)}: rerun with --stages {','.join(run_stages)} --resume")
                 for n, sd in ck["nets"].items():
                     if n in b.networks:
                         b.networks[n].load_state_dict(sd)
@@ -303,11 +321,12 @@ class RecipeRunner:
                          "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None},
         }
         b.temperatures = {"train": self.cfg.temperature, "deploy": 1.0, "detector": self.cfg.detector_temperature}
+        b.defense = self.spec
         for stage in self.stages:
+            self._deploy_undefended(b)
             if stage in self._completed:
                 continue
             if stage == "distill" and not self.cfg.distill:
-                # The adversarial stage already trained the deployed classifier itself.
                 b.stages[stage] = {"skipped": "distillation disabled: the adversarially trained classifier is deployed"}
                 self._completed.append(stage)
                 continue
@@ -324,12 +343,38 @@ class RecipeRunner:
             metrics["wall_s"] = round(time.perf_counter() - t0, 1)
             b.stages[stage] = metrics
             self._completed.append(stage)
+            self._deploy_undefended(b)
             self._checkpoint(b, stage=None, epoch=-1)
-            b.save(self.req.out)
+            self._save(b)
             self.echo(f"stage {stage} done in {metrics['wall_s']:.0f} s → {self.req.out}")
+        self._deploy_undefended(b)
         b.provenance["wall_s_total"] = round(time.perf_counter() - t_all, 1)
+        return self._save(b)
+
+    def _deploy_undefended(self, b: DefenseBundle) -> None:
+        """Baselines without a defended classifier (none, MagNet) deploy the undefended one."""
+        if self.cfg.baseline in ("none", "magnet") and "undefended" in self._completed:
+            b.classifier.load_state_dict(b.networks["undefended"].state_dict())
+
+    def _save(self, b: DefenseBundle) -> DefenseBundle:
+        """Save the networks the baseline trained (all of them for the full defense)."""
+        keep = set(self.spec.required_networks()) | {"undefended"}
+        if self.cfg.distill:
+            keep.add("teacher")
+        if self.spec.needs_mapper and self.cfg.map_adv > 0:
+            keep.add("discriminator")
+        if self.cfg.baseline != "full":
+            b = replace(b, networks={n: m for n, m in b.networks.items() if n in keep})
         b.save(self.req.out)
         return b
+
+
+def _recipe_of(d: dict[str, Any]) -> RecipeConfig | None:
+    """The recipe a checkpoint was written with (fields added since then take their defaults)."""
+    try:
+        return RecipeConfig.from_dict(d)
+    except (TypeError, ValueError):
+        return None
 
 
 def train_bundle(req: TrainRequest, *, echo: Callable[[str], None] = log) -> DefenseBundle:

@@ -53,6 +53,16 @@ class EpochContext:
             y = torch.from_numpy(self.data.y[idx]).long().to(self.device)
             yield x, self.pool[torch.from_numpy(idx)].to(self.device), y
 
+    def clean_pairs(self) -> Any:
+        """Shuffled (noisy clean, clean, label) batches: MagNet's denoising-autoencoder inputs.
+
+        The noise is Gaussian with std ``cfg.map_noise`` on [0, 1] pixels, clipped to [0, 1].
+        """
+        gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed * 1000 + self.epoch)
+        for x, y in self.batches(augment=False):
+            noise = torch.randn(x.shape, generator=gen).to(x.device) * self.cfg.map_noise
+            yield (x + noise).clamp(0.0, 1.0) if self.cfg.map_noise > 0 else x, x, y
+
     def n_batches(self) -> int:
         return -(-len(self.data) // self.cfg.batch_size)
 
@@ -130,7 +140,9 @@ def mapper_epoch(
     non-saturating generator loss of a discriminator D that tells clean images from M's outputs +
     a classifier-guided term KL(C(x) ‖ C(M(·))) that keeps the reformed image classifiable.
     ``classifier`` should be the attack surrogate (logits / T for a distilled C), so the guided
-    term is not saturated.
+    term is not saturated. Without an adversarial pool (``cfg.map_pairs=False``: the MagNet
+    baseline) the inputs are the clean images with Gaussian noise (:meth:`EpochContext.clean_pairs`);
+    with ``cfg.map_adv = 0`` D is not trained.
     """
     cfg = ctx.cfg
     meter = Meter()
@@ -138,31 +150,37 @@ def mapper_epoch(
     for p in classifier.parameters():
         p.requires_grad_(False)
     try:
-        for x, x_adv, y in track(ctx.progress, ctx.pairs(), ctx.n_batches(), ctx.description, meter):
-            inp = torch.cat([x_adv, x])
-            tgt = torch.cat([x, x])
+        pairs = ctx.pairs() if ctx.pool is not None else ctx.clean_pairs()
+        for x, x_adv, y in track(ctx.progress, pairs, ctx.n_batches(), ctx.description, meter):
+            if ctx.pool is not None:
+                inp, tgt = torch.cat([x_adv, x]), torch.cat([x, x])
+            else:  # x is the noisy input, x_adv the clean target
+                inp, tgt, x = x, x_adv, x_adv
             mapper.train()
-            discriminator.train()
-            # Discriminator step: clean images are real, M's outputs are fake.
-            with torch.no_grad():
-                fake = mapper(inp)
-            d_real = discriminator(x)
-            d_fake = discriminator(fake)
-            d_loss = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) + \
-                F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
+            d_loss = torch.zeros(())
+            if cfg.map_adv > 0:
+                # Discriminator step: clean images are real, M's outputs are fake.
+                discriminator.train()
+                with torch.no_grad():
+                    fake = mapper(inp)
+                d_real = discriminator(x)
+                d_fake = discriminator(fake)
+                d_loss = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) + \
+                    F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                opt_d.step()
             # Mapping-network step.
             out, z = mapper.forward_with_code(inp)
             rec = F.mse_loss(out, tgt)
-            l1 = sparse_l1(z)
-            g = discriminator(out)
-            g_loss = F.binary_cross_entropy_with_logits(g, torch.ones_like(g))
-            loss = rec + cfg.map_l1 * l1 + cfg.map_adv * g_loss
+            loss = rec + cfg.map_l1 * sparse_l1(z)
+            if cfg.map_adv > 0:
+                g = discriminator(out)
+                loss = loss + cfg.map_adv * F.binary_cross_entropy_with_logits(g, torch.ones_like(g))
             if cfg.map_cls > 0:
                 with torch.no_grad():
-                    p_tgt = F.softmax(classifier(tgt), dim=1)
+                    p_clean = F.softmax(classifier(x), dim=1)  # both halves of tgt are x
+                p_tgt = torch.cat([p_clean, p_clean])
                 logits_out = classifier(out)
                 loss = loss + cfg.map_cls * F.kl_div(F.log_softmax(logits_out, dim=1), p_tgt, reduction="batchmean")
             else:
@@ -173,7 +191,8 @@ def mapper_epoch(
             opt_m.step()
             n = x.shape[0]
             acc_adv = (logits_out[:n].argmax(1) == y).float().mean()
-            meter.update(n, loss=loss.item(), rec=rec.item(), d=d_loss.item(), acc_reformed_adv=acc_adv.item())
+            acc_key = "acc_reformed_adv" if ctx.pool is not None else "acc_reformed"
+            meter.update(n, loss=loss.item(), rec=rec.item(), d=d_loss.item(), **{acc_key: acc_adv.item()})
     finally:
         for p in classifier.parameters():
             p.requires_grad_(True)
@@ -191,7 +210,6 @@ def perturbation_epoch(
 
     Every batch is used twice: clean (label 0) and its adversarial-pool version (label 1).
     """
-    cfg = ctx.cfg
     meter = Meter()
     mapper.eval()
     for x, x_adv, _ in track(ctx.progress, ctx.pairs(), ctx.n_batches(), ctx.description, meter):
@@ -245,10 +263,12 @@ def defense_scores(defense: Defense, data: ImageArrays, device: torch.device, ba
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def calibrate_thresholds(scores: dict[str, np.ndarray], target_fpr: float) -> dict[str, float]:
+def calibrate_thresholds(scores: dict[str, np.ndarray], target_fpr: float,
+                         detectors: tuple[str, ...] = ("recon_error", "jsd", "p_score")) -> dict[str, float]:
     """Per-detector threshold = the (1 − target_fpr) quantile of its score on clean data.
 
     A score strictly above the threshold flags the input, so on the calibration data each
-    detector's false-positive rate is at most ``target_fpr`` (MagNet's calibration).
+    detector's false-positive rate is at most ``target_fpr`` (MagNet's calibration). Only the
+    deployed ``detectors`` get a threshold.
     """
-    return {k: float(np.quantile(scores[k], 1.0 - target_fpr, method="higher")) for k in ("recon_error", "jsd", "p_score")}
+    return {k: float(np.quantile(scores[k], 1.0 - target_fpr, method="higher")) for k in detectors}
