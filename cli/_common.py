@@ -5,12 +5,22 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from enum import Enum
 from fractions import Fraction
 from typing import Any, TypeVar
 
 import typer
 
 from ism_edge.errors import IsmEdgeError
+
+
+class Backend(str, Enum):
+    """The --backend choices of build and run."""
+
+    auto = "auto"
+    tensorrt = "tensorrt"
+    onnxruntime = "onnxruntime"
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -9,13 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli._common import cli_errors
-
-
-class Backend(str, Enum):
-    auto = "auto"
-    tensorrt = "tensorrt"
-    onnxruntime = "onnxruntime"
+from cli._common import Backend, cli_errors
 
 
 class Precision(str, Enum):

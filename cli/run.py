@@ -10,17 +10,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli._common import cli_errors
+from cli._common import Backend, cli_errors
 
 if TYPE_CHECKING:
     from ism_edge.pipeline import RunSummary
     from ism_edge.runtime import DefenseRuntime, RuntimeOptions
-
-
-class Backend(str, Enum):
-    auto = "auto"
-    tensorrt = "tensorrt"
-    onnxruntime = "onnxruntime"
+    from ism_edge.sources import FrameSource
 
 
 class Mode(str, Enum):
@@ -93,6 +88,7 @@ def run(
     headless: Annotated[bool, typer.Option("--headless", help="Never open a window.")] = False,
     purified: Annotated[Path | None, typer.Option(help="Also write each frame's purified image (x̂) into this folder.")] = None,
     fps: Annotated[float | None, typer.Option(help="Frame rate of the output video (default: the source's, else 30).", min=0.1)] = None,
+    realtime: Annotated[bool, typer.Option("--realtime", help="Play a video file at its frame rate, like a live camera: frames the defense cannot keep up with are dropped and counted.")] = False,
     queue_size: Annotated[int, typer.Option(help="Frames buffered from a live source (the oldest is dropped beyond it).", min=1)] = 2,
     stall_timeout: Annotated[float, typer.Option(help="Seconds without a frame before the source counts as stalled.", min=0.01)] = 10.0,
     reconnect: Annotated[int, typer.Option(help="Reconnection attempts (exponential backoff) when a live source is lost.", min=0)] = 5,
@@ -144,6 +140,8 @@ def run(
     runtime = load_runtime(engine_dir, options, rebuild_on_mismatch=rebuild_on_mismatch)
     with runtime:
         source = open_source(source_uri)
+        if realtime:
+            source = _paced(source)
         sinks: list[FrameSink] = []
         log_out = None
         try:
@@ -180,6 +178,24 @@ def run(
     if summary.stopped == "interrupted":
         typer.echo("interrupted", err=True)
         raise typer.Exit(130)
+
+
+def _paced(source: FrameSource) -> FrameSource:
+    """``--realtime``: the video file's frames released on its clock (ism_edge.bench.stream.PacedSource)."""
+    from ism_edge.bench.stream import PacedSource
+    from ism_edge.errors import SourceError
+
+    if source.live or source.uri.kind != "video":
+        source.close()
+        raise SourceError(f"--realtime paces a video file; {source.uri} is "
+                          f"{'already live' if source.live else 'not a video'}: drop --realtime")
+    paced = PacedSource(source)
+    try:
+        paced.open()
+    except BaseException:
+        source.close()
+        raise
+    return paced
 
 
 def _status_printer() -> Callable[[RunSummary], None]:

@@ -128,6 +128,12 @@ class FrameSource(abc.ABC):
         return self.uri.live
 
     @property
+    def finite(self) -> bool:
+        """Whether ``None`` from :meth:`read` is the definite end (a file, a folder) rather than
+        a lost live source to reconnect; a file paced like a camera is live *and* finite."""
+        return not self.live
+
+    @property
     def fps(self) -> float | None:
         """Frames per second the source reports, if any."""
         return None
@@ -478,7 +484,7 @@ class FrameReader:
             while not self._stop.is_set():
                 frame = self.source.read()
                 if frame is None:
-                    if not self.source.live:
+                    if self.source.finite:
                         self._emit(_END)
                         return
                     if not self._reconnect():

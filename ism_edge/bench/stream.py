@@ -45,6 +45,10 @@ class PacedSource(FrameSource):
         return True
 
     @property
+    def finite(self) -> bool:
+        return not self.loop  # the end of the file ends the run instead of a reconnection
+
+    @property
     def fps(self) -> float | None:
         return self._requested_fps or self.inner.fps
 

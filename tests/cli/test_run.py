@@ -156,3 +156,32 @@ def test_display_output_without_a_gui_and_headless(engine_dir: Path, sample_vide
     assert "--headless" in line
     r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "display://0", "--headless", "--max-frames", "1"])
     assert r.exit_code == 0, r.stderr
+
+
+def test_realtime_plays_a_video_at_its_frame_rate(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+    """--realtime releases frame i at i/fps (so the run lasts at least 11 frame periods) and counts
+    the frames it had to drop, as a live camera would; every frame is either judged or dropped."""
+    import time
+
+    import cv2
+
+    cap = cv2.VideoCapture(str(sample_video))
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    cap.release()
+    summary = tmp_path / "s.json"
+    t0 = time.perf_counter()
+    r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "--headless", "--realtime",
+                            "--log", str(tmp_path / "v.jsonl"), "--summary-json", str(summary)])  # fmt: skip
+    elapsed = time.perf_counter() - t0
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(summary.read_text())
+    assert s["frames"] + s["dropped"] == 12 and s["frames"] >= 1 and s["stopped"] == "end"
+    assert elapsed >= 11 / fps
+
+
+def test_realtime_refuses_a_folder(engine_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(PHOTOS / f"{PHOTO_NAMES[0]}.jpg", folder)
+    line = one_error_line(runner.invoke(app, ["run", str(engine_dir), str(folder), "--headless", "--realtime"]))
+    assert "--realtime paces a video file" in line
