@@ -50,8 +50,8 @@ class RuntimeOptions:
     exact grid first, ``None`` tiles at native resolution. ``color_order`` of the frames you pass
     (``"BGR"``: OpenCV, ROS ``bgr8``; ``"RGB"``: PIL). ``feedback_rounds``: ``None`` uses the
     manifest's. ``purified``: attach the reformed image to every verdict. ``threads``: ONNX
-    Runtime intra-op threads; ``spinning``: whether ONNX Runtime's idle threads spin (``None``: its
-    default). ``verify``: check engine file hashes when loading.
+    Runtime intra-op threads; ``spinning``: whether ONNX Runtime's idle threads spin (``None``: off,
+    which measured faster for the chain; docs/performance.md). ``verify``: check engine file hashes when loading.
     """
 
     backend: str | None = None

@@ -253,6 +253,8 @@ def test_spinning_is_a_session_option_and_leaves_verdicts_alone(engine_dir: Path
     with DefenseRuntime(engine_dir, threads=2) as default, DefenseRuntime(engine_dir, threads=2, spinning=spinning) as tuned:
         for session in tuned.backend._sessions.values():  # type: ignore[attr-defined]
             assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == str(int(spinning))
+        for session in default.backend._sessions.values():  # type: ignore[attr-defined]
+            assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
         a = [v.to_json() for v in default.process_batch(photos)]
         b = [v.to_json() for v in tuned.process_batch(photos)]
     assert [dict(j, timings_ms=None) for j in a] == [dict(j, timings_ms=None) for j in b]
