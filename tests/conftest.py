@@ -32,10 +32,10 @@ def cifar_test() -> tuple[np.ndarray, np.ndarray]:
 def untrained_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained `small` bundle with placeholder thresholds: for plumbing tests only."""
     pytest.importorskip("torch")
+    import torch
+
     from training.bundle import DefenseBundle
     from training.models import preset
-
-    import torch
 
     torch.manual_seed(0)
     b = DefenseBundle.create(preset("small"), [f"c{i}" for i in range(10)], preset="small")

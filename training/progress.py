@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
@@ -32,8 +31,7 @@ def make_progress() -> Progress:
         TimeRemainingColumn(),
         TextColumn("{task.fields[metrics]}"),
         console=console,
-        transient=True,
-        disable=not sys.stderr.isatty() and False,
+        transient=True,  # rich draws the bars only on a terminal; logs get the epoch lines
     )
 
 

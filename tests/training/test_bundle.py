@@ -21,7 +21,7 @@ def test_round_trip_preserves_weights_and_outputs(untrained_bundle_dir: Path, tm
     b2 = DefenseBundle.load(tmp_path / "copy")
     assert b2.thresholds == b.thresholds and b2.class_names == b.class_names and b2.config == b.config
     for name, net in b.networks.items():
-        for (k, v), (k2, v2) in zip(net.state_dict().items(), b2.networks[name].state_dict().items()):
+        for (k, v), (k2, v2) in zip(net.state_dict().items(), b2.networks[name].state_dict().items(), strict=True):
             assert k == k2 and torch.equal(v, v2)
     x = torch.rand(4, 3, 32, 32)
     o1, o2 = Defense(b)(x), Defense(b2)(x)
