@@ -58,8 +58,8 @@ def print_parity(report: dict[str, Any]) -> None:
     table = Table(title=f"parity vs PyTorch on {samples.get('source', '?')}", title_justify="left", box=box.SIMPLE)
     table.add_column("graph")
     table.add_column("output")
-    table.add_column("max |Δ| ≤ limit", justify="right")
-    table.add_column("mean |Δ| ≤ limit", justify="right")
+    table.add_column("max |Δ| vs limit", justify="right")
+    table.add_column("mean |Δ| vs limit", justify="right")
     table.add_column("labels", justify="right")
     table.add_column("flags", justify="right")
     table.add_column("")
@@ -76,7 +76,9 @@ def print_parity(report: dict[str, Any]) -> None:
             for out, o in g["outputs"].items():
                 label = f"{g['label_agreement']:.1%}" if "label_agreement" in g else ""
                 if "max_abs" in o:
-                    mx = f"{o['max_abs']:.1e} ≤ {o['limit_max_abs']:.1e}"
+                    over = o.get("samples_over_max", 0)
+                    rel = "≤" if o["max_abs"] <= o["limit_max_abs"] else f"> ({over} sample{'s' * (over != 1)})"
+                    mx = f"{o['max_abs']:.1e} {rel} {o['limit_max_abs']:.1e}"
                     mn = f"{o['mean_abs']:.1e} ≤ {o['limit_mean_abs']:.1e}"
                 else:
                     mx, mn = o.get("error", "?"), ""
