@@ -16,6 +16,7 @@ pytest.importorskip("torch")  # the engine directory fixture and the PyTorch col
 pytest.importorskip("onnx")
 
 from cli.main import app as main_app  # noqa: E402
+from tests.cli import one_error_line  # noqa: E402
 from tests.ism_edge.conftest import shared_engine_dir  # noqa: E402
 
 runner = CliRunner()
@@ -39,14 +40,6 @@ APP = _app()
 @pytest.fixture(scope="session")
 def engine_dir(untrained_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shared_engine_dir(untrained_bundle_dir, tmp_path_factory)
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code != 0, result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
-    assert "Traceback" not in result.output + result.stderr
-    return errors[0]
 
 
 def test_side_by_side_with_pytorch_eager(engine_dir: Path, untrained_bundle_dir: Path, tmp_path: Path) -> None:

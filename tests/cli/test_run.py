@@ -13,6 +13,7 @@ pytest.importorskip("torch")  # only to build the engine directory fixture
 
 from cli.main import app  # noqa: E402
 from ism_edge.outputs import opencv_has_gui  # noqa: E402
+from tests.cli import one_error_line  # noqa: E402
 from tests.ism_edge.conftest import (  # noqa: E402
     PHOTO_NAMES,
     PHOTOS,
@@ -35,15 +36,6 @@ def engine_dir(untrained_bundle_dir: Path, tmp_path_factory: pytest.TempPathFact
 def sample_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 12-frame 160×120 mp4 made from the sample photos."""
     return shared_sample_video(tmp_path_factory)
-
-
-def one_error_line(result) -> str:
-    """The run failed with exactly one `error:` line on stderr and no traceback."""
-    assert result.exit_code != 0, result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
-    assert "Traceback" not in result.output + result.stderr
-    return errors[0]
 
 
 def log_records(path: Path) -> list[dict]:
