@@ -373,3 +373,17 @@ def test_adaptive_attack_started_from_smaller_budget_examples_is_never_weaker(de
     assert _defended(defense, big, y) <= _defended(defense, small, y)
     with pytest.raises(ValueError, match="start must be a tensor shaped like x"):
         AdaptiveAttack(defense, EPS, steps=1)(x, y, start=small[:2])
+
+
+def test_pgd_started_from_smaller_budget_examples_is_never_weaker(model, batch):
+    """Nested budgets for PGD: samples its own run leaves unfooled get a run from the ε examples."""
+    x, y = batch
+    small = PGD(model, EPS, steps=10, seed=0)(x, y)
+    big = PGD(model, 4 * EPS, steps=1, alpha=1e-6, seed=0)(x, y, start=small)  # a useless own run
+    assert (big - x).abs().max().item() <= 4 * EPS + 1e-6
+    with torch.no_grad():
+        fooled_small = model(small).argmax(1) != y
+        fooled_big = model(big).argmax(1) != y
+    assert bool(fooled_big[fooled_small].all())
+    with pytest.raises(ValueError, match="start must be a tensor shaped like x"):
+        PGD(model, EPS, steps=1)(x, y, start=small[:2])

@@ -27,7 +27,8 @@ class PGD(Attack):
     the clean input and onto [0, 1]; ``alpha`` defaults to 2.5·ε/steps (Madry et al.);
     ``random_start`` starts from a uniform point of the ε-ball. With ``restarts`` > 1 every
     sample keeps the first restart that misclassifies it, else the restart with the highest
-    loss. ``seed`` makes the random starts repeatable. Pixels in [0, 1], ε on that scale.
+    loss; ``__call__(x, y, start=…)`` adds a run from given examples (nested budgets). ``seed``
+    makes the random starts repeatable. Pixels in [0, 1], ε on that scale.
     """
 
     def __init__(
@@ -51,13 +52,17 @@ class PGD(Attack):
         if self.restarts > 1 and not random_start:
             raise ValueError(f"restarts={restarts} needs random_start=True (without it every restart is the same run)")
         self.seed = check_seed(seed)
+        self._start: Tensor | None = None  # set by __call__(..., start=)
 
     def _options(self) -> dict[str, Any]:
         return {"eps": self.eps, "steps": self.steps, "alpha": self.alpha, "random_start": self.random_start,
                 "restarts": self.restarts, "seed": self.seed}
 
-    def _run(self, x: Tensor, y: Tensor, gen: torch.Generator | None) -> Tensor:
-        x_adv = random_start(x, self.eps, gen) if self.random_start else x.clone()
+    def _run(self, x: Tensor, y: Tensor, gen: torch.Generator | None, first: Tensor | None = None) -> Tensor:
+        if first is not None:
+            x_adv = first.clone()
+        else:
+            x_adv = random_start(x, self.eps, gen) if self.random_start else x.clone()
         for _ in range(self.steps):
             x_adv.requires_grad_(True)
             loss = F.cross_entropy(self.model(x_adv), y, reduction="sum")
@@ -65,19 +70,39 @@ class PGD(Attack):
             x_adv = project(x_adv.detach() + step, x, self.eps)
         return x_adv.detach()
 
+    def __call__(self, x: Tensor, y: Tensor, *, start: Tensor | None = None) -> Tensor:
+        """Adversarial examples for ``(x, y)``.
+
+        ``start``: adversarial examples already found for the same inputs, typically at a smaller
+        ε (inside this ball). After the random restarts, one more run starts from them (projected
+        into this ε-ball) for the samples no restart fooled, so a larger budget never ends weaker.
+        """
+        if start is not None and (not isinstance(start, Tensor) or start.shape != x.shape):
+            got = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
+            raise ValueError(f"start must be a tensor shaped like x {tuple(x.shape)}, got {got}")
+        self._start = start
+        try:
+            return super().__call__(x, y)
+        finally:
+            self._start = None
+
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         gen = make_generator(self.seed, x.device)
         best = self._run(x, y, gen)
-        if self.restarts == 1:
+        start = self._start
+        if self.restarts == 1 and start is None:
             return best
         with torch.no_grad():
             logits = self.model(best)
             best_loss = F.cross_entropy(logits, y, reduction="none")
             best_fooled = logits.argmax(1) != y
-        for _ in range(self.restarts - 1):
+        runs: list[Tensor | None] = [None] * (self.restarts - 1)
+        if start is not None:
+            runs.append(project(start.detach().to(x), x, self.eps))
+        for first in runs:
             if bool(best_fooled.all()):
                 break
-            cand = self._run(x, y, gen)
+            cand = self._run(x, y, gen, first)
             with torch.no_grad():
                 logits = self.model(cand)
                 loss = F.cross_entropy(logits, y, reduction="none")

@@ -23,7 +23,8 @@ Clean inputs give clean accuracy and each detector's false-positive rate. Threat
   :class:`training.attacks.AdaptiveAttack` with ``adaptive_steps`` steps and
   ``adaptive_restarts`` restarts plus, for every ε above the smallest, one run started from the
   adversarial examples of the next smaller ε (they lie inside the larger ball, so a larger budget
-  is never weaker), ``fgsm`` its single step of size ε without random start,
+  is never weaker; oblivious/known PGD does the same for the samples its own runs did not fool),
+  ``fgsm`` its single step of size ε without random start,
   ``square`` the score-based black-box Square attack on the defense's label logits.
 
 With ``sanity=True`` extra cells are run for the checks of :mod:`training.evaluation.sanity`
@@ -44,7 +45,7 @@ from rich.progress import Progress
 from torch import nn
 
 from ism_edge.errors import IsmEdgeError
-from training.attacks import AdaptiveAttack, Attack, make_attack
+from training.attacks import PGD, AdaptiveAttack, Attack, make_attack
 from training.bundle import SCORES, DefenseBundle
 from training.data import ImageArrays
 from training.data.torch_utils import iterate_batches
@@ -295,9 +296,10 @@ def evaluate_bundle(
             a = accs[cell]
             t_cell = time.perf_counter()
             attack = make_cell_attack(bundle, defense, cell, cfg)
-            if isinstance(attack, AdaptiveAttack) and cell.attack == "pgd" and cell.steps_factor == 1:
+            if isinstance(attack, (AdaptiveAttack, PGD)) and cell.attack == "pgd" and cell.steps_factor == 1:
                 # Nested budgets: one run starts from the examples of the largest smaller ε (inside
-                # this ball), so a larger budget is never weaker. The more-steps check runs without.
+                # this ball), so a larger budget is never weaker (PGD: only for the samples its
+                # random-start runs did not fool). The more-steps check runs without.
                 smaller = [e for e in found.get(cell.threat, {}) if e < cell.eps]
                 x_adv = attack(x, y, start=found[cell.threat][max(smaller)] if smaller else None)
                 found.setdefault(cell.threat, {})[cell.eps] = x_adv
