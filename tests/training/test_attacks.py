@@ -387,3 +387,5 @@ def test_pgd_started_from_smaller_budget_examples_is_never_weaker(model, batch):
     assert bool(fooled_big[fooled_small].all())
     with pytest.raises(ValueError, match="start must be a tensor shaped like x"):
         PGD(model, EPS, steps=1)(x, y, start=small[:2])
+    with pytest.raises(ValueError, match="FGSM does not take a start"):
+        FGSM(model, EPS)(x, y, start=small)

@@ -97,6 +97,8 @@ class AdaptiveAttack(Attack):
     that scale.
     """
 
+    supports_start = True
+
     def __init__(
         self,
         defense: Defense,
@@ -138,7 +140,6 @@ class AdaptiveAttack(Attack):
             raise ValueError(f"restarts={restarts} needs random_start=True (without it every restart is the same run)")
         self.random_start = random_start
         self.seed = check_seed(seed)
-        self._start: Tensor | None = None  # set by __call__(..., start=)
         # Evade every detector the defense deploys (all three for the full defense; a baseline's
         # spec may deploy fewer) — and none when they are not all calibrated (nothing is flagged).
         thresholds = defense.thresholds
@@ -175,24 +176,6 @@ class AdaptiveAttack(Attack):
             loss = loss - self.lam * excess
         return loss
 
-    def __call__(self, x: Tensor, y: Tensor, *, start: Tensor | None = None) -> Tensor:
-        """Adversarial examples for ``(x, y)``.
-
-        ``start``: adversarial examples already found for the same inputs — typically at a smaller
-        ε, whose ball lies inside this one. One extra run starts from them (projected into this
-        ε-ball) before the random restarts, and its iterates are kept like any other, so a larger
-        budget never ends weaker than a smaller one: with sign steps of 2.5·ε/steps, runs from a
-        random start at a large ε can stay flagged throughout where a small ε succeeds.
-        """
-        if start is not None and (not isinstance(start, Tensor) or start.shape != x.shape):
-            got = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
-            raise ValueError(f"start must be a tensor shaped like x {tuple(x.shape)}, got {got}")
-        self._start = start
-        try:
-            return super().__call__(x, y)
-        finally:
-            self._start = None
-
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         gen = make_generator(self.seed, x.device)
         best = x.clone()
@@ -205,8 +188,7 @@ class AdaptiveAttack(Attack):
             best.copy_(torch.where(take.view(-1, 1, 1, 1), cand.detach(), best))
             rank.copy_(torch.where(take, new, rank))
 
-        start = self._start
-        runs: list[Tensor | None] = [project(start.detach().to(x), x, self.eps)] if start is not None else []
+        runs: list[Tensor | None] = [self._start] if self._start is not None else []
         runs += [None] * self.restarts
         for first in runs:
             if first is not None:

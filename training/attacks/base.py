@@ -103,27 +103,45 @@ class Attack:
     model and all its submodules to eval mode, calls :meth:`perturb`, projects the result onto
     the ε-ball around x and onto [0, 1], and restores every module's original mode, even when
     ``perturb`` raises. Subclasses implement only :meth:`perturb`.
+
+    ``attack(x, y, start=x_prev)``, for attacks with ``supports_start``: adversarial examples
+    already found for the same inputs, typically at a smaller ε whose ball lies inside this one.
+    :meth:`perturb` reads them as ``self._start`` (projected into this ε-ball) and adds a run from
+    them; :class:`~training.attacks.AdaptiveAttack` scores every iterate, so with it a larger
+    budget never ends weaker than the smaller one.
     """
+
+    supports_start = False
 
     def __init__(self, model: nn.Module, eps: float) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module returning logits, got {type(model).__name__}")
         self.model = model
         self.eps = check_eps(eps)
+        self._start: Tensor | None = None
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         """Return the adversarial batch for clean ``x`` (detached) and labels ``y``."""
         raise NotImplementedError
 
-    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, y: Tensor, *, start: Tensor | None = None) -> Tensor:
         x, y = self._check_batch(x, y)
+        if start is not None:
+            if not self.supports_start:
+                raise ValueError(f"{type(self).__name__} does not take a start")
+            if not isinstance(start, Tensor) or start.shape != x.shape:
+                got = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
+                raise ValueError(f"start must be a tensor shaped like x {tuple(x.shape)}, got {got}")
+            start = project(start.detach().to(x), x, self.eps)
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
+        self._start = start
         try:
             with torch.enable_grad():
                 x_adv = self.perturb(x, y)
             return project(x_adv.detach(), x, self.eps)
         finally:
+            self._start = None
             for m, training in modes:
                 m.training = training
 

@@ -31,6 +31,8 @@ class PGD(Attack):
     makes the random starts repeatable. Pixels in [0, 1], ε on that scale.
     """
 
+    supports_start = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -52,7 +54,6 @@ class PGD(Attack):
         if self.restarts > 1 and not random_start:
             raise ValueError(f"restarts={restarts} needs random_start=True (without it every restart is the same run)")
         self.seed = check_seed(seed)
-        self._start: Tensor | None = None  # set by __call__(..., start=)
 
     def _options(self) -> dict[str, Any]:
         return {"eps": self.eps, "steps": self.steps, "alpha": self.alpha, "random_start": self.random_start,
@@ -70,39 +71,18 @@ class PGD(Attack):
             x_adv = project(x_adv.detach() + step, x, self.eps)
         return x_adv.detach()
 
-    def __call__(self, x: Tensor, y: Tensor, *, start: Tensor | None = None) -> Tensor:
-        """Adversarial examples for ``(x, y)``.
-
-        ``start``: adversarial examples already found for the same inputs, typically at a smaller
-        ε (inside this ball). After the random restarts, one more run starts from them (projected
-        into this ε-ball) for the samples no restart fooled, so a larger budget never ends weaker.
-        """
-        if start is not None and (not isinstance(start, Tensor) or start.shape != x.shape):
-            got = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
-            raise ValueError(f"start must be a tensor shaped like x {tuple(x.shape)}, got {got}")
-        self._start = start
-        try:
-            return super().__call__(x, y)
-        finally:
-            self._start = None
-
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         gen = make_generator(self.seed, x.device)
         best = self._run(x, y, gen)
-        start = self._start
-        if self.restarts == 1 and start is None:
+        if self.restarts == 1 and self._start is None:
             return best
         with torch.no_grad():
             logits = self.model(best)
             best_loss = F.cross_entropy(logits, y, reduction="none")
             best_fooled = logits.argmax(1) != y
-        runs: list[Tensor | None] = [None] * (self.restarts - 1)
-        if start is not None:
-            runs.append(project(start.detach().to(x), x, self.eps))
-        for first in runs:
-            if bool(best_fooled.all()):
-                break
-            cand = self._run(x, y, gen, first)
+
+        def consider(cand: Tensor) -> None:
+            nonlocal best, best_loss, best_fooled
             with torch.no_grad():
                 logits = self.model(cand)
                 loss = F.cross_entropy(logits, y, reduction="none")
@@ -111,4 +91,14 @@ class PGD(Attack):
             best = torch.where(take.view(-1, 1, 1, 1), cand, best)
             best_loss = torch.where(take, loss, best_loss)
             best_fooled = best_fooled | fooled
+
+        for _ in range(self.restarts - 1):
+            if bool(best_fooled.all()):
+                break
+            consider(self._run(x, y, gen))
+        if self._start is not None and not bool(best_fooled.all()):
+            # For the samples no random start fooled: one more run from the given examples
+            # (Attack: start=), e.g. those of a smaller ε, which large steps from a random point
+            # of a large ball can miss.
+            consider(self._run(x, y, gen, self._start))
         return best

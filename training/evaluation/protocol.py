@@ -298,8 +298,9 @@ def evaluate_bundle(
             attack = make_cell_attack(bundle, defense, cell, cfg)
             if isinstance(attack, (AdaptiveAttack, PGD)) and cell.attack == "pgd" and cell.steps_factor == 1:
                 # Nested budgets: one run starts from the examples of the largest smaller ε (inside
-                # this ball), so a larger budget is never weaker (PGD: only for the samples its
-                # random-start runs did not fool). The more-steps check runs without.
+                # this ball): adaptive PGD scores every iterate, so a larger budget is never weaker;
+                # PGD adds the run for the samples its random-start runs did not fool. The
+                # more-steps check runs without.
                 smaller = [e for e in found.get(cell.threat, {}) if e < cell.eps]
                 x_adv = attack(x, y, start=found[cell.threat][max(smaller)] if smaller else None)
                 found.setdefault(cell.threat, {})[cell.eps] = x_adv
