@@ -12,11 +12,12 @@ torch = pytest.importorskip("torch")
 
 from ism_edge.errors import IsmEdgeError  # noqa: E402
 from tests.conftest import CIFAR_TEST, CIFAR_TRAIN  # noqa: E402
+from training.attacks import AdaptiveAttack  # noqa: E402
 from training.bundle import DefenseBundle, DefenseSpec, read_bundle_manifest  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.data.torch_utils import to_tensor  # noqa: E402
 from training.defense import Defense  # noqa: E402
-from training.evaluation import DefenseAdaptiveAttack, EvalConfig, evaluate_bundle  # noqa: E402
+from training.evaluation import EvalConfig, evaluate_bundle  # noqa: E402
 from training.recipe import RecipeConfig, TrainRequest, train_bundle  # noqa: E402
 from training.recipe.runner import clean_accuracy  # noqa: E402
 
@@ -102,7 +103,7 @@ def test_magnet_flags_only_with_its_own_detectors(baselines: dict[str, Path], x_
     assert float(o.p_score.abs().max()) == 0.0
     expected = (o.recon_error > b.thresholds["recon_error"]) | (o.jsd > b.thresholds["jsd"])
     assert torch.equal(o.flagged, expected) and bool(expected[len(x):].any())
-    assert set(DefenseAdaptiveAttack(d, 0.1).thresholds) == {"recon_error", "jsd"}
+    assert set(AdaptiveAttack(d, 0.1).thresholds) == {"recon_error", "jsd"}
 
 
 def test_old_manifest_without_defense_field_is_the_full_defense(trained_bundle_dir: Path, tmp_path: Path, x_y) -> None:

@@ -4,7 +4,6 @@ from training.evaluation.claims import CLAIMS, claim_for
 from training.evaluation.protocol import (
     DEFAULT_EPS,
     Cell,
-    DefenseAdaptiveAttack,
     EvalConfig,
     ThreatModel,
     evaluate_bundle,
@@ -23,7 +22,6 @@ __all__ = [
     "CLAIMS",
     "DEFAULT_EPS",
     "Cell",
-    "DefenseAdaptiveAttack",
     "EvalConfig",
     "ThreatModel",
     "claim_for",

@@ -4,7 +4,7 @@ On the same images and budgets, ART's L∞ PGD (Madry et al. 2018) and the white
 of AutoAttack, APGD-CE and APGD-DLR (Croce & Hein 2020), are run on our models next to our own
 PGD: the undefended classifier, the deployed classifier C (``logits / T`` when distilled, as our
 attacks see it) and, for bundles with a reformer, the defense's label pipeline C(M(x))
-end to end (detectors ignored; ours is :class:`~training.evaluation.protocol.DefenseAdaptiveAttack`
+end to end (detectors ignored; ours is :class:`~training.attacks.AdaptiveAttack`
 without its detector term). Accuracy of the attacked model is reported; if ART is much stronger
 than ours on the same model, our attack is broken. ART is optional
 (``pip install adversarial-robustness-toolbox``); without it :func:`crosscheck` raises
@@ -22,12 +22,12 @@ from rich.progress import Progress
 from torch import nn
 
 from ism_edge.errors import missing_dependency
-from training.attacks import PGD, Attack
+from training.attacks import PGD, AdaptiveAttack, Attack
 from training.bundle import DefenseBundle
 from training.data import ImageArrays
 from training.data.torch_utils import to_tensor
 from training.defense import Defense, attack_surrogate, is_distilled
-from training.evaluation.protocol import DefenseAdaptiveAttack, EvalConfig
+from training.evaluation.protocol import EvalConfig
 
 ART_PACKAGE = "adversarial-robustness-toolbox"
 
@@ -108,7 +108,7 @@ def crosscheck(bundle: DefenseBundle, data: ImageArrays, cfg: EvalConfig, *, dev
         for eps in eps_list:
             ours_attack: Attack
             if kind == "defense":
-                ours_attack = DefenseAdaptiveAttack(model.model, eps, steps=steps, lam=0.0, seed=cfg.seed)  # type: ignore[arg-type]
+                ours_attack = AdaptiveAttack(model.model, eps, steps=steps, lam=0.0, seed=cfg.seed)  # type: ignore[arg-type]
             else:
                 ours_attack = PGD(model, eps, steps=steps, seed=cfg.seed)
             x_ours = torch.cat([ours_attack(x[i:i + cfg.batch_size], y[i:i + cfg.batch_size])

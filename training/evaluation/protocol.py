@@ -148,21 +148,6 @@ def plan_cells(cfg: EvalConfig) -> tuple[list[Cell], list[Cell]]:
     return main, extra
 
 
-class DefenseAdaptiveAttack(AdaptiveAttack):
-    """:class:`AdaptiveAttack` whose detector-evasion term covers exactly the deployed detectors.
-
-    (The base class adds the term only when all three detectors are calibrated; a baseline such
-    as MagNet deploys two of them, and each must still be evaded.)
-    """
-
-    def __init__(self, defense: Defense, eps: float, **kw: Any) -> None:
-        super().__init__(defense, eps, **kw)
-        self.thresholds = {s: float(defense.thresholds[s]) for s in defense.detectors if s in defense.thresholds}
-        bad = {s: t for s, t in self.thresholds.items() if not t > 0}
-        if bad:
-            raise ValueError(f"detector thresholds must be > 0 to be evaded, got {bad}: calibrate the bundle first")
-
-
 class DefenseLabelLogits(nn.Module):
     """The defense's label logits as a classifier (what a score-based black-box attacker queries)."""
 
@@ -189,10 +174,10 @@ def make_cell_attack(bundle: DefenseBundle, defense: Defense, cell: Cell, cfg: E
     if cell.threat == ThreatModel.ADAPTIVE:
         bpda = cfg.adaptive_bpda if defense.mapper is not None else "none"
         if cell.attack == "fgsm":
-            return DefenseAdaptiveAttack(defense, cell.eps, steps=1, alpha=max(cell.eps, 1e-12), random_start=False,
+            return AdaptiveAttack(defense, cell.eps, steps=1, alpha=max(cell.eps, 1e-12), random_start=False,
                                          bpda=bpda)
         if cell.attack == "pgd":
-            return DefenseAdaptiveAttack(defense, cell.eps, steps=cfg.adaptive_steps * cell.steps_factor,
+            return AdaptiveAttack(defense, cell.eps, steps=cfg.adaptive_steps * cell.steps_factor,
                                          restarts=cfg.adaptive_restarts, bpda=bpda, seed=cfg.seed)
         return make_attack("square", DefenseLabelLogits(defense), cell.eps, n_queries=cfg.square_queries, seed=cfg.seed)
     model = source_model(bundle, cell.threat)
