@@ -8,6 +8,8 @@ interrupted build leaves nothing behind)::
       onnx/{role}.onnx              FP32 source graph (dynamic batch axis N, opset 18)
       onnx/{role}.fp16.onnx         mixed-precision FP16 graph, FP32 I/O (engines.fp16)
       onnx/{role}.int8.onnx         QDQ INT8 graph (ONNX Runtime INT8 builds only)
+      onnx/{role}[.fp16].subpixel.onnx  ONNX Runtime FP32/FP16 source: transposed convolutions as
+                                    sub-pixel convolutions (engines.subpixel; mapper only)
       {role}.onnx | {role}.fp16.onnx | {role}.int8.onnx   ONNX Runtime optimized model
       {role}.plan                   TensorRT engine (TensorRT builds)
 
@@ -380,7 +382,8 @@ def build_engines(
             if precision == "int8":
                 sources = _quantize(bundle, tmp, graphs["fp32"], input_shape, calibration_samples, steps, report)
             else:
-                sources = dict(graphs[precision])
+                with steps("rewrite transposed convolutions as sub-pixel convolutions"):
+                    sources = _subpixel_sources(graphs[precision])
             for role in ROLES:
                 with steps(f"optimize {role} for ONNX Runtime"):
                     engines[role] = ort_build.optimized_model_from_onnx(sources[role], tmp / engine_file_name(backend, precision, role))
@@ -442,6 +445,15 @@ def _engine_file(role: str, engine: Path, source: Path, root: Path, input_shape:
     ins, outs = tensor_specs(role, input_shape, num_classes)
     return EngineFile(role=role, file=engine.relative_to(root).as_posix(), onnx=source.relative_to(root).as_posix(),
                       sha256=sha256_file(engine), inputs=ins, outputs=outs)
+
+
+def _subpixel_sources(graphs: Mapping[str, Path]) -> dict[str, Path]:
+    """ONNX Runtime sources: each graph with its strided transposed convolutions rewritten
+    (``onnx/{role}[.fp16].subpixel.onnx``, :mod:`engines.subpixel`), or the graph itself when it has none."""
+    from engines.subpixel import subpixel_from_onnx
+
+    return {role: subpixel_from_onnx(path, path.with_name(f"{path.name.removesuffix('.onnx')}.subpixel.onnx")) or path
+            for role, path in graphs.items()}
 
 
 def _quantize(
@@ -536,14 +548,18 @@ def rebuild_from_onnx(
     gpu = _gpu_for_tensorrt() if new_backend == "tensorrt" else None
 
     with steps("verify ONNX sources"):
-        for role, ef in old.engines.items():
-            path = engine_dir / ef.onnx
-            want = recorded.get(ef.onnx)
+        # every recorded graph is copied (the FP32 export also gives the bench its FLOP counts), so all are checked
+        sources = {ef.onnx: f"{role} source" for role, ef in old.engines.items()}
+        for name in recorded:
+            sources.setdefault(name, f"{Path(name).name.split('.')[0]} graph")
+        for name, what in sources.items():
+            path = engine_dir / name
+            want = recorded.get(name)
             if not path.is_file():
-                raise EngineError(f"{path} ({role} source) is missing: rebuild from the bundle with 'ism-edge build BUNDLE --out {target}'")
+                raise EngineError(f"{path} ({what}) is missing: rebuild from the bundle with 'ism-edge build BUNDLE --out {target}'")
             if want is None or sha256_file(path) != want:
                 raise EngineError(
-                    f"{path} ({role} source) does not match the hash recorded in {engine_dir / MANIFEST_NAME} "
+                    f"{path} ({what}) does not match the hash recorded in {engine_dir / MANIFEST_NAME} "
                     f"(corrupted or modified): rebuild from the bundle with 'ism-edge build BUNDLE --out {target}'"
                 )
 

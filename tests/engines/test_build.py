@@ -40,8 +40,13 @@ def test_cli_build_writes_a_checked_engine_directory(built: CliRun, untrained_bu
     assert m.parity["ok"] and m.parity["gated"] == ["fp32", "engine"]
     for role in ROLES:
         ef = m.engines[role]
-        assert (ef.file, ef.onnx) == (f"{role}.onnx", f"onnx/{role}.onnx")
-        assert (built.out / "onnx" / f"{role}.fp16.onnx").is_file()
+        # the mapper's transposed convolutions run as sub-pixel convolutions (engines.subpixel)
+        source = "onnx/mapper.subpixel.onnx" if role == "mapper" else f"onnx/{role}.onnx"
+        assert (ef.file, ef.onnx) == (f"{role}.onnx", source)
+        assert (built.out / "onnx" / f"{role}.fp16.onnx").is_file() and (built.out / "onnx" / f"{role}.onnx").is_file()
+    ops = {n.op_type for n in __import__("onnx").load(str(built.out / m.engines["mapper"].onnx)).graph.node}
+    assert "ConvTranspose" not in ops and "DepthToSpace" in ops
+    assert m.parity["sources"]["onnx/mapper.subpixel.onnx"] == sha256_file(built.out / "onnx" / "mapper.subpixel.onnx")
     assert m.parity["sources"][f"onnx/{ROLES[0]}.onnx"] == sha256_file(built.out / "onnx" / f"{ROLES[0]}.onnx")
     assert not [p for p in built.out.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
 

@@ -30,13 +30,14 @@ def _one_line_error(output: str) -> str:
     return lines[0]
 
 
-def test_corrupted_onnx_source_is_refused(engine_copy: Path, tmp_path: Path) -> None:
-    src = engine_copy / "onnx" / "mapper.onnx"
+@pytest.mark.parametrize(("name", "what"), [("mapper.subpixel.onnx", "mapper source"), ("mapper.onnx", "mapper graph")])
+def test_corrupted_onnx_source_is_refused(engine_copy: Path, tmp_path: Path, name: str, what: str) -> None:
+    src = engine_copy / "onnx" / name
     src.write_bytes(src.read_bytes()[:1000])
     run = invoke("build", str(engine_copy), "--out", str(tmp_path / "new"))
     assert run.exit_code == 2
     line = _one_line_error(run.output)
-    assert "onnx/mapper.onnx (mapper source) does not match the hash" in line and "ism-edge build BUNDLE" in line
+    assert f"onnx/{name} ({what}) does not match the hash" in line and "ism-edge build BUNDLE" in line
     assert not (tmp_path / "new").exists()
 
 
