@@ -52,6 +52,8 @@ def print_chain_report(report: dict[str, Any]) -> None:
     """The chain report as tables on stdout (one row per column and batch size)."""
     from rich.table import Table
 
+    from ism_edge.bench.chain import prep_text
+
     console = _console()
     m, cfg = report["machine"], report["config"]
     console.print(f"[bold]machine[/] {m['cpu']}, {m['cores_available']} cores, {m['threads']} threads; "
@@ -66,7 +68,7 @@ def print_chain_report(report: dict[str, Any]) -> None:
         console.print(f"[bold]GEMM peak[/] {peak['gflops']:.1f} GFLOP/s ({probes}; n = {peak['probes'][0]['size']})")
     inp = report["inputs"]
     console.print(f"[bold]inputs[/] {cfg['mode']} mode, {cfg['frame_size'][1]}x{cfg['frame_size'][0]} frames, "
-                  f"{inp['tiles_per_frame']} model input(s) per frame, preprocessing {inp['preprocess_ms_per_input']:.3f} ms per input")
+                  f"{inp['tiles_per_frame']} model input(s) per frame, preprocessing {prep_text(inp['preprocess_ms_per_input'])}")
     table = Table(title="defense chain: per call of BATCH model inputs (times in ms)")
     for name in ("chain", "batch", "img/s", "p50", "p99", "prep", "upload", "map", "clf", "det", "down", "other",
                  "x eager", "GFLOP/s", "% peak"):

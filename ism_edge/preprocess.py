@@ -15,6 +15,11 @@ for OpenCV and ROS ``bgr8``, ``"RGB"`` for PIL/imageio). Model inputs are float3
 
 from __future__ import annotations
 
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
@@ -213,3 +218,84 @@ def stitch_tiles(tiles: np.ndarray, layout: TileLayout, *, color_order: str = "B
         weight[y : y + th, x : x + tw] += 1.0
     merged = (acc / np.maximum(weight, 1.0)).transpose(2, 0, 1)
     return from_model_output(merged, color_order=color_order, model_order=model_order)
+
+
+class FramePreparer:
+    """Validated frames → model inputs for one runtime configuration, several frames at once.
+
+    A batch of frames is split into one contiguous chunk per worker thread: OpenCV's resize and
+    numpy's conversion release the GIL, so the chunks run on separate cores (0.19 → 0.10 ms per
+    640×480 frame with two workers on two cores, resize mode; docs/performance.md). One frame is
+    prepared on the calling thread. ``workers=1`` never starts a thread.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        *,
+        mode: str = "resize",
+        tile_grid: tuple[int, int] | None = None,
+        color_order: str = "BGR",
+        model_order: str = "RGB",
+        workers: int = 1,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.input_shape = input_shape
+        self.mode = mode
+        self.tile_grid = tile_grid
+        self.color_order, self.model_order = color_order, model_order
+        self.workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def count(self, frame: np.ndarray) -> int:
+        """How many model inputs ``frame`` gives."""
+        return tile_count(frame.shape[:2], self.input_shape, self.tile_grid) if self.mode == "tile" else 1
+
+    def prepare(self, frames: Sequence[np.ndarray], out: np.ndarray) -> list[tuple[TileLayout | None, float]]:
+        """Write the model inputs of validated ``frames`` into ``out`` (``[Σ count, C, H, W]``, in order).
+
+        Returns, per frame, its tile layout (``None`` in resize mode) and its preprocessing time in ms.
+        """
+        starts = np.cumsum([0, *(self.count(f) for f in frames)])
+        if starts[-1] != len(out):
+            raise ValueError(f"out has {len(out)} model inputs, the frames give {int(starts[-1])}")
+        results: list[tuple[TileLayout | None, float]] = [(None, 0.0)] * len(frames)
+
+        def run(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                t0 = time.perf_counter()
+                layout = self._one(frames[i], out[starts[i] : starts[i + 1]])
+                results[i] = (layout, (time.perf_counter() - t0) * 1e3)
+
+        chunks = min(self.workers, len(frames))
+        if chunks <= 1:
+            run(0, len(frames))
+            return results
+        bounds = [round(k * len(frames) / chunks) for k in range(chunks + 1)]
+        for future in [self._executor().submit(run, lo, hi) for lo, hi in itertools.pairwise(bounds)]:
+            future.result()
+        return results
+
+    def close(self) -> None:
+        """Stop the worker threads (a later :meth:`prepare` starts them again)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="ism-edge-prep")
+            return self._pool
+
+    def _one(self, frame: np.ndarray, out: np.ndarray) -> TileLayout | None:
+        if self.mode == "tile":
+            return tile_input(frame, self.input_shape, grid=self.tile_grid, out=out,
+                              color_order=self.color_order, model_order=self.model_order)[1]
+        resize_input(frame, self.input_shape, out=out, color_order=self.color_order, model_order=self.model_order)
+        return None

@@ -21,6 +21,7 @@ frame N: on TensorRT, N+1's upload then overlaps N's compute.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -50,7 +51,8 @@ class RuntimeOptions:
     exact grid first, ``None`` tiles at native resolution. ``color_order`` of the frames you pass
     (``"BGR"``: OpenCV, ROS ``bgr8``; ``"RGB"``: PIL). ``feedback_rounds``: ``None`` uses the
     manifest's. ``purified``: attach the reformed image to every verdict. ``threads``: ONNX
-    Runtime intra-op threads; ``spinning``: whether ONNX Runtime's idle threads spin (``None``: off,
+    Runtime intra-op threads, and the threads that preprocess the frames of a batch (default: one
+    per core); ``spinning``: whether ONNX Runtime's idle threads spin (``None``: off,
     which measured faster for the chain; docs/performance.md). ``verify``: check engine file hashes when loading.
     """
 
@@ -181,6 +183,11 @@ class DefenseRuntime:
             **extra,
         )
         self.backend.activate()
+        self._preparer = preprocess.FramePreparer(
+            self.input_shape, mode=self.options.mode, tile_grid=self.options.tile_grid,
+            color_order=self.options.color_order, model_order=self.manifest.color_order,
+            workers=self.options.threads or os.cpu_count() or 1,
+        )
         self._lock = threading.RLock()
         self._buffers = threading.local()
         self._inflight: deque[tuple[Pending, int, Job]] = deque()
@@ -218,6 +225,7 @@ class DefenseRuntime:
         with self._lock:
             self._inflight.clear()
             self.backend.deactivate()
+        self._preparer.close()
 
     def __enter__(self) -> DefenseRuntime:
         return self
@@ -262,15 +270,14 @@ class DefenseRuntime:
                 checked.append(preprocess.check_frame(frame))
             except FrameError as e:
                 raise FrameError(f"frame {i} of the batch: {e}" if len(frames) > 1 else str(e)) from None
-            counts.append(self._input_count(checked[-1]))
+            counts.append(self._preparer.count(checked[-1]))
             check_ms.append((time.perf_counter() - t0) * 1e3)
         x_all = self._input_buffer(sum(counts))
         metas: list[_FrameMeta] = []
         count = 0
-        for frame, n, ms in zip(checked, counts, check_ms, strict=True):
-            t0 = time.perf_counter()
-            layout = self._prepare(frame, x_all[count : count + n])
-            metas.append(_FrameMeta(count, count + n, frame.shape[:2], layout, ms + (time.perf_counter() - t0) * 1e3))
+        prepared = self._preparer.prepare(checked, x_all)
+        for frame, n, ms, (layout, prep_ms) in zip(checked, counts, check_ms, prepared, strict=True):
+            metas.append(_FrameMeta(count, count + n, frame.shape[:2], layout, ms + prep_ms))
             count += n
         want = self.options.purified if purified is None else purified
         pending = Pending(metas, purified=want, started=started)
@@ -280,10 +287,6 @@ class DefenseRuntime:
                 self._enqueue(pending, x_all[lo : lo + step])
         return pending
 
-    def _input_count(self, frame: np.ndarray) -> int:
-        if self.options.mode == "tile":
-            return preprocess.tile_count(frame.shape[:2], self.input_shape, self.options.tile_grid)
-        return 1
 
     def _input_buffer(self, n: int) -> np.ndarray:
         """``[n, C, H, W]`` float32 model inputs, a view of this thread's reusable buffer.
@@ -296,14 +299,6 @@ class DefenseRuntime:
             buf = np.empty((max(n, self.backend.max_batch), *self.input_shape), dtype=np.float32)
             self._buffers.inputs = buf
         return buf[:n]
-
-    def _prepare(self, frame: np.ndarray, out: np.ndarray) -> preprocess.TileLayout | None:
-        """Write the model inputs of one validated frame into ``out``; the tile layout in tile mode."""
-        kw = {"color_order": self.options.color_order, "model_order": self.manifest.color_order}
-        if self.options.mode == "tile":
-            return preprocess.tile_input(frame, self.input_shape, grid=self.options.tile_grid, out=out, **kw)[1]  # type: ignore[arg-type]
-        preprocess.resize_input(frame, self.input_shape, out=out, **kw)  # type: ignore[arg-type]
-        return None
 
     def _enqueue(self, pending: Pending, x: np.ndarray) -> None:
         while len(self._inflight) >= self.backend.max_in_flight:

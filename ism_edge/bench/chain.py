@@ -42,7 +42,7 @@ from ism_edge.bench.peak import Peak
 from ism_edge.manifest import EngineManifest
 from ism_edge.runtime import DefenseRuntime, decide
 
-SCHEMA = "ism-edge-bench/1"
+SCHEMA = "ism-edge-bench/2"  # 2: preprocess_ms_per_input by batch size
 BENCH_STAGES = ("preprocess", *STAGES)
 DEFAULT_BATCHES = (1, 8, 32, 128)
 EAGER = "pytorch-eager"
@@ -165,44 +165,51 @@ def runtime_column(name: str, title: str, engine_dir: str | Path, *, backend: st
 class InputPool:
     """Model inputs made from camera frames, and what making them cost.
 
-    ``x``: float32 ``[P, C, H, W]``; ``preprocess_ms``: median milliseconds per model input
-    (resize mode: per frame; tile mode: per frame divided by its tiles); ``tiles_per_frame``.
+    ``x``: float32 ``[P, C, H, W]``; ``preprocess_ms``: median milliseconds of preprocessing per
+    model input, by batch size (see :func:`input_pool`); ``tiles_per_frame``: model inputs per frame.
     """
 
     x: np.ndarray
-    preprocess_ms: float
+    preprocess_ms: dict[int, float]
     tiles_per_frame: int
     frames: int
 
 
 def input_pool(size: int, input_shape: tuple[int, int, int], manifest: EngineManifest, config: BenchConfig,
-               photos: list[np.ndarray] | None = None) -> InputPool:
+               photos: list[np.ndarray] | None = None, *, repeats: int = 7) -> InputPool:
     """At least ``size`` model inputs from :func:`camera_frames`, preprocessed as the runtime does
-    (``check_frame``, then ``resize_input`` / ``tile_input`` into a preallocated buffer)."""
-    kw = {"color_order": "BGR", "model_order": manifest.color_order}
-    if config.mode == "tile":
-        per_frame = preprocess.tile_count(config.frame_size, input_shape, config.tile_grid)
-    else:
-        per_frame = 1
+    (``check_frame``, then :class:`~ism_edge.preprocess.FramePreparer` with ``config.threads``
+    workers into a reused buffer), and the cost of it at each batch size: the median over
+    ``repeats`` calls (more when needed to time 256 frames) that prepare the frames of one batch
+    (``batch / tiles per frame`` of them, at least one), per model input. One call is warmed up first."""
+    preparer = preprocess.FramePreparer(input_shape, mode=config.mode, tile_grid=config.tile_grid,
+                                        color_order="BGR", model_order=manifest.color_order, workers=config.threads)
+    per_frame = preparer.count(np.empty((*config.frame_size, 3), dtype=np.uint8))
     n_frames = max(8, math.ceil(size / per_frame))
+    per_call = {b: min(n_frames, max(1, round(b / per_frame))) for b in config.batches}
+    kept = max(per_call.values())
     x = np.empty((n_frames * per_frame, *input_shape), dtype=np.float32)
-    x.fill(0.0)  # the runtime writes into a reused buffer: page faults of a fresh one are not preprocessing
+    frames: list[np.ndarray] = []
+    try:
+        for i, frame in enumerate(camera_frames(n_frames, config.frame_size, photos)):
+            preparer.prepare([preprocess.check_frame(frame)], x[i * per_frame : (i + 1) * per_frame])
+            if i < kept:
+                frames.append(frame)
+        scratch = np.zeros((kept * per_frame, *input_shape), dtype=np.float32)
 
-    def prepare(frame: np.ndarray, out: np.ndarray) -> float:
-        t0 = time.perf_counter()
-        checked = preprocess.check_frame(frame)
-        if config.mode == "tile":
-            preprocess.tile_input(checked, input_shape, grid=config.tile_grid, out=out, **kw)  # type: ignore[arg-type]
-        else:
-            preprocess.resize_input(checked, input_shape, out=out, **kw)  # type: ignore[arg-type]
-        return (time.perf_counter() - t0) * 1e3 / per_frame
+        def timed(batch_frames: list[np.ndarray]) -> float:
+            t0 = time.perf_counter()
+            preparer.prepare([preprocess.check_frame(f) for f in batch_frames], scratch[: len(batch_frames) * per_frame])
+            return (time.perf_counter() - t0) * 1e3
 
-    costs = []
-    for i, frame in enumerate(camera_frames(n_frames, config.frame_size, photos)):
-        if i == 0:
-            prepare(frame, x[:per_frame])  # warm-up: OpenCV's and numpy's first calls
-        costs.append(prepare(frame, x[i * per_frame : (i + 1) * per_frame]))
-    return InputPool(x, float(np.median(costs)), per_frame, n_frames)
+        costs: dict[int, float] = {}
+        for batch, n in sorted(per_call.items()):
+            timed(frames[:n])
+            calls = max(repeats, math.ceil(256 / n))  # at least 256 frames timed
+            costs[batch] = float(np.median([timed(frames[:n]) for _ in range(calls)])) / (n * per_frame)
+    finally:
+        preparer.close()
+    return InputPool(x, costs, per_frame, n_frames)
 
 
 # -- measuring ---------------------------------------------------------------------------------------
@@ -225,7 +232,7 @@ def measure(chain: Chain, pool: InputPool, batch: int, config: BenchConfig) -> d
 
     for k in range(config.warmup):
         chain.run(inputs(k))
-    pre = pool.preprocess_ms * batch
+    pre = pool.preprocess_ms[batch] * batch
     latencies: list[float] = []
     stage_sums = dict.fromkeys(BENCH_STAGES, 0.0)
     for k in range(calls):
@@ -299,6 +306,13 @@ def _versions() -> dict[str, str]:
     return v
 
 
+def prep_text(costs: dict[int, float] | dict[str, float]) -> str:
+    """``0.175 ms per input at batch 1, 0.097 at 32, …`` (for the log and the table's caption)."""
+    parts = [f"{ms:.3f} ms per input at batch {b}" if k == 0 else f"{ms:.3f} at {b}"
+             for k, (b, ms) in enumerate(sorted(costs.items(), key=lambda kv: int(kv[0])))]
+    return ", ".join(parts)
+
+
 def run_chain_bench(
     columns: Sequence[Column],
     manifest: EngineManifest,
@@ -321,7 +335,7 @@ def run_chain_bench(
     pool = input_pool(2 * max(config.batches), input_shape, manifest, config, photos)  # type: ignore[arg-type]
     check = pool.x[: min(len(pool.x), 256)]
     say(f"inputs: {len(pool.x)} model inputs from {pool.frames} frames of {config.frame_size[1]}x{config.frame_size[0]} "
-        f"({config.mode} mode, {pool.tiles_per_frame} per frame); preprocessing {pool.preprocess_ms:.3f} ms per input")
+        f"({config.mode} mode, {pool.tiles_per_frame} per frame); preprocessing {prep_text(pool.preprocess_ms)}")
     reports: list[dict[str, Any]] = []
     decisions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for column in columns:
@@ -386,7 +400,7 @@ def run_chain_bench(
         "input_shape": list(input_shape),
         "feedback_rounds": manifest.feedback_rounds,
         "inputs": {"pool": int(len(pool.x)), "frames": pool.frames, "tiles_per_frame": pool.tiles_per_frame,
-                   "preprocess_ms_per_input": pool.preprocess_ms},
+                   "preprocess_ms_per_input": {str(b): ms for b, ms in pool.preprocess_ms.items()}},
         "flops": None if flops is None else flops.to_json(),
         "peak": None if peak is None else peak.to_json(),
         "columns": reports,

@@ -127,10 +127,11 @@ def report(engine_dir: Path) -> dict:
 
 
 def test_report_structure(report: dict) -> None:
-    assert report["schema"] == "ism-edge-bench/1"
+    assert report["schema"] == "ism-edge-bench/2"
     assert json.loads(json.dumps(report)) == report  # plain JSON
     assert report["config"]["batches"] == [1, 3, 70] and report["machine"]["threads"] == 1
-    assert report["inputs"]["tiles_per_frame"] == 1 and report["inputs"]["preprocess_ms_per_input"] > 0
+    prep = report["inputs"]["preprocess_ms_per_input"]
+    assert report["inputs"]["tiles_per_frame"] == 1 and set(prep) == {"1", "3", "70"} and min(prep.values()) > 0
     names = [c["name"] for c in report["columns"]]
     assert names == ["pytorch-eager", "onnxruntime-fp32", "again"]
     skipped, ran = report["columns"][0], report["columns"][1:]

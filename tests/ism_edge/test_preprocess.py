@@ -55,3 +55,29 @@ def test_model_output_back_to_the_callers_colour_order() -> None:
     x[0] = 1.0  # red in an RGB model
     assert preprocess.from_model_output(x, color_order="BGR", model_order="RGB")[0, 0].tolist() == [0, 0, 255]
     assert preprocess.from_model_output(x, color_order="RGB", model_order="RGB")[0, 0].tolist() == [255, 0, 0]
+
+
+@pytest.mark.parametrize(("mode", "grid"), [("resize", None), ("tile", None), ("tile", (2, 3))])
+def test_frame_preparer_in_parallel_writes_what_one_thread_writes(photos: list[np.ndarray], mode: str, grid) -> None:
+    frames = [p[: 40 + 7 * i, : 50 + 5 * i] for i, p in enumerate((photos * 3)[:7])]  # mixed sizes
+    serial = preprocess.FramePreparer((3, 16, 16), mode=mode, tile_grid=grid, workers=1)
+    parallel = preprocess.FramePreparer((3, 16, 16), mode=mode, tile_grid=grid, workers=3)
+    n = sum(serial.count(f) for f in frames)
+    a, b = np.full((n, 3, 16, 16), np.nan, np.float32), np.full((n, 3, 16, 16), np.nan, np.float32)
+    got_a, got_b = serial.prepare(frames, a), parallel.prepare(frames, b)
+    np.testing.assert_array_equal(a, b)  # every slot written, in frame order, identically
+    assert [la for la, _ in got_a] == [lb for lb, _ in got_b] and all(ms > 0 for _, ms in got_b)
+    start = 0
+    for frame, (layout, _) in zip(frames, got_b, strict=True):  # frame i's inputs are where the serial path puts them
+        if mode == "resize":
+            one = preprocess.resize_input(frame, (3, 16, 16))
+        else:
+            one, want = preprocess.tile_input(frame, (3, 16, 16), grid=grid)
+            assert layout == want
+        np.testing.assert_array_equal(b[start : start + len(one)], one)
+        start += len(one)
+    assert serial._pool is None  # one worker never starts a thread
+    parallel.close()
+    assert parallel._pool is None
+    with pytest.raises(ValueError, match="model inputs"):
+        parallel.prepare(frames, b[:-1])
