@@ -181,13 +181,14 @@ def input_pool(size: int, input_shape: tuple[int, int, int], manifest: EngineMan
     (``check_frame``, then :class:`~ism_edge.preprocess.FramePreparer` with ``config.threads``
     workers into a reused buffer), and the cost of it at each batch size: the median over
     ``repeats`` calls (more when needed to time 256 frames) that prepare the frames of one batch
-    (``batch / tiles per frame`` of them, at least one), per model input. One call is warmed up first."""
+    (``batch / tiles per frame`` of them, at least one; consecutive calls take different frames), per
+    model input. One call is warmed up first."""
     preparer = preprocess.FramePreparer(input_shape, mode=config.mode, tile_grid=config.tile_grid,
                                         color_order="BGR", model_order=manifest.color_order, workers=config.threads)
     per_frame = preparer.count(np.empty((*config.frame_size, 3), dtype=np.uint8))
     n_frames = max(8, math.ceil(size / per_frame))
     per_call = {b: min(n_frames, max(1, round(b / per_frame))) for b in config.batches}
-    kept = max(per_call.values())
+    kept = min(n_frames, max(16, *per_call.values()))  # frames kept for timing (a rotation of them)
     x = np.empty((n_frames * per_frame, *input_shape), dtype=np.float32)
     frames: list[np.ndarray] = []
     try:
@@ -197,16 +198,17 @@ def input_pool(size: int, input_shape: tuple[int, int, int], manifest: EngineMan
                 frames.append(frame)
         scratch = np.zeros((kept * per_frame, *input_shape), dtype=np.float32)
 
-        def timed(batch_frames: list[np.ndarray]) -> float:
+        def timed(n: int, call: int) -> float:
+            lo = (call * n) % (kept - n + 1)  # a camera's frames are new ones: rotate, do not re-read one from cache
             t0 = time.perf_counter()
-            preparer.prepare([preprocess.check_frame(f) for f in batch_frames], scratch[: len(batch_frames) * per_frame])
+            preparer.prepare([preprocess.check_frame(f) for f in frames[lo : lo + n]], scratch[: n * per_frame])
             return (time.perf_counter() - t0) * 1e3
 
         costs: dict[int, float] = {}
         for batch, n in sorted(per_call.items()):
-            timed(frames[:n])
+            timed(n, 0)
             calls = max(repeats, math.ceil(256 / n))  # at least 256 frames timed
-            costs[batch] = float(np.median([timed(frames[:n]) for _ in range(calls)])) / (n * per_frame)
+            costs[batch] = float(np.median([timed(n, k) for k in range(calls)])) / (n * per_frame)
     finally:
         preparer.close()
     return InputPool(x, costs, per_frame, n_frames)
