@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import bench, build, evaluate, export, run, train
+from cli import bench, build, calibrate, evaluate, export, run, train
 
 app = typer.Typer(
     name="ism-edge",
@@ -18,6 +18,7 @@ app.command("evaluate")(evaluate.evaluate)
 app.command("export")(export.export)
 app.command("build")(build.build)
 app.command("run")(run.run)
+app.command("calibrate")(calibrate.calibrate)
 app.command("bench")(bench.bench)
 
 

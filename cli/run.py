@@ -159,6 +159,11 @@ def run(
             ReaderOptions(queue_size=queue_size, stall_timeout=stall_timeout, reconnect_attempts=reconnect),
         )
         typer.echo(f"engines: {engine_dir} — {runtime.describe()}", err=True)
+        cal = runtime.manifest.calibration
+        if cal and (cal.get("mode"), cal.get("tile_grid")) != (mode.value, list(grid) if grid else None):
+            grid_text = f" --tile-grid {cal['tile_grid'][0]}x{cal['tile_grid'][1]}" if cal.get("tile_grid") else ""
+            typer.echo(f"warning: the thresholds were calibrated in {cal.get('mode')} mode{grid_text}; "
+                       f"re-run 'ism-edge calibrate' with this run's mode for its false-positive rate to hold", err=True)
         typer.echo(f"input: {source_uri}" + (f" → {out_uri.text}" if out_uri else "") + f"; log: {log}", err=True)
         runtime.warmup()
         status = _status_printer() if sys.stderr.isatty() else None

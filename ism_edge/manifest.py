@@ -94,6 +94,9 @@ class EngineManifest:
     gpu: dict[str, str] | None = None  # TensorRT only: {"name", "compute_capability"}
     parity: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    # thresholds re-calibrated on a deployment's clean frames (ism_edge.calibration): the latest
+    # record, with the thresholds it replaced; empty while the bundle's thresholds are in force
+    calibration: dict[str, Any] = field(default_factory=dict)
     format: str = ENGINE_FORMAT
     format_version: int = ENGINE_FORMAT_VERSION
 
@@ -156,6 +159,7 @@ class EngineManifest:
                 gpu=d.get("gpu"),
                 parity=d.get("parity", {}),
                 created=str(d.get("created", "")),
+                calibration=dict(d.get("calibration") or {}),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"engine manifest is missing or has a malformed field: {e}") from None
