@@ -52,11 +52,16 @@ def camera_frames(count: int, size: tuple[int, int] = DEFAULT_FRAME_SIZE, photos
 
 def write_video(path: str | Path, count: int, fps: float = 30.0, size: tuple[int, int] = DEFAULT_FRAME_SIZE,
                 photos: list[np.ndarray] | None = None) -> Path:
-    """Write :func:`camera_frames` as an MPEG-4 (mp4v) video at ``fps``; returns the path."""
+    """Write :func:`camera_frames` at ``fps``; returns the path.
+
+    The codec follows the suffix: ``.mkv`` lossless FFV1 (every pixel as generated), anything else
+    MPEG-4 (mp4v).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = size
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), float(fps), (w, h))
+    fourcc = "FFV1" if path.suffix.lower() == ".mkv" else "mp4v"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*fourcc), float(fps), (w, h))
     if not writer.isOpened():
         raise SourceError(f"OpenCV cannot write the benchmark video {path}: check the folder, or pass --video FILE")
     try:

@@ -21,7 +21,7 @@ from ism_edge import DefenseRuntime, preprocess
 from ism_edge.bench import Column, engine_columns, load_engine_dirs, runtime_column
 from ism_edge.bench.chain import BENCH_STAGES, BenchConfig, run_chain_bench
 from ism_edge.bench.flops import CHAIN_MULTIPLICITY, ChainFlops, chain_flops, graph_macs
-from ism_edge.bench.frames import camera_frames, load_photos
+from ism_edge.bench.frames import camera_frames, load_photos, write_video
 from ism_edge.bench.peak import PeakProbe, gemm_peak
 from ism_edge.bench.stream import PacedSource, latency_trend, latency_windows, run_stream_bench
 from ism_edge.errors import EngineError
@@ -341,3 +341,19 @@ def test_the_bench_package_never_imports_torch() -> None:
 
 def test_chain_flops_type() -> None:
     assert ChainFlops({}).per_input == 0
+
+
+def test_mkv_clips_are_lossless(tmp_path: Path) -> None:
+    import cv2
+
+    path = write_video(tmp_path / "clip.mkv", 6, size=(96, 128))
+    cap = cv2.VideoCapture(str(path))
+    read = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        read.append(frame)
+    cap.release()
+    want = list(camera_frames(6, (96, 128)))
+    assert len(read) == 6 and all(np.array_equal(a, b) for a, b in zip(read, want, strict=True))
