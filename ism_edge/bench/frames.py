@@ -32,26 +32,30 @@ def load_photos(folder: str | Path | None = None) -> list[np.ndarray]:
     return images
 
 
-def camera_frames(count: int, size: tuple[int, int] = DEFAULT_FRAME_SIZE, photos: list[np.ndarray] | None = None) -> Iterator[np.ndarray]:
+def camera_frames(count: int, size: tuple[int, int] = DEFAULT_FRAME_SIZE, photos: list[np.ndarray] | None = None,
+                  *, per_photo: int = 30) -> Iterator[np.ndarray]:
     """``count`` BGR uint8 frames of ``size`` (height, width): a pan over each photo in turn.
 
-    Every 30 frames the camera moves to the next photograph; within a photo the crop (80 % of
-    it) slides a few pixels per frame, as a hand-held camera would.
+    Every ``per_photo`` frames the camera moves to the next photograph (after the last, the first
+    again: frames repeat once ``count`` exceeds ``per_photo × len(photos)``); within a photo the
+    crop (80 % of it) slides a few pixels per frame, as a hand-held camera would.
     """
+    if per_photo < 2:
+        raise ValueError(f"per_photo must be >= 2, got {per_photo}")
     photos = photos if photos is not None else load_photos()
     h, w = size
     for i in range(count):
-        im = photos[(i // 30) % len(photos)]
+        im = photos[(i // per_photo) % len(photos)]
         ih, iw = im.shape[:2]
         ch, cw = int(ih * 0.8), int(iw * 0.8)
-        step = i % 30
-        y = (step * (ih - ch)) // 29
-        x = (step * (iw - cw)) // 29
+        step = i % per_photo
+        y = (step * (ih - ch)) // (per_photo - 1)
+        x = (step * (iw - cw)) // (per_photo - 1)
         yield cv2.resize(im[y : y + ch, x : x + cw], (w, h), interpolation=cv2.INTER_AREA)
 
 
 def write_video(path: str | Path, count: int, fps: float = 30.0, size: tuple[int, int] = DEFAULT_FRAME_SIZE,
-                photos: list[np.ndarray] | None = None) -> Path:
+                photos: list[np.ndarray] | None = None, *, per_photo: int = 30) -> Path:
     """Write :func:`camera_frames` at ``fps``; returns the path.
 
     The codec follows the suffix: ``.mkv`` lossless FFV1 (every pixel as generated), anything else
@@ -65,7 +69,7 @@ def write_video(path: str | Path, count: int, fps: float = 30.0, size: tuple[int
     if not writer.isOpened():
         raise SourceError(f"OpenCV cannot write the benchmark video {path}: check the folder, or pass --video FILE")
     try:
-        for frame in camera_frames(count, size, photos):
+        for frame in camera_frames(count, size, photos, per_photo=per_photo):
             writer.write(frame)
     finally:
         writer.release()
