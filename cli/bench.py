@@ -177,7 +177,7 @@ def bench(
                                  tile_grid=grid, frame_size=size)  # fmt: skip
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
-        columns = [_eager_column(bundle, n_threads, device), *engine_columns(engines, threads=n_threads, device=device, spinning=spinning)]
+        columns = [_eager_column(bundle, n_threads, device, engines[0][1].thresholds), *engine_columns(engines, threads=n_threads, device=device, spinning=spinning)]
         typer.echo(f"GEMM probe ({n_threads} threads) ...", err=True)
         peak = gemm_peak(n_threads)
         report = run_chain_bench(columns, engines[0][1], config, flops=chain_flops(engines[0][0]), peak=peak, photos=photos,
@@ -190,8 +190,9 @@ def bench(
         typer.echo(f"report written to {json_out}", err=True)
 
 
-def _eager_column(bundle: Path | None, threads: int, device: str) -> Any:
-    """The PyTorch-eager column, or the reason it does not run (no bundle, no torch)."""
+def _eager_column(bundle: Path | None, threads: int, device: str, thresholds: dict[str, float]) -> Any:
+    """The PyTorch-eager column, or the reason it does not run (no bundle, no torch); it flags with
+    ``thresholds`` (the first engine directory's, which ``ism-edge calibrate`` may have changed)."""
     from ism_edge.bench import EAGER, Column
 
     title = "PyTorch eager"
@@ -205,6 +206,6 @@ def _eager_column(bundle: Path | None, threads: int, device: str) -> Any:
     def factory() -> Any:
         from engines.bench_torch import TorchEagerChain
 
-        return TorchEagerChain(bundle, threads=threads, device=device)
+        return TorchEagerChain(bundle, threads=threads, device=device, thresholds=thresholds)
 
     return Column(EAGER, title, factory)

@@ -23,10 +23,13 @@ class TorchEagerChain:
     """PyTorch eager inference of a bundle's defense, with ``threads`` intra-op threads.
 
     ``device``: ``"cpu"`` or a CUDA device (``"cuda"``, ``"cuda:N"``). Pixels are float32 NCHW
-    in [0, 1]; the result holds per-input labels and flags (SPEC §2 semantics).
+    in [0, 1]; the result holds per-input labels and flags (SPEC §2 semantics). ``thresholds``
+    replaces the bundle's (an engine manifest's, after ``ism-edge calibrate``), so the flags are
+    those of the deployed rule.
     """
 
-    def __init__(self, bundle_dir: str | Path, *, threads: int, device: str = "cpu", feedback_rounds: int | None = None) -> None:
+    def __init__(self, bundle_dir: str | Path, *, threads: int, device: str = "cpu", feedback_rounds: int | None = None,
+                 thresholds: dict[str, float] | None = None) -> None:
         try:
             import torch
         except ImportError:
@@ -39,7 +42,10 @@ class TorchEagerChain:
         self.threads = threads
         self.device = torch.device(device)
         self.bundle_dir = Path(bundle_dir)
-        self.defense = Defense(DefenseBundle.load(bundle_dir, map_location=str(self.device)), feedback_rounds=feedback_rounds).eval()
+        bundle = DefenseBundle.load(bundle_dir, map_location=str(self.device))
+        if thresholds is not None:
+            bundle.thresholds = dict(thresholds)
+        self.defense = Defense(bundle, feedback_rounds=feedback_rounds).eval()
 
     def describe(self) -> str:
         return f"torch {self._torch.__version__} eager on {self.device} ({self.threads} threads), bundle {self.bundle_dir}"

@@ -100,3 +100,36 @@ def test_bad_options(engine_dir: Path) -> None:
     assert r.exit_code == 2 and "--mode tile" in r.stderr
     r = runner.invoke(APP, ["bench", str(engine_dir), "--batch", "0,4"])
     assert r.exit_code == 2 and ">= 1" in r.stderr
+
+
+def test_pytorch_eager_flags_with_the_engines_calibrated_thresholds(engine_dir: Path, untrained_bundle_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    import shutil
+
+    import numpy as np
+
+    from ism_edge import DefenseRuntime
+    from ism_edge.bench.frames import camera_frames
+    from ism_edge.manifest import SCORE_NAMES, load_manifest
+    from tests.ism_edge.conftest import edit_manifest
+
+    engines = tmp_path / "engines"
+    shutil.copytree(engine_dir, engines)
+    with DefenseRuntime(engines) as rt:  # the bench's inputs: 8 frames of 128x96, resize mode
+        verdicts = rt.process_batch(list(camera_frames(8, (96, 128))))
+    scores = {k: np.array([v.scores[k] for v in verdicts]) for k in SCORE_NAMES}
+    # as if calibrated on this camera: the reconstruction error flags half the frames (a threshold
+    # midway between two scores, clear of float noise), the other detectors none
+    recon = np.sort(scores["recon_error"])
+    calibrated = {"recon_error": float(recon[3] + recon[4]) / 2, "jsd": 1.0, "p_score": 1.0}
+    bundle_thresholds = load_manifest(engines).thresholds
+    flags = lambda th: np.logical_or.reduce([scores[k] > th[k] for k in SCORE_NAMES])  # noqa: E731
+    assert (flags(calibrated) != flags(bundle_thresholds)).any()  # the bundle's thresholds would disagree
+    edit_manifest(engines, thresholds=calibrated)
+
+    out = tmp_path / "bench.json"
+    r = runner.invoke(APP, ["bench", str(engines), "--bundle", str(untrained_bundle_dir), "--batch", "1,4", "--frames", "8",
+                            "--threads", "1", "--frame-size", "128x96", "--json", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    fp32 = {c["name"]: c for c in json.loads(out.read_text())["columns"]}["onnxruntime-fp32"]
+    assert fp32["agreement"]["flags"] == 1.0 and fp32["agreement"]["labels"] == 1.0
