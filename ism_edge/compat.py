@@ -104,10 +104,12 @@ def check_compatible(
     directory: str | os.PathLike[str],
     *,
     bundle: str | os.PathLike[str] | None = None,
+    gpu: int = 0,
 ) -> None:
     """Raise :class:`EngineMismatchError` (one line, with the rebuild command) unless the engines
     in ``directory`` were built for this machine's ONNX Runtime / TensorRT / GPU.
 
+    ``gpu``: the CUDA device the engines will run on (TensorRT engines are tied to its model).
     With ``bundle``, also refuse engines built from another defense bundle.
     """
     directory = Path(directory)
@@ -140,7 +142,7 @@ def check_compatible(
             f"installed here: rebuild for ONNX Runtime with 'ism-edge build {directory} --out {directory} "
             "--backend onnxruntime' or install ism-edge[tensorrt]"
         )
-    running_gpu = current_gpu()
+    running_gpu = current_gpu(gpu)
     same_gpu = (
         built_gpu is not None
         and running_gpu is not None

@@ -139,13 +139,15 @@ def decide(out: ChainOutput, manifest: EngineManifest) -> Decisions:
     return Decisions(per_sample, flags, probs)
 
 
-def _check_compatible(manifest: EngineManifest, directory: Path) -> None:
-    """The engines engineer's target check (GPU, TensorRT/ORT version), when it is installed."""
+def _check_compatible(manifest: EngineManifest, directory: Path, device: str) -> None:
+    """The engines engineer's target check (GPU, TensorRT/ORT version), when it is installed;
+    ``device`` (``auto``, ``cuda``, ``cuda:N``, ``cpu``) names the GPU a TensorRT engine runs on."""
     try:
         from ism_edge.compat import check_compatible  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return
-    check_compatible(manifest, directory)
+    gpu = int(device[5:]) if device.startswith("cuda:") and device[5:].isdigit() else 0
+    check_compatible(manifest, directory, gpu=gpu)
 
 
 class DefenseRuntime:
@@ -172,7 +174,7 @@ class DefenseRuntime:
             raise EngineError(f"{self.directory / MANIFEST_NAME}: color_order {self.manifest.color_order!r} is not RGB or BGR")
         cls = select_backend(self.options.backend, self.manifest, self.directory)
         if cls.name == self.manifest.backend:
-            _check_compatible(self.manifest, self.directory)
+            _check_compatible(self.manifest, self.directory, self.options.device)
         extra = {"spinning": self.options.spinning} if cls.name == "onnxruntime" else {}
         self.backend: Backend = cls(
             self.directory,

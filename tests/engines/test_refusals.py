@@ -139,3 +139,18 @@ def test_baseline_bundle_is_refused(command: str, untrained_bundle_dir: Path, tm
     assert run.exit_code != 0
     assert "evaluation baseline 'magnet'" in _one_line_error(run.output)
     assert not (tmp_path / "out").exists()
+
+
+def test_tensorrt_engines_are_checked_against_the_gpu_they_run_on(engine_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ism_edge import compat
+
+    gpus = {0: {"name": "NVIDIA H100", "compute_capability": "9.0"}, 1: {"name": "Orin", "compute_capability": "8.7"}}
+    asked: list[int] = []
+    monkeypatch.setattr(compat, "tensorrt_version", lambda: "10.3.0")
+    monkeypatch.setattr(compat, "current_gpu", lambda device=0: asked.append(device) or gpus.get(device))
+    m = load_manifest(engine_copy)
+    trt = replace(m, backend="tensorrt", versions={**m.versions, "tensorrt": "10.3.0"}, gpu=gpus[1])
+    compat.check_compatible(trt, engine_copy, gpu=1)  # built for the Orin, run on device 1: the Orin
+    with pytest.raises(EngineMismatchError, match=r"built with TensorRT 10\.3\.0 on Orin \(8\.7\); this machine has .*H100"):
+        compat.check_compatible(trt, engine_copy)  # device 0 is another GPU
+    assert asked == [1, 0]
