@@ -224,9 +224,9 @@ class FramePreparer:
     """Validated frames → model inputs for one runtime configuration, several frames at once.
 
     A batch of frames is split into one contiguous chunk per worker thread: OpenCV's resize and
-    numpy's conversion release the GIL, so the chunks run on separate cores (0.19 → 0.10 ms per
-    640×480 frame with two workers on two cores, resize mode; docs/performance.md). One frame is
-    prepared on the calling thread. ``workers=1`` never starts a thread.
+    numpy's conversion release the GIL, so the chunks run on separate cores (0.25 → 0.14 ms per
+    640×480 frame at batch 32 with two workers on two cores, resize mode; docs/performance.md). One
+    frame is prepared on the calling thread. ``workers=1`` never starts a thread.
     """
 
     def __init__(
