@@ -184,6 +184,26 @@ def check_onnx(path: str | os.PathLike[str], role: str | None = None) -> onnx.Mo
     return model
 
 
+def save_pass_output(model: onnx.ModelProto, dst: Path, *, src: Path, what: str, tag: tuple[str, str]) -> Path:
+    """Tag ``model`` (a metadata entry ``tag``), re-infer its shapes, check it (``onnx.checker``,
+    full) and save it to ``dst``; for the graph passes (FP16, sub-pixel) that rewrite ``src``.
+
+    A graph that fails the check is a bug in the pass (``what``), reported in one line.
+    """
+    import onnx
+
+    meta = model.metadata_props.add()
+    meta.key, meta.value = tag
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # pragma: no cover - a bug in the pass, not a user error
+        raise EngineError(f"{what} of {src} produced an invalid graph: {str(e).splitlines()[0]}") from None
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    return dst
+
+
 def onnx_from_bundle(
     bundle: DefenseBundle,
     out_dir: str | os.PathLike[str],

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from engines.export import save_pass_output
 from ism_edge.errors import EngineError, missing_dependency
 
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -119,16 +120,7 @@ def fp16_from_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> 
     del graph.initializer[:]
     graph.initializer.extend([*kept, *new_inits.values()])
     del graph.value_info[:]
-    meta = model.metadata_props.add()
-    meta.key, meta.value = "ism_edge.precision", "fp16"
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as e:  # pragma: no cover - a bug in this pass, not a user error
-        raise EngineError(f"FP16 conversion of {src} produced an invalid graph: {str(e).splitlines()[0]}") from None
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(dst))
-    return dst
+    return save_pass_output(model, dst, src=src, what="FP16 conversion", tag=("ism_edge.precision", "fp16"))
 
 
 def precision_summary(path: str | os.PathLike[str]) -> dict[str, list[str]]:

@@ -27,7 +27,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ism_edge.errors import EngineError, missing_dependency
+from engines.export import save_pass_output
+from ism_edge.errors import missing_dependency
 
 if TYPE_CHECKING:
     import numpy as np
@@ -181,13 +182,4 @@ def subpixel_from_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str])
     model, rewritten = subpixel_model(onnx.load(str(src)))
     if not rewritten:
         return None
-    meta = model.metadata_props.add()
-    meta.key, meta.value = "ism_edge.subpixel", str(rewritten)
-    try:
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as e:  # pragma: no cover - a bug in this pass, not a user error
-        raise EngineError(f"sub-pixel rewrite of {src} produced an invalid graph: {str(e).splitlines()[0]}") from None
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(dst))
-    return dst
+    return save_pass_output(model, dst, src=src, what="sub-pixel rewrite", tag=("ism_edge.subpixel", str(rewritten)))
