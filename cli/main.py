@@ -36,8 +36,24 @@ def _root(
 MULTI_VALUE_OPTIONS = ("--data",)
 
 
+def _is_bundle(arg: str) -> bool:
+    """Whether ``arg`` is a defense-bundle directory (a positional BUNDLE, never a data path)."""
+    import json
+    from pathlib import Path
+
+    manifest = Path(arg) / "manifest.json"
+    try:
+        return manifest.is_file() and json.loads(manifest.read_text()).get("format") == "ism-edge-bundle"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def expand_multi_value(argv: list[str]) -> list[str]:
-    """Rewrite ``--data A B C`` as ``--data A --data B --data C`` (typer options take one value)."""
+    """Rewrite ``--data A B C`` as ``--data A --data B --data C`` (typer options take one value).
+
+    A value that is a defense bundle ends the list: ``evaluate --data test.npz BUNDLE`` keeps BUNDLE
+    as the positional argument.
+    """
     out: list[str] = []
     current: str | None = None
     for arg in argv:
@@ -45,6 +61,8 @@ def expand_multi_value(argv: list[str]) -> list[str]:
             current = arg
             out.append(arg)
             continue
+        if current is not None and _is_bundle(arg) and out and out[-1] != current:
+            current = None
         if current is not None and not arg.startswith("-") and out and out[-1] != current:
             out.extend([current, arg])
             continue

@@ -111,6 +111,10 @@ def test_crosscheck_with_art(tmp_path: Path, trained_bundle_dir: Path) -> None:
     assert "ART PGD %" in (out / "crosscheck.md").read_text()
 
 
-def test_data_option_takes_several_values() -> None:
+def test_data_option_takes_several_values(untrained_bundle_dir: Path) -> None:
     assert expand_multi_value(["train", "--data", "p1", "p2", "p3", "--out", "b"]) == [
         "train", "--data", "p1", "--data", "p2", "--data", "p3", "--out", "b"]
+    bundle = str(untrained_bundle_dir)  # a bundle after the data paths is the positional BUNDLE
+    assert expand_multi_value(["evaluate", "--data", "a.npz", "b.npz", bundle, "--n", "5"]) == [
+        "evaluate", "--data", "a.npz", "--data", "b.npz", bundle, "--n", "5"]
+    assert expand_multi_value(["evaluate", "--data", bundle]) == ["evaluate", "--data", bundle]  # a value is still a value
