@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._common import cli_errors, parse_eps, parse_list
+from cli._common import cli_errors, keep_freed_memory, parse_eps, parse_list
 
 
 def _names(baselines: list[str], dirs: list[Path]) -> list[str]:
@@ -44,6 +44,7 @@ def evaluate(
     accuracy, accuracy under attack, detection rate, FPR on clean data and defended accuracy
     (flagged or correct), with sanity checks and the paper's claims alongside; written as a
     Markdown table, CSV, JSON and a plot of accuracy vs ε."""
+    keep_freed_memory()
     import sys
 
     from ism_edge._io import atomic_write_bytes, atomic_write_json

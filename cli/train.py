@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._common import cli_errors, parse_eps, parse_list
+from cli._common import cli_errors, keep_freed_memory, parse_eps, parse_list
 
 
 @cli_errors
@@ -47,6 +47,7 @@ def train(
     and calibration of the detector thresholds at --target-fpr on held-out clean data.
     --baseline trains one of the evaluation's baselines with the same code instead.
     """
+    keep_freed_memory()
     from dataclasses import replace
 
     from training.bundle import BASELINES
