@@ -85,7 +85,7 @@ def calibrate(
     from ism_edge._io import atomic_write_json
     from ism_edge.calibration import apply_calibration, frame_scores, min_frames
     from ism_edge.calibration import calibrate as calibrate_scores
-    from ism_edge.errors import SourceError
+    from ism_edge.errors import OutputError, SourceError
     from ism_edge.runtime import DefenseRuntime, RuntimeOptions
     from ism_edge.sources import open_source, parse_source
 
@@ -117,7 +117,14 @@ def calibrate(
         console.print(f"skipped {source.skipped} unreadable file(s)")
     cal = calibrate_scores(scores, previous, fpr, mode=mode.value, tile_grid=grid, source=str(uri))
     if not dry_run:
-        apply_calibration(engine_dir, cal)
+        try:
+            apply_calibration(engine_dir, cal)
+        except OSError as e:
+            raise OutputError(f"cannot rewrite {engine_dir / 'manifest.json'} ({e.strerror or e}): check that the "
+                              "engine directory is writable; nothing was changed") from None
     print_calibration(cal, written=not dry_run)
     if json_out is not None:
-        atomic_write_json(json_out, cal.to_json())
+        try:
+            atomic_write_json(json_out, cal.to_json())
+        except OSError as e:
+            raise OutputError(f"cannot write {json_out} ({e.strerror or e}): check the path") from None

@@ -93,3 +93,18 @@ def test_bad_inputs_give_one_error_line(engines: Path, tmp_path: Path) -> None:
     for args, expected in cases:
         result = runner.invoke(app, args)
         assert expected in one_error_line(result), args
+
+
+def test_an_unwritable_engine_directory_is_one_error_line(engines: Path, clean_frames: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import ism_edge.manifest
+
+    def refuse(path, obj) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    before = (engines / "manifest.json").read_bytes()
+    monkeypatch.setattr(ism_edge.manifest, "atomic_write_json", refuse)
+    result = runner.invoke(app, ["calibrate", str(engines), str(clean_frames), "--fpr", "0.25"])
+    line = one_error_line(result)
+    assert "cannot rewrite" in line and "Permission denied" in line and "nothing was changed" in line
+    assert (engines / "manifest.json").read_bytes() == before
