@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 pytest.importorskip("torch")  # the engine directory fixture and the PyTorch column
@@ -22,19 +21,7 @@ from tests.ism_edge.conftest import shared_engine_dir  # noqa: E402
 runner = CliRunner()
 
 
-def _app() -> typer.Typer:
-    """cli.main.app once `bench` is registered there; until then the same command on its own app."""
-    if any(c.name == "bench" for c in main_app.registered_commands):
-        return main_app
-    from cli.bench import bench
-
-    app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
-    app.command("bench")(bench)
-    app.callback()(lambda: None)
-    return app
-
-
-APP = _app()
+APP = main_app
 
 
 @pytest.fixture(scope="session")
