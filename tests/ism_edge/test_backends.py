@@ -243,3 +243,31 @@ def test_a_tensorrt_directory_runs_on_onnxruntime_through_its_onnx_sources(
     source.write_bytes(source.read_bytes() + b"\0")
     with pytest.raises(EngineError, match="ONNX source"):
         DefenseRuntime(engine_copy)
+
+
+def test_on_the_cuda_provider_an_onnxruntime_directory_loads_its_onnx_sources(
+    engine_dir: Path, engine_copy: Path, photos: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saved models are optimized for the CPU provider (com.microsoft fused ops); on CUDA the
+    stored, hash-checked sources are loaded instead. Simulated: this onnxruntime has no CUDA
+    provider, so it is made to report one and runs the sessions on the CPU."""
+    import onnxruntime
+
+    from ism_edge import DefenseRuntime
+
+    manifest = load_manifest(engine_copy)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with DefenseRuntime(engine_copy, device="cuda") as on_cuda:
+        files = on_cuda.backend.model_files  # type: ignore[attr-defined]
+        assert files == {r: engine_copy / ef.onnx for r, ef in manifest.engines.items()}
+        assert files["mapper"].name == "mapper.subpixel.onnx"
+        got = on_cuda.process(photos[0]).scores
+    monkeypatch.undo()
+    with DefenseRuntime(engine_dir, device="cpu") as on_cpu:
+        assert on_cpu.backend.model_files["mapper"] == engine_dir / "mapper.onnx"  # type: ignore[attr-defined]
+        assert got == pytest.approx(on_cpu.process(photos[0]).scores, rel=1e-4, abs=1e-6)
+    source = engine_copy / manifest.engines["classifier"].onnx  # a source whose name is the engine's
+    source.write_bytes(source.read_bytes() + b"\0")
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(EngineError, match=r"classifier ONNX source\) does not match"):
+        DefenseRuntime(engine_copy, device="cuda")

@@ -72,10 +72,7 @@ class OnnxRuntimeBackend(Backend):
         self.device = device
         self.threads = threads
         self.spinning = spinning
-        self.model_files: dict[str, Path] = {}
-        for role in ROLES:
-            ef = manifest.engines[role]
-            self.model_files[role] = self.directory / (ef.file if manifest.backend == "onnxruntime" else ef.onnx)
+        self.model_files: dict[str, Path] = {}  # set on activation, once the provider is known
         self.providers: list[str] = []
         self._sessions: dict[str, Any] = {}
         self._bindings: dict[str, Any] = {}
@@ -88,6 +85,8 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> str:
         src = "" if self.manifest.backend == "onnxruntime" else " (ONNX sources of a TensorRT engine directory)"
+        if self.manifest.backend == "onnxruntime" and "CUDAExecutionProvider" in self.providers:
+            src = " (ONNX sources: the saved models are optimized for the CPU)"
         return f"onnxruntime {_onnxruntime().__version__} [{', '.join(self.providers) or 'inactive'}]{src}"
 
     def _provider_list(self, ort: Any) -> list[Any]:
@@ -103,9 +102,19 @@ class OnnxRuntimeBackend(Backend):
         device_id = int(self.device[5:]) if self.device.startswith("cuda:") else 0
         return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
 
+    def _model_files(self, on_cuda: bool) -> dict[str, Path]:
+        """The file each session loads: the directory's CPU-optimized models, or — for a TensorRT
+        directory, or on the CUDA provider (the saved models hold CPU-only fused ops) — the stored
+        ONNX sources, which ONNX Runtime then optimizes for the provider at load."""
+        use_source = self.manifest.backend != "onnxruntime" or on_cuda
+        return {role: self.directory / (ef.onnx if use_source else ef.file) for role, ef in self.manifest.engines.items()
+                if role in ROLES}
+
     def _activate_impl(self) -> None:
         ort = _onnxruntime()
         providers = self._provider_list(ort)
+        on_cuda = any((p[0] if isinstance(p, tuple) else p) == "CUDAExecutionProvider" for p in providers)
+        self.model_files = self._model_files(on_cuda)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
@@ -120,7 +129,8 @@ class OnnxRuntimeBackend(Backend):
             if not path.is_file():
                 raise EngineError(f"{path} ({role}) is missing: rebuild the engines with 'ism-edge build'")
             source = self.manifest.engines[role].onnx
-            if self.manifest.backend != "onnxruntime" and source in recorded and sha256_file(path) != recorded[source]:
+            is_source = path != self.directory / self.manifest.engines[role].file  # engine files: load_manifest checked them
+            if is_source and source in recorded and sha256_file(path) != recorded[source]:
                 raise EngineError(
                     f"{path} ({role} ONNX source) does not match the hash recorded in the manifest "
                     "(corrupted or modified): rebuild the engines with 'ism-edge build'"
