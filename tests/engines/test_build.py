@@ -195,3 +195,18 @@ def test_cli_build_fails_on_a_graph_outside_tolerance(untrained_bundle_dir: Path
     line = [x for x in run.output.splitlines() if x.startswith("error: ")]
     assert len(line) == 1 and "the FP16 mapper graph onnx/mapper.fp16.onnx differs from PyTorch on 'x_hat'" in line[0]
     assert "--precision fp32" in line[0] and list(tmp_path.iterdir()) == []
+
+
+def test_fp16_onnxruntime_build_runs_the_sub_pixel_fp16_mapper(untrained_bundle_dir: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from engines.build import build_engines
+
+    out = build_engines(untrained_bundle_dir, tmp_path / "fp16", precision="fp16", parity_samples=32)
+    m = load_manifest(out)
+    assert m.engines["mapper"].onnx == "onnx/mapper.fp16.subpixel.onnx" and m.engines["classifier"].onnx == "onnx/classifier.fp16.onnx"
+    mapper = onnx.load(str(out / m.engines["mapper"].onnx))
+    weights = {t.name: t.data_type for t in mapper.graph.initializer}
+    subpixel = [n for n in mapper.graph.node if n.name.endswith("__subpixel_conv")]
+    assert len(subpixel) == 4 and all(weights[n.input[1]] == onnx.TensorProto.FLOAT16 for n in subpixel)
+    assert m.parity["engine"]["ok"] and m.parity["gated"] == ["fp16", "engine"]
