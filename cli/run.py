@@ -160,6 +160,10 @@ def run(
         )
         typer.echo(f"engines: {engine_dir} — {runtime.describe()}", err=True)
         cal = runtime.manifest.calibration
+        typer.echo(f"thresholds: calibrated on {cal.get('frames')} clean frames of {cal.get('source')} at "
+                   f"{cal.get('target_fpr', 0):.2%} per detector ({cal.get('created', '?')})" if cal else
+                   "thresholds: the bundle's (its held-out training images; 'ism-edge calibrate' fits them to this camera)",
+                   err=True)
         if cal and (cal.get("mode"), cal.get("tile_grid")) != (mode.value, list(grid) if grid else None):
             grid_text = f" --tile-grid {cal['tile_grid'][0]}x{cal['tile_grid'][1]}" if cal.get("tile_grid") else ""
             typer.echo(f"warning: the thresholds were calibrated in {cal.get('mode')} mode{grid_text}; "

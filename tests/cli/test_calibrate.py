@@ -50,6 +50,7 @@ def test_calibrated_thresholds_hold_the_rate_on_the_frames(engines: Path, clean_
     run = runner.invoke(app, ["run", str(engines), str(clean_frames), "--headless", "--feedback-rounds", "0", "--log", str(log)])
     assert run.exit_code == 0, run.output
     assert "calibrated in" not in run.stderr  # same mode: no warning
+    assert f"thresholds: calibrated on 20 clean frames of {clean_frames}" in run.stderr
     verdicts = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(verdicts) == 20
     for k, threshold in manifest["thresholds"].items():  # each detector flags at most 25 % of them
