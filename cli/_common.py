@@ -22,6 +22,33 @@ class Backend(str, Enum):
     onnxruntime = "onnxruntime"
 
 
+class Mode(str, Enum):
+    """The --mode choices of run, calibrate and bench (ism_edge.preprocess.MODES)."""
+
+    resize = "resize"
+    tile = "tile"
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+    """Parse ``ROWSxCOLS`` (e.g. ``2x3``)."""
+    parts = text.lower().split("x")
+    try:
+        rows, cols = (int(p) for p in parts)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not ROWSxCOLS, e.g. 2x3") from None
+    if rows < 1 or cols < 1:
+        raise typer.BadParameter(f"{text!r}: rows and columns must be >= 1")
+    return rows, cols
+
+
+def tile_grid_for(mode: Mode, text: str | None) -> tuple[int, int] | None:
+    """``--tile-grid ROWSxCOLS``, which only tile mode takes."""
+    grid = parse_grid(text) if text else None
+    if grid is not None and mode != Mode.tile:
+        raise typer.BadParameter("--tile-grid needs --mode tile")
+    return grid
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from cli._common import cli_errors
-from cli.run import parse_grid
-
-
-class Mode(str, Enum):
-    resize = "resize"
-    tile = "tile"
+from cli._common import Mode, cli_errors, parse_grid, tile_grid_for
 
 
 def parse_batches(text: str) -> tuple[int, ...]:
@@ -150,9 +143,7 @@ def bench(
     from ism_edge.bench.frames import load_photos
 
     size = parse_size(frame_size)
-    grid = parse_grid(tile_grid) if tile_grid else None
-    if grid is not None and mode != Mode.tile:
-        raise typer.BadParameter("--tile-grid needs --mode tile")
+    grid = tile_grid_for(mode, tile_grid)
     engines = load_engine_dirs(engine_dirs, bundle)
     n_threads = threads or default_threads()
     photos = load_photos(images)

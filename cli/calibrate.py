@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli._common import Backend, cli_errors
-from cli.run import Mode, parse_grid
+from cli._common import Backend, Mode, cli_errors, tile_grid_for
+from cli.run import input_uri
 
 if TYPE_CHECKING:
     import numpy as np
@@ -85,21 +85,17 @@ def calibrate(
     from ism_edge._io import atomic_write_json
     from ism_edge.calibration import apply_calibration, frame_scores, min_frames
     from ism_edge.calibration import calibrate as calibrate_scores
-    from ism_edge.errors import OutputError, SourceError
+    from ism_edge.errors import OutputError
     from ism_edge.runtime import DefenseRuntime, RuntimeOptions
-    from ism_edge.sources import open_source, parse_source
+    from ism_edge.sources import open_source
 
     cv_logging.setLogLevel(cv_logging.LOG_LEVEL_ERROR)
-    if (input is None) == (camera is None):
-        raise SourceError("give exactly one input of clean frames: a video file, an image folder, a URI such as rtsp://…, or --camera N")
+    uri = input_uri(input, camera, "input of clean frames")
     if not 0.0 < fpr < 0.5:
         raise typer.BadParameter(f"--fpr must be between 0 and 0.5 (exclusive), got {fpr}")
-    grid = parse_grid(tile_grid) if tile_grid else None
-    if grid is not None and mode != Mode.tile:
-        raise typer.BadParameter("--tile-grid needs --mode tile")
+    grid = tile_grid_for(mode, tile_grid)
     if max_frames is not None and max_frames < min_frames(fpr):
         raise typer.BadParameter(f"--max-frames {max_frames} is below the {min_frames(fpr)} frames a {fpr:.2%} FPR needs")
-    uri = parse_source(camera if camera is not None else str(input))
     options = RuntimeOptions(backend=backend.value, device=device, mode=mode.value, color_order="BGR", tile_grid=grid,
                              feedback_rounds=0, threads=threads)
     console = Console(stderr=True, highlight=False)

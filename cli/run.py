@@ -4,35 +4,27 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli._common import Backend, cli_errors
+from cli._common import Backend, Mode, cli_errors, tile_grid_for
 
 if TYPE_CHECKING:
     from ism_edge.pipeline import RunSummary
     from ism_edge.runtime import DefenseRuntime, RuntimeOptions
-    from ism_edge.sources import FrameSource
+    from ism_edge.sources import FrameSource, SourceURI
 
 
-class Mode(str, Enum):
-    resize = "resize"
-    tile = "tile"
+def input_uri(input: str | None, camera: int | None, what: str = "input") -> SourceURI:
+    """The source of INPUT or --camera N: exactly one of them (a one-line SourceError otherwise)."""
+    from ism_edge.errors import SourceError
+    from ism_edge.sources import parse_source
 
-
-def parse_grid(text: str) -> tuple[int, int]:
-    """Parse ``ROWSxCOLS`` (e.g. ``2x3``)."""
-    parts = text.lower().split("x")
-    try:
-        rows, cols = (int(p) for p in parts)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not ROWSxCOLS, e.g. 2x3") from None
-    if rows < 1 or cols < 1:
-        raise typer.BadParameter(f"{text!r}: rows and columns must be >= 1")
-    return rows, cols
+    if (input is None) == (camera is None):
+        raise SourceError(f"give exactly one {what}: a video file, an image folder, a URI such as rtsp://…, or --camera N")
+    return parse_source(camera if camera is not None else str(input))
 
 
 def load_runtime(engine_dir: Path, options: RuntimeOptions, *, rebuild_on_mismatch: bool) -> DefenseRuntime:
@@ -104,7 +96,6 @@ def run(
     """
     import cv2.utils.logging as cv_logging
 
-    from ism_edge.errors import SourceError
     from ism_edge.outputs import (
         FrameSink,
         ImageFolderOutput,
@@ -115,20 +106,16 @@ def run(
     )
     from ism_edge.pipeline import RunOptions, run_pipeline
     from ism_edge.runtime import RuntimeOptions
-    from ism_edge.sources import FrameReader, ReaderOptions, open_source, parse_source
+    from ism_edge.sources import FrameReader, ReaderOptions, open_source
 
     cv_logging.setLogLevel(cv_logging.LOG_LEVEL_ERROR)
-    if (input is None) == (camera is None):
-        raise SourceError("give exactly one input: a video file, an image folder, a URI such as rtsp://…, or --camera N")
-    source_uri = parse_source(camera if camera is not None else str(input))
+    source_uri = input_uri(input, camera)
     out_uri = parse_output(output) if output is not None else None
     if out_uri is None and not headless and opencv_has_gui():
         out_uri = parse_output("display://0")
     if out_uri is not None and out_uri.kind == "display" and headless:
         out_uri = None
-    grid = parse_grid(tile_grid) if tile_grid else None
-    if grid is not None and mode != Mode.tile:
-        raise typer.BadParameter("--tile-grid needs --mode tile")
+    grid = tile_grid_for(mode, tile_grid)
     try:
         options = RuntimeOptions(
             backend=backend.value, device=device, mode=mode.value, color_order="BGR", tile_grid=grid,
@@ -159,15 +146,8 @@ def run(
             ReaderOptions(queue_size=queue_size, stall_timeout=stall_timeout, reconnect_attempts=reconnect),
         )
         typer.echo(f"engines: {engine_dir} — {runtime.describe()}", err=True)
-        cal = runtime.manifest.calibration
-        typer.echo(f"thresholds: calibrated on {cal.get('frames')} clean frames of {cal.get('source')} at "
-                   f"{cal.get('target_fpr', 0):.2%} per detector ({cal.get('created', '?')})" if cal else
-                   "thresholds: the bundle's (its held-out training images; 'ism-edge calibrate' fits them to this camera)",
-                   err=True)
-        if cal and (cal.get("mode"), cal.get("tile_grid")) != (mode.value, list(grid) if grid else None):
-            grid_text = f" --tile-grid {cal['tile_grid'][0]}x{cal['tile_grid'][1]}" if cal.get("tile_grid") else ""
-            typer.echo(f"warning: the thresholds were calibrated in {cal.get('mode')} mode{grid_text}; "
-                       f"re-run 'ism-edge calibrate' with this run's mode for its false-positive rate to hold", err=True)
+        for line in _threshold_lines(runtime.manifest.calibration, mode, grid):
+            typer.echo(line, err=True)
         typer.echo(f"input: {source_uri}" + (f" → {out_uri.text}" if out_uri else "") + f"; log: {log}", err=True)
         runtime.warmup()
         status = _status_printer() if sys.stderr.isatty() else None
@@ -187,6 +167,19 @@ def run(
     if summary.stopped == "interrupted":
         typer.echo("interrupted", err=True)
         raise typer.Exit(130)
+
+
+def _threshold_lines(cal: dict[str, Any], mode: Mode, grid: tuple[int, int] | None) -> list[str]:
+    """Where the thresholds come from, and a warning when they were calibrated for another mode."""
+    if not cal:
+        return ["thresholds: the bundle's (its held-out training images; 'ism-edge calibrate' fits them to this camera)"]
+    lines = [f"thresholds: calibrated on {cal.get('frames')} clean frames of {cal.get('source')} at "
+             f"{cal.get('target_fpr', 0):.2%} per detector ({cal.get('created', '?')})"]
+    if (cal.get("mode"), cal.get("tile_grid")) != (mode.value, list(grid) if grid else None):
+        grid_text = f" --tile-grid {cal['tile_grid'][0]}x{cal['tile_grid'][1]}" if cal.get("tile_grid") else ""
+        lines.append(f"warning: the thresholds were calibrated in {cal.get('mode')} mode{grid_text}; "
+                     "re-run 'ism-edge calibrate' with this run's mode for its false-positive rate to hold")
+    return lines
 
 
 def _paced(source: FrameSource) -> FrameSource:

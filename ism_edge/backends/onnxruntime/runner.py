@@ -102,19 +102,15 @@ class OnnxRuntimeBackend(Backend):
         device_id = int(self.device[5:]) if self.device.startswith("cuda:") else 0
         return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
 
-    def _model_files(self, on_cuda: bool) -> dict[str, Path]:
-        """The file each session loads: the directory's CPU-optimized models, or — for a TensorRT
-        directory, or on the CUDA provider (the saved models hold CPU-only fused ops) — the stored
-        ONNX sources, which ONNX Runtime then optimizes for the provider at load."""
-        use_source = self.manifest.backend != "onnxruntime" or on_cuda
-        return {role: self.directory / (ef.onnx if use_source else ef.file) for role, ef in self.manifest.engines.items()
-                if role in ROLES}
-
     def _activate_impl(self) -> None:
         ort = _onnxruntime()
         providers = self._provider_list(ort)
-        on_cuda = any((p[0] if isinstance(p, tuple) else p) == "CUDAExecutionProvider" for p in providers)
-        self.model_files = self._model_files(on_cuda)
+        # The directory's CPU-optimized models, or — for a TensorRT directory, or on the CUDA provider
+        # (the saved models hold CPU-only fused ops) — the stored ONNX sources, hash-checked below and
+        # optimized for the provider by ONNX Runtime at load.
+        use_source = self.manifest.backend != "onnxruntime" or providers != ["CPUExecutionProvider"]
+        self.model_files = {role: self.directory / (self.manifest.engines[role].onnx if use_source else self.manifest.engines[role].file)
+                            for role in ROLES}
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
@@ -129,8 +125,7 @@ class OnnxRuntimeBackend(Backend):
             if not path.is_file():
                 raise EngineError(f"{path} ({role}) is missing: rebuild the engines with 'ism-edge build'")
             source = self.manifest.engines[role].onnx
-            is_source = path != self.directory / self.manifest.engines[role].file  # engine files: load_manifest checked them
-            if is_source and source in recorded and sha256_file(path) != recorded[source]:
+            if use_source and source in recorded and sha256_file(path) != recorded[source]:  # engine files: load_manifest checked them
                 raise EngineError(
                     f"{path} ({role} ONNX source) does not match the hash recorded in the manifest "
                     "(corrupted or modified): rebuild the engines with 'ism-edge build'"
