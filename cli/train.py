@@ -14,22 +14,28 @@ from cli._common import cli_errors, keep_freed_memory, parse_eps, parse_list
 def train(
     data: Annotated[list[Path], typer.Option("--data", help="Dataset path(s): CIFAR-10 directory (pickle or binary batches), .npz file(s) (several = parts), CelebA root, or an image folder. Repeat or list several after one --data.")],
     out: Annotated[Path, typer.Option("--out", help="Bundle directory to write (atomically, after every stage).")],
-    preset: Annotated[str, typer.Option(help="Model sizes: paper (Tables 1-2, 32x32), small (CPU), celeba64, celeba128.")] = "small",
+    preset: Annotated[str, typer.Option(help="Model sizes: paper (Tables 1-2, 32x32), medium (the shipped CIFAR-10 defense, CPU hours), small (CPU minutes), celeba64, celeba128.")] = "small",
     epochs: Annotated[int | None, typer.Option(help="Epochs for every stage (perturbation classifier: half, at least 1).")] = None,
     epochs_classifier: Annotated[int | None, typer.Option(help="Epochs of each classifier stage (undefended, adversarial, distill).")] = None,
     epochs_mapper: Annotated[int | None, typer.Option(help="Epochs of the mapping-network stage.")] = None,
     epochs_perturbation: Annotated[int | None, typer.Option(help="Epochs of the perturbation-classifier stage.")] = None,
+    epochs_distill: Annotated[int | None, typer.Option(help="Epochs of the distillation stage (default: --epochs-classifier).")] = None,
     stages: Annotated[str, typer.Option(help="Comma-separated stages to run, in recipe order: undefended, adversarial, distill, mapper, perturbation, calibrate.")] = "all",
     resume: Annotated[bool, typer.Option(help="Continue from the last per-epoch checkpoint in OUT.ckpt/.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed (data order, attacks, initialisation).")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 128,
-    lr: Annotated[float, typer.Option(help="Learning rate (AdamW, cosine schedule).")] = 1e-3,
-    adv_ratio: Annotated[float, typer.Option(help="Fraction of each batch replaced by adversarial examples (0 = no adversarial training).")] = 0.5,
-    adv_eps: Annotated[str, typer.Option(help="LOW,HIGH range of the training ε (L∞, [0,1] scale; fractions like 8/255 allowed).")] = "2/255,8/255",
-    adv_attack: Annotated[str, typer.Option(help="Attack for adversarial training: fgsm, pgd or mixed.")] = "mixed",
-    temperature: Annotated[float, typer.Option(help="Defensive-distillation temperature T.")] = 20.0,
-    distill: Annotated[bool, typer.Option(help="Run defensive distillation (else deploy the adversarially trained classifier).")] = True,
+    lr: Annotated[float, typer.Option(help="Learning rate of the mapping network and P (AdamW, cosine schedule).")] = 1e-3,
+    clf_lr: Annotated[float, typer.Option(help="Peak learning rate of the classifier stages (AdamW, one-cycle schedule).")] = 2e-3,
+    lr_schedule: Annotated[str, typer.Option(help="Classifier stages' schedule: onecycle (peak --clf-lr) or cosine (from --lr).")] = "onecycle",
+    adv_ratio: Annotated[float, typer.Option(help="Fraction of each batch replaced by adversarial examples (0 = no adversarial training).")] = 1.0,
+    adv_eps: Annotated[str, typer.Option(help="LOW,HIGH range of the training ε (L∞, [0,1] scale; fractions like 8/255 allowed).")] = "8/255,8/255",
+    adv_attack: Annotated[str, typer.Option(help="Attack for adversarial training: fgsm-rs (random-start FGSM, Wong et al. 2020), fgsm, pgd, or mixed (FGSM or PGD per batch: the paper's mix).")] = "fgsm-rs",
+    guard_examples: Annotated[int, typer.Option(help="Held-out images whose PGD accuracy picks the best adversarial epoch (0 = keep the last).")] = 1000,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature T.")] = 20.0,
+    distill: Annotated[bool, typer.Option(help="Run distillation (else deploy the adversarially trained classifier).")] = True,
+    distill_method: Annotated[str, typer.Option(help="ard (adversarially robust distillation: teacher at T = 1, student on its own adversarial examples, initialised from the teacher) or defensive (Papernot et al.: teacher and student at T).")] = "ard",
+    label_source: Annotated[str, typer.Option(help="Labels of the deployed defense: auto (C(x) unless a detector fires, then C(M(x))) or reformed (always C(M(x))).")] = "auto",
     sparsity_k: Annotated[int | None, typer.Option(help="Latent entries kept per instance by the mapping network (default: the preset's).")] = None,
     target_fpr: Annotated[float, typer.Option(help="False-positive rate each detector is calibrated for.")] = 0.01,
     feedback_rounds: Annotated[int, typer.Option(help="Feedback-reformation rounds stored in the bundle (0 = off).")] = 0,
@@ -42,7 +48,7 @@ def train(
     """Train the full defense (SPEC §2) and write a defense bundle.
 
     Stages: an undefended classifier (for the oblivious threat model), adversarial training of
-    the teacher at temperature T, defensive distillation of the deployed student, the instance
+    the teacher, (adversarially robust) distillation of the deployed student, the instance
     sparsity mapping network with its discriminator, the perturbation classifier on residuals,
     and calibration of the detector thresholds at --target-fpr on held-out clean data.
     --baseline trains one of the evaluation's baselines with the same code instead.
@@ -70,8 +76,10 @@ def train(
             epochs_classifier=base.epochs_classifier if ec is None else ec,
             epochs_mapper=base.epochs_mapper if em is None else em,
             epochs_perturbation=base.epochs_perturbation if ep is None else ep,
-            batch_size=batch_size, lr=lr, adv_ratio=adv_ratio, adv_eps=(eps[0], eps[1]), adv_attack=adv_attack,
-            temperature=temperature, distill=distill, target_fpr=target_fpr, feedback_rounds=feedback_rounds, seed=seed,
+            epochs_distill=epochs_distill, batch_size=batch_size, lr=lr, clf_lr=clf_lr, lr_schedule=lr_schedule,
+            adv_ratio=adv_ratio, adv_eps=(eps[0], eps[1]), adv_attack=adv_attack, guard_examples=guard_examples,
+            temperature=temperature, distill=distill, distill_method=distill_method, label_source=label_source,
+            target_fpr=target_fpr, feedback_rounds=feedback_rounds, seed=seed,
         ).for_baseline(baseline)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None

@@ -160,7 +160,7 @@ def defense_outputs(
     thresholds: Mapping[str, float],
     temperatures: Mapping[str, float],
     feedback_rounds: int = 0,
-    label_source: str = "reformed",
+    label_source: str = "auto",
     batch: int = 64,
 ) -> dict[str, np.ndarray]:
     """The deployed defense computed from graph outputs (numpy), as the runtime computes it.

@@ -89,7 +89,7 @@ class EngineManifest:
     bundle_name: str = ""
     color_order: str = "RGB"
     feedback_rounds: int = 0
-    label_source: str = "reformed"  # "reformed": argmax C(x̂); "auto": C(x̂) only for flagged inputs
+    label_source: str = "auto"  # "auto": C(x̂) only for flagged inputs, else C(x); "reformed": always C(x̂)
     versions: dict[str, str] = field(default_factory=dict)
     gpu: dict[str, str] | None = None  # TensorRT only: {"name", "compute_capability"}
     parity: dict[str, Any] = field(default_factory=dict)
@@ -154,7 +154,7 @@ class EngineManifest:
                 bundle_name=str(d.get("bundle_name", "")),
                 color_order=str(d.get("color_order", "RGB")),
                 feedback_rounds=int(d.get("feedback_rounds", 0)),
-                label_source=str(d.get("label_source", "reformed")),
+                label_source=str(d.get("label_source", "auto")),
                 versions={k: str(v) for k, v in d.get("versions", {}).items()},
                 gpu=d.get("gpu"),
                 parity=d.get("parity", {}),

@@ -47,7 +47,7 @@ def untrained_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # A small defense trained on the committed real CIFAR-10 sample (about a minute on 2 cores);
 # shared by every test that needs trained behaviour (recipe, evaluation, export, runtime).
-TRAINED_RECIPE = dict(epochs_classifier=4, epochs_mapper=3, epochs_perturbation=2, batch_size=64, adv_attack="fgsm")
+TRAINED_RECIPE = dict(epochs_classifier=4, epochs_mapper=3, epochs_perturbation=2, batch_size=64, guard_examples=100)
 
 
 @pytest.fixture(scope="session")

@@ -153,7 +153,7 @@ class DefenseBundle:
     thresholds: dict[str, float] = field(default_factory=dict)
     target_fpr: float = 0.01
     feedback_rounds: int = 0
-    label_source: str = "reformed"  # "reformed": argmax C(x̂) (SPEC); "auto": C(x̂) only if flagged
+    label_source: str = "auto"  # "auto": C(x̂) only if flagged, else C(x) (the paper's conclusion); "reformed": always C(x̂)
     calibration: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     stages: dict[str, Any] = field(default_factory=dict)  # per-stage metrics and status
@@ -278,7 +278,7 @@ class DefenseBundle:
             thresholds={k: float(v) for k, v in raw.get("thresholds", {}).items()},
             target_fpr=float(raw.get("target_fpr", 0.01)),
             feedback_rounds=int(raw.get("feedback_rounds", 0)),
-            label_source=str(raw.get("label_source", "reformed")),
+            label_source=str(raw.get("label_source", "auto")),
             calibration=raw.get("calibration", {}),
             provenance=raw.get("provenance", {}),
             stages=raw.get("stages", {}),

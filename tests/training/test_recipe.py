@@ -67,7 +67,13 @@ def test_calibrated_fpr_is_near_target_on_held_out_clean_data(trained_bundle_dir
 
 def test_bundle_records_stages_provenance_and_temperatures(trained_bundle_dir: Path) -> None:
     b = DefenseBundle.load(trained_bundle_dir)
-    assert b.temperatures == {"train": 20.0, "deploy": 1.0, "detector": 10.0}
+    # Adversarially robust distillation: the teacher trains at T = 1, the soft labels are taken at T = 20.
+    assert b.temperatures == {"train": 1.0, "deploy": 1.0, "detector": 10.0, "distill": 20.0}
+    assert b.label_source == "auto"
+    for stage in ("adversarial", "distill"):  # teacher and student: clean and PGD accuracy on held-out images
+        guard = b.stages[stage]["guard"]
+        assert guard["n"] == 100 and 0.0 <= guard["pgd_acc"] <= guard["clean_acc"] <= 1.0
+        assert 1 <= b.stages[stage]["best_epoch"] <= 4
     assert b.provenance["data"]["kind"] == "npz" and b.provenance["n_train"] + b.provenance["n_calibration"] == 2000
     assert b.stages["calibrate"]["n"] == 200
     assert all("wall_s" in b.stages[s] for s in STAGES)

@@ -5,7 +5,9 @@ For every (threat model, attack, ε) cell, on the same clean inputs:
 * ``source_accuracy``: accuracy of the model the attack was crafted against (sanity: it drops);
   under the adaptive threat that model is the defense itself, so it equals ``accuracy``;
 * ``classifier_accuracy``: the deployed classifier C alone on the adversarial inputs;
-* ``accuracy``: the defense's label (argmax C(x̂), or C(x) for a baseline without reformer);
+* ``accuracy``: the defense's label as deployed: with ``label_source="auto"`` argmax C(x) unless a
+  detector fires, then argmax C(x̂); with ``"reformed"`` always argmax C(x̂) (C(x) for a baseline
+  without reformer); ``accuracy_other``: the same inputs labelled the other way;
 * ``detection_rate``: fraction of adversarial inputs flagged by any deployed detector
   (``detected_by`` per detector);
 * ``defended_accuracy``: flagged or correctly classified (MagNet's convention) — always reported
@@ -202,6 +204,7 @@ class _Acc:
     src: int = 0
     clf: int = 0
     acc: int = 0
+    other: int = 0
     det: int = 0
     dfd: int = 0
     by: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SCORES, 0))
@@ -211,9 +214,16 @@ class _Acc:
     def rates(self) -> dict[str, Any]:
         d = max(self.n, 1)
         return {"source_accuracy": self.src / d, "classifier_accuracy": self.clf / d, "accuracy": self.acc / d,
-                "detection_rate": self.det / d, "defended_accuracy": self.dfd / d, "n": self.n,
+                "accuracy_other": self.other / d, "detection_rate": self.det / d, "defended_accuracy": self.dfd / d, "n": self.n,
                 "detected_by": {k: v / d for k, v in self.by.items()}, "wall_s": round(self.wall, 2),
                 "attack_options": self.attack}
+
+
+def _other_label(o: Any, label_source: str) -> torch.Tensor:
+    """The label the defense would give with the label source it does not use."""
+    if label_source == "auto":
+        return o.logits_reformed.argmax(1)
+    return torch.where(o.flagged.view(-1, 1), o.logits_reformed, o.logits_raw).argmax(1)
 
 
 def _dataset_name(data: ImageArrays) -> str:
@@ -253,7 +263,7 @@ def evaluate_bundle(
     main, extra = plan_cells(cfg)
     cells = main + extra
     accs = {c: _Acc() for c in cells}
-    clean: dict[str, Any] = {"n": 0, "accuracy": 0, "classifier_accuracy": 0, "undefended_accuracy": 0,
+    clean: dict[str, Any] = {"n": 0, "accuracy": 0, "accuracy_other": 0, "classifier_accuracy": 0, "undefended_accuracy": 0,
              "fp": {**dict.fromkeys(SCORES, 0), "any": 0}}
     n_batches = -(-len(data) // cfg.batch_size)
     label = name or bundle.defense.baseline
@@ -264,6 +274,7 @@ def evaluate_bundle(
             o = defense(x)
             clean["n"] += len(y)
             clean["accuracy"] += int((o.label == y).sum())
+            clean["accuracy_other"] += int((_other_label(o, defense.label_source) == y).sum())
             clean["classifier_accuracy"] += int((o.logits_raw.argmax(1) == y).sum())
             if "undefended" in bundle.networks:
                 clean["undefended_accuracy"] += int((bundle.networks["undefended"](x).argmax(1) == y).sum())
@@ -299,6 +310,7 @@ def evaluate_bundle(
                 a.clf += int((o.logits_raw.argmax(1) == y).sum())
                 correct = o.label == y
                 a.acc += int(correct.sum())
+                a.other += int((_other_label(o, defense.label_source) == y).sum())
                 a.det += int(o.flagged.sum())
                 a.dfd += int((correct | o.flagged).sum())
                 for k, v in o.scores().items():
@@ -317,6 +329,7 @@ def evaluate_bundle(
         "config": cfg.to_dict(),
         "clean": {
             "accuracy": clean["accuracy"] / n,
+            "accuracy_other": clean["accuracy_other"] / n,
             "classifier_accuracy": clean["classifier_accuracy"] / n,
             "undefended_accuracy": clean["undefended_accuracy"] / n if "undefended" in bundle.networks else None,
             "fpr": {k: (v / n if k == "any" or k in defense.thresholds else None) for k, v in clean["fp"].items()},
@@ -324,6 +337,7 @@ def evaluate_bundle(
         "cells": [{**c.key(), **accs[c].rates()} for c in main],
         "sanity_cells": [{**c.key(), **accs[c].rates()} for c in extra],
         "thresholds": dict(defense.thresholds),
+        "label_source": defense.label_source,
         "target_fpr": bundle.target_fpr,
         "distilled": is_distilled(bundle),
         "data": data.provenance,

@@ -37,6 +37,7 @@ COLUMNS = [
     ("source_accuracy", "attacked model acc %"),
     ("classifier_accuracy", "C alone acc %"),
     ("accuracy", "defense acc %"),
+    ("accuracy_other", "other labels acc %"),
     ("detection_rate", "detected %"),
     ("defended_accuracy", "defended acc %"),
     ("claim", "paper claim % (unverified)"),
@@ -69,7 +70,11 @@ def clean_summary(result: dict[str, Any]) -> str:
     fpr = c["fpr"]
     und = "" if c.get("undefended_accuracy") is None else f", undefended classifier {_pct(c['undefended_accuracy'])} %"
     dets = ", ".join(f"{k} {_pct(v)} %" for k, v in fpr.items() if k != "any" and v is not None) or "no detectors"
-    return (f"{result.get('name', 'defense')}, clean ({result['n']} images): defense accuracy {_pct(c['accuracy'])} %, "
+    src = result.get("label_source", "reformed")
+    other = "reformed" if src == "auto" else "auto"
+    alt = "" if c.get("accuracy_other") is None else f" ({other} labels: {_pct(c['accuracy_other'])} %)"
+    return (f"{result.get('name', 'defense')}, clean ({result['n']} images): defense accuracy {_pct(c['accuracy'])} % "
+            f"with {src} labels{alt}, "
             f"C alone {_pct(c['classifier_accuracy'])} %{und}; false-positive rate: {dets}, any {_pct(fpr['any'])} % "
             f"(target {_pct(result['target_fpr'])} % each)")
 
@@ -98,8 +103,10 @@ def markdown_report(results: dict[str, Any] | Sequence[dict[str, Any]], title: s
     lines = [f"# {title}", ""] if title else []
     lines += _md([h for _, h in COLUMNS], [_cells(r) for r in rows(rs)])
     lines += ["", "Clean data (false-positive rates on the same clean images, each detector calibrated for the target FPR):", ""]
-    lines += _md(["defense", "n", "defense acc %", "C alone acc %", "undefended acc %", "FPR recon %", "FPR JSD %", "FPR P %", "FPR any %"],
-                 [[r.get("name", ""), str(r["n"]), _pct(r["clean"]["accuracy"]), _pct(r["clean"]["classifier_accuracy"]),
+    lines += _md(["defense", "n", "labels", "defense acc %", "other labels acc %", "C alone acc %", "undefended acc %",
+                  "FPR recon %", "FPR JSD %", "FPR P %", "FPR any %"],
+                 [[r.get("name", ""), str(r["n"]), r.get("label_source", "reformed"), _pct(r["clean"]["accuracy"]),
+                   _pct(r["clean"].get("accuracy_other")), _pct(r["clean"]["classifier_accuracy"]),
                    _pct(r["clean"].get("undefended_accuracy")), _pct(r["clean"]["fpr"].get("recon_error")),
                    _pct(r["clean"]["fpr"].get("jsd")), _pct(r["clean"]["fpr"].get("p_score")), _pct(r["clean"]["fpr"]["any"])]
                   for r in rs])

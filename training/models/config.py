@@ -93,6 +93,17 @@ PRESETS: dict[str, ModelConfig] = {
         pert_widths=(16, 32, 32),
         disc_widths=(16, 32, 64),
     ),
+    # Twice small's widths and a wider latent code: the shipped CIFAR-10 defense, whose whole
+    # recipe trains on all 50,000 images within hours on 2 CPU cores (docs/training.md).
+    "medium": ModelConfig(
+        clf_widths=(32, 64, 64, 32),
+        clf_dense=512,
+        map_widths=(32, 64, 128, 128),
+        latent_dim=256,
+        sparsity_k=64,
+        pert_widths=(16, 32, 64),
+        disc_widths=(32, 64, 128),
+    ),
     # CelebA-style inputs (binary attribute by default).
     "celeba64": _CELEBA,
     "celeba128": replace(_CELEBA, image_size=128),

@@ -10,8 +10,8 @@ from training.bundle import BASELINES
 STAGES = ("undefended", "adversarial", "distill", "mapper", "perturbation", "calibrate")
 STAGE_HELP = {
     "undefended": "plain classifier (no defense): the source model of the oblivious threat model",
-    "adversarial": "teacher C trained at temperature T on clean + FGSM/PGD examples",
-    "distill": "student C trained on the teacher's soft labels at T, with adversarial examples",
+    "adversarial": "teacher trained on adversarial examples (random-start FGSM at 8/255 by default), best epoch kept",
+    "distill": "deployed student trained on adversarial examples crafted against itself, with the teacher's soft labels at T",
     "mapper": "mapping network M on (attacked, clean) and (clean, clean) pairs + sparsity + D",
     "perturbation": "perturbation classifier P on residuals x - M(x), clean vs attacked",
     "calibrate": "detector thresholds at the target false-positive rate on held-out clean data",
@@ -22,7 +22,7 @@ BASELINE_HELP = {
     "magnet": "MagNet (Meng & Chen 2017): the undefended classifier, a plain autoencoder reformer "
               "(M without k-sparsity, discriminator, guided or adversarial-pair terms) trained on noisy clean "
               "images, reconstruction and JSD detectors",
-    "adv-only": "adversarial training alone: C trained on clean + FGSM/PGD examples at T = 1; no reformer, no detectors",
+    "adv-only": "adversarial training alone: C trained on adversarial examples at T = 1; no reformer, no detectors",
     "distill-only": "defensive distillation alone (Papernot et al. 2016): teacher and student at T, no adversarial "
                     "examples; no reformer, no detectors",
     "full": "the full defense: adversarial training, distillation, the instance sparsity mapping network, P, three detectors",
@@ -36,18 +36,36 @@ BASELINE_STAGES = {
 }
 # MagNet's denoising-autoencoder input noise for CIFAR-10 (Gaussian std on [0, 1] pixels).
 MAGNET_NOISE = 0.025
+ADV_ATTACKS = ("fgsm-rs", "fgsm", "pgd", "mixed")
+DISTILL_METHODS = ("ard", "defensive")
+LR_SCHEDULES = ("onecycle", "cosine")
+LABEL_SOURCES = ("auto", "reformed")
 
 
 @dataclass(frozen=True)
 class RecipeConfig:
     """Hyper-parameters of every stage. Pixels are in [0, 1]; every ε is an L∞ budget on that scale.
 
-    Epoch counts are per stage. ``adv_ratio`` is the fraction of each batch replaced by
-    adversarial examples crafted against the model being trained (0 disables adversarial
-    training); ``adv_eps`` is the (low, high) range ε is drawn from per batch; ``adv_attack`` is
-    "fgsm", "pgd" or "mixed" (half the batches each). ``temperature`` is the distillation
-    temperature T (paper: defensive distillation; default 20); ``distill=False`` deploys the
-    adversarially trained teacher directly. ``detector_temperature`` is MagNet's JSD temperature.
+    Epoch counts are per stage (``epochs_distill``: the distillation stage, default
+    ``epochs_classifier``). Adversarial training (stages ``adversarial`` and ``distill``):
+    ``adv_ratio`` is the fraction of each batch replaced by adversarial examples crafted against
+    the model being trained (0 disables adversarial training); ``adv_eps`` is the (low, high)
+    range ε is drawn from per batch; ``adv_attack`` is "fgsm-rs" (FGSM from a random start with
+    step 1.25·ε: Wong, Rice & Kolter 2020, "Fast is better than free"), "fgsm", "pgd"
+    (``adv_pgd_steps`` steps, Madry et al. 2018) or "mixed" (FGSM or PGD per batch: the paper's
+    mix). The classifier stages use AdamW with a one-cycle learning rate peaking at ``clf_lr``
+    (``lr_schedule="cosine"``: cosine from ``lr``); after each adversarial epoch the model's PGD
+    accuracy (``guard_pgd_steps`` steps at ``adv_eps[1]``) on ``guard_examples`` held-out images
+    is measured and the best epoch is kept, which guards against catastrophic overfitting.
+
+    Distillation: ``distill_method="ard"`` (adversarially robust distillation, Goldblum et al.
+    2020): the teacher is trained at T = 1, and the student, initialised from the teacher when
+    ``distill_init="teacher"``, is trained on adversarial examples crafted against itself with the
+    teacher's soft labels at ``temperature``; ``"defensive"`` is Papernot et al.'s defensive
+    distillation (teacher and student trained at T). ``distill=False`` deploys the adversarially
+    trained teacher directly. ``detector_temperature`` is MagNet's JSD temperature.
+    ``label_source`` is what the bundle's defense labels with: "auto" (C(x) unless a detector
+    fires, then C(M(x)): the paper's conclusion) or "reformed" (always C(M(x))).
 
     ``baseline`` names what the recipe trains (:data:`BASELINE_HELP`); build a baseline's config
     with :meth:`for_baseline`, which sets the flags it implies (``adv_ratio``, ``distill`` and the
@@ -58,17 +76,25 @@ class RecipeConfig:
     epochs_classifier: int = 10
     epochs_mapper: int = 10
     epochs_perturbation: int = 4
+    epochs_distill: int | None = None
     batch_size: int = 128
     lr: float = 1e-3
+    clf_lr: float = 2e-3
+    lr_schedule: str = "onecycle"
     weight_decay: float = 5e-4
     augment: bool = True
-    adv_ratio: float = 0.5
-    adv_eps: tuple[float, float] = (2 / 255, 8 / 255)
-    adv_attack: str = "mixed"
+    adv_ratio: float = 1.0
+    adv_eps: tuple[float, float] = (8 / 255, 8 / 255)
+    adv_attack: str = "fgsm-rs"
     adv_pgd_steps: int = 5
+    guard_examples: int = 1000
+    guard_pgd_steps: int = 10
     temperature: float = 20.0
     distill: bool = True
+    distill_method: str = "ard"
+    distill_init: str = "teacher"
     detector_temperature: float = 10.0
+    label_source: str = "auto"
     # Mapping network loss weights (SPEC §2 stage 3).
     map_l1: float = 1e-4  # L1 penalty on the sparse code
     map_adv: float = 1e-3  # generator loss from the discriminator
@@ -86,9 +112,19 @@ class RecipeConfig:
     baseline: str = "full"
 
     def __post_init__(self) -> None:
-        for name in ("epochs_classifier", "epochs_mapper", "epochs_perturbation"):
+        for name in ("epochs_classifier", "epochs_mapper", "epochs_perturbation", "guard_examples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.epochs_distill is not None and self.epochs_distill < 0:
+            raise ValueError("epochs_distill must be >= 0")
+        if self.adv_pgd_steps < 1 or self.guard_pgd_steps < 1:
+            raise ValueError("adv_pgd_steps and guard_pgd_steps must be >= 1")
+        if not (self.lr > 0 and self.clf_lr > 0):
+            raise ValueError("learning rates must be > 0")
+        for name, allowed in (("lr_schedule", LR_SCHEDULES), ("distill_method", DISTILL_METHODS),
+                              ("distill_init", ("teacher", "scratch")), ("label_source", LABEL_SOURCES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2")
         if not 0.0 <= self.adv_ratio <= 1.0:
@@ -96,8 +132,8 @@ class RecipeConfig:
         lo, hi = self.adv_eps
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"adv_eps must be 0 <= low <= high <= 1, got {self.adv_eps}")
-        if self.adv_attack not in ("fgsm", "pgd", "mixed"):
-            raise ValueError(f"adv_attack must be fgsm, pgd or mixed, got {self.adv_attack!r}")
+        if self.adv_attack not in ADV_ATTACKS:
+            raise ValueError(f"adv_attack must be one of {', '.join(ADV_ATTACKS)}, got {self.adv_attack!r}")
         if self.temperature <= 0 or self.detector_temperature <= 0:
             raise ValueError("temperatures must be > 0")
         if not 0.0 < self.target_fpr < 0.5:
@@ -127,12 +163,23 @@ class RecipeConfig:
             flags["adv_ratio"] = 0.0
         if name in ("none", "magnet", "adv-only"):
             flags["distill"] = False
+        if name == "distill-only":
+            flags.update(distill_method="defensive", distill_init="scratch")
         if name == "magnet":
             flags.update(map_pairs=False, map_l1=0.0, map_adv=0.0, map_cls=0.0,
                          map_noise=self.map_noise if self.baseline == "magnet" else MAGNET_NOISE)
         if all(getattr(self, k) == v for k, v in flags.items()):
             return self
         return replace(self, **flags)
+
+    @property
+    def distill_epochs(self) -> int:
+        return self.epochs_classifier if self.epochs_distill is None else self.epochs_distill
+
+    @property
+    def teacher_temperature(self) -> float:
+        """The temperature the adversarial stage trains at: T for defensive distillation, else 1."""
+        return self.temperature if self.distill and self.distill_method == "defensive" else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -20,12 +20,15 @@ from training.defense import Defense, attack_surrogate
 from training.models import preset as model_preset
 from training.progress import log, make_progress
 from training.recipe.config import STAGES, RecipeConfig, baseline_stages
+from training.models import ScaledLogits
 from training.recipe.stages import (
+    BestEpoch,
     EpochContext,
     adversarial_pool,
     calibrate_thresholds,
     classifier_epoch,
     defense_scores,
+    heldout_accuracy,
     mapper_epoch,
     perturbation_epoch,
 )
@@ -89,8 +92,8 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-def _optimizer(params: Any, cfg: RecipeConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def _optimizer(params: Any, cfg: RecipeConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr, weight_decay=cfg.weight_decay)
 
 
 @torch.no_grad()
@@ -168,19 +171,60 @@ class RecipeRunner:
     def _classifier_stage(self, stage: str, b: DefenseBundle, train: ImageArrays, calib: ImageArrays,
                           state: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
+        teacher_scale = 1.0
+        epochs = cfg.epochs_classifier
         if stage == "undefended":
             net, teacher, temp, adv = b.networks["undefended"], None, 1.0, False
         elif stage == "adversarial":
             net = b.networks["teacher"] if cfg.distill else b.classifier
-            teacher, temp, adv = None, (cfg.temperature if cfg.distill else 1.0), cfg.adv_ratio > 0
+            teacher, temp, adv = None, cfg.teacher_temperature, cfg.adv_ratio > 0
         else:  # distill
             net, teacher, temp, adv = b.classifier, b.networks["teacher"], cfg.temperature, cfg.adv_ratio > 0
             teacher.eval()
-        opt = _optimizer(net.parameters(), cfg)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs_classifier, 1))
-        return self._epochs(stage, cfg.epochs_classifier, [opt, sched], state, b, train,
-                            lambda ctx: classifier_epoch(net, opt, ctx, temperature=temp, adversarial=adv, teacher=teacher),
-                            after=lambda: {"clean_acc_heldout": clean_accuracy(net, calib, self.device)})
+            teacher_scale = cfg.teacher_temperature
+            epochs = cfg.distill_epochs
+            if cfg.distill_init == "teacher" and not state:
+                net.load_state_dict(teacher.state_dict())
+        opt = _optimizer(net.parameters(), cfg, lr=cfg.clf_lr if cfg.lr_schedule == "onecycle" else cfg.lr)
+        per_batch: torch.optim.lr_scheduler.LRScheduler | None = None
+        if cfg.lr_schedule == "onecycle":
+            steps = max(epochs, 1) * max(-(-len(train) // cfg.batch_size), 1)
+            per_batch = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.clf_lr, total_steps=steps, pct_start=0.3)
+            sched: Any = per_batch
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+        # The model the attacks differentiate: logits / T for a network whose logits were trained at T
+        # (their softmax saturates: gradient masking otherwise). A student's logits take its teacher's scale.
+        logit_temp = cfg.teacher_temperature if stage == "distill" else temp
+        surrogate = ScaledLogits(net, 1.0 / logit_temp) if logit_temp != 1.0 else net
+        guard_eps = cfg.adv_eps[1] if adv else 0.0
+        guard_data = calib.subset(np.arange(min(cfg.guard_examples, len(calib)))) if cfg.guard_examples else calib
+        best = BestEpoch(net)
+
+        def measure(epoch: int) -> dict[str, float]:
+            if not adv or not cfg.guard_examples:
+                return {}
+            clean, robust = heldout_accuracy(surrogate, guard_data, self.device, eps=guard_eps, steps=cfg.guard_pgd_steps)
+            kept = best.update(epoch, robust)
+            return {"heldout_clean_acc": clean, "heldout_pgd_acc": robust, "kept": float(kept)}
+
+        def after() -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            if best.weights is not None:
+                best.restore()
+                out["best_epoch"] = best.epoch + 1
+            out["clean_acc_heldout"] = clean_accuracy(net, calib, self.device)
+            if adv and cfg.guard_examples:
+                clean, robust = heldout_accuracy(surrogate, guard_data, self.device, eps=guard_eps, steps=cfg.guard_pgd_steps)
+                out.update(guard={"n": len(guard_data), "eps": guard_eps, "pgd_steps": cfg.guard_pgd_steps,
+                                  "clean_acc": clean, "pgd_acc": robust})
+            return out
+
+        return self._epochs(stage, epochs, [opt, sched, best], state, b, train,
+                            lambda ctx: classifier_epoch(net, opt, ctx, temperature=temp, adversarial=adv, teacher=teacher,
+                                                         teacher_scale=teacher_scale, scheduler=per_batch,
+                                                         attack_target=surrogate),
+                            after=after, measure=measure)
 
     def _pool(self, b: DefenseBundle, train: ImageArrays) -> torch.Tensor:
         if self._adv_pool is None:
@@ -240,7 +284,8 @@ class RecipeRunner:
 
     def _epochs(self, stage: str, epochs: int, stateful: list[Any], state: dict[str, Any], b: DefenseBundle,
                 train: ImageArrays, run_epoch: Callable[[EpochContext], dict[str, float]],
-                after: Callable[[], dict[str, Any]] | None = None, pool: torch.Tensor | None = None) -> dict[str, Any]:
+                after: Callable[[], dict[str, Any]] | None = None, pool: torch.Tensor | None = None,
+                measure: Callable[[int], dict[str, float]] | None = None) -> dict[str, Any]:
         start_epoch = 0
         if state.get("stage") == stage and "opt" in state:
             for obj, sd in zip(stateful, state["opt"], strict=True):
@@ -252,9 +297,12 @@ class RecipeRunner:
             for epoch in range(start_epoch, epochs):
                 ctx = EpochContext(self.cfg, train, self.device, epoch, progress, f"{stage} {epoch + 1}/{epochs}", pool)
                 metrics = run_epoch(ctx)
-                for obj in stateful:
-                    if isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
+                for obj in stateful:  # a one-cycle schedule is stepped per batch by the epoch itself
+                    if isinstance(obj, torch.optim.lr_scheduler.LRScheduler) and \
+                            not isinstance(obj, torch.optim.lr_scheduler.OneCycleLR):
                         obj.step()
+                if measure is not None:
+                    metrics.update(measure(epoch))
                 history.append(metrics)
                 self.echo(f"{stage} epoch {epoch + 1}/{epochs}: " + "  ".join(
                     f"{k} {v:.4g}" if k != "img_s" else f"{v:.0f} img/s" for k, v in metrics.items()))
@@ -320,7 +368,11 @@ class RecipeRunner:
                          "torch_threads": n_threads,
                          "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None},
         }
-        b.temperatures = {"train": self.cfg.temperature, "deploy": 1.0, "detector": self.cfg.detector_temperature}
+        # "train": the temperature the deployed logits were trained at (attacks divide by it);
+        # "distill": the soft-label temperature of distillation.
+        b.temperatures = {"train": self.cfg.teacher_temperature, "deploy": 1.0,
+                          "detector": self.cfg.detector_temperature, "distill": self.cfg.temperature}
+        b.label_source = self.cfg.label_source
         b.defense = self.spec
         for stage in self.stages:
             self._deploy_undefended(b)

@@ -71,15 +71,18 @@ class EpochContext:
 
 
 def _craft(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, eps: float, cfg: RecipeConfig) -> torch.Tensor:
+    if kind == "fgsm-rs":  # Wong, Rice & Kolter 2020: a uniform random start, then one FGSM step of 1.25·ε
+        return make_attack("pgd", model, eps, steps=1, alpha=1.25 * eps, random_start=True)(x, y)
     kw = {"steps": cfg.adv_pgd_steps} if kind == "pgd" else {}
     return make_attack(kind, model, eps, **kw)(x, y)
 
 
 def adversarial_mix(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RecipeConfig, rng: random.Random) -> torch.Tensor:
-    """Replace the first ``adv_ratio`` of the batch by FGSM/PGD examples against ``model``.
+    """Replace the first ``adv_ratio`` of the batch by adversarial examples against ``model``.
 
-    ε is drawn uniformly from ``cfg.adv_eps`` per batch (adversarial training, Goodfellow et al.
-    2015 / Madry et al. 2018). Rows keep their order, so labels and soft targets still align.
+    ε is drawn uniformly from ``cfg.adv_eps`` per batch; the attack is ``cfg.adv_attack``
+    (:class:`~training.recipe.config.RecipeConfig`). Rows keep their order, so labels and soft
+    targets still align.
     """
     n_adv = int(round(cfg.adv_ratio * x.shape[0]))
     if n_adv == 0 or cfg.adv_eps[1] == 0:
@@ -98,31 +101,89 @@ def classifier_epoch(
     temperature: float,
     adversarial: bool,
     teacher: nn.Module | None = None,
+    teacher_scale: float = 1.0,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    attack_target: nn.Module | None = None,
 ) -> dict[str, float]:
     """One epoch of (adversarial) training of a classifier at ``temperature``.
 
-    With a ``teacher`` this is the student of defensive distillation (Papernot et al. 2016): the
-    targets are softmax(teacher(x)/T) of the clean inputs, for clean and adversarial rows alike.
+    With a ``teacher`` this is the student of distillation: the targets are
+    softmax(teacher(x)·teacher_scale/T) of the clean inputs, for clean and adversarial rows alike
+    (adversarial rows crafted against the student: adversarially robust distillation, Goldblum et
+    al. 2020; ``teacher_scale`` = 1 for a teacher trained at T = 1, T for one trained at T as in
+    defensive distillation, Papernot et al. 2016). ``scheduler`` is stepped after every batch.
+    ``attack_target`` is the module adversarial rows are crafted on (default: ``model``'s logits / T).
     """
     meter = Meter()
     rng = ctx.rng(1)
-    target = ScaledLogits(model, 1.0 / temperature) if temperature != 1.0 else model
+    target = attack_target if attack_target is not None else (
+        ScaledLogits(model, 1.0 / temperature) if temperature != 1.0 else model)
     for x, y in track(ctx.progress, ctx.batches(), ctx.n_batches(), ctx.description, meter):
         x_in = adversarial_mix(target, x, y, ctx.cfg, rng) if adversarial else x
         model.train()
         logits = model(x_in)
         if teacher is not None:
             with torch.no_grad():
-                soft = F.softmax(teacher(x) / temperature, dim=1)
+                soft = F.softmax(teacher(x) * (teacher_scale / temperature), dim=1)
             loss = -(soft * F.log_softmax(logits / temperature, dim=1)).sum(dim=1).mean()
         else:
             loss = F.cross_entropy(logits / temperature, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
         acc = (logits.argmax(1) == y).float().mean()
         meter.update(x.shape[0], loss=loss.item(), acc=acc.item())
     return meter.mean()
+
+
+def heldout_accuracy(model: nn.Module, data: ImageArrays, device: torch.device, *, eps: float = 0.0,
+                     steps: int = 10, batch_size: int = 250) -> tuple[float, float]:
+    """(clean accuracy, PGD accuracy at ``eps``) of ``model`` on ``data``; PGD is skipped (nan) when ``eps`` is 0.
+
+    PGD: ``steps`` steps of 2.5·ε/steps from a seeded random start, so every epoch is measured
+    on the same starts (the guard of the adversarial stages).
+    """
+    correct = robust = 0
+    for i, (x, y) in enumerate(iterate_batches(data, batch_size, shuffle=False, device=device)):
+        with torch.no_grad():
+            model.eval()
+            correct += int((model(x).argmax(1) == y).sum())
+        if eps > 0:
+            x_adv = make_attack("pgd", model, eps, steps=steps, seed=1000 + i)(x, y)
+            with torch.no_grad():
+                robust += int((model(x_adv).argmax(1) == y).sum())
+    n = max(len(data), 1)
+    return correct / n, (robust / n if eps > 0 else float("nan"))
+
+
+class BestEpoch:
+    """The weights of the epoch with the highest score so far; checkpointed with the optimiser state."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.epoch = -1
+        self.score = float("-inf")
+        self.weights: dict[str, torch.Tensor] | None = None
+
+    def update(self, epoch: int, score: float) -> bool:
+        """Keep the model's current weights if ``score`` is at least the best so far; True if kept."""
+        if score >= self.score:
+            self.epoch, self.score = epoch, score
+            self.weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            return True
+        return False
+
+    def restore(self) -> None:
+        if self.weights is not None:
+            self.model.load_state_dict(self.weights)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "score": self.score, "weights": self.weights}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.score, self.weights = int(state["epoch"]), float(state["score"]), state["weights"]
 
 
 def mapper_epoch(

@@ -1,0 +1,96 @@
+"""Adversarial training and distillation of the recipe: random-start FGSM, the best-epoch guard, ARD."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests.conftest import CIFAR_TRAIN  # noqa: E402
+from training.recipe import RecipeConfig, TrainRequest, train_bundle  # noqa: E402
+from training.recipe import runner as runner_mod  # noqa: E402
+from training.recipe.stages import BestEpoch, _craft  # noqa: E402
+
+TINY = dict(epochs_classifier=2, batch_size=128, guard_examples=40)
+
+
+def _train(tmp_path: Path, name: str, stages: list[str], **recipe: object):
+    req = TrainRequest(data=[CIFAR_TRAIN], out=tmp_path / name, recipe=RecipeConfig(**{**TINY, **recipe}),
+                       stages=stages, device="cpu", limit=300)
+    return train_bundle(req, echo=lambda _m: None)
+
+
+def test_random_start_fgsm_stays_in_the_ball_and_is_not_plain_fgsm() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    x = torch.rand(16, 3, 8, 8)
+    y = torch.randint(0, 10, (16,))
+    eps = 8 / 255
+    cfg = RecipeConfig()
+    rs = _craft(model, x, y, "fgsm-rs", eps, cfg)
+    plain = _craft(model, x, y, "fgsm", eps, cfg)
+    assert float((rs - x).abs().max()) <= eps + 1e-6 and float(rs.min()) >= 0 and float(rs.max()) <= 1
+    # Plain FGSM puts every unclipped pixel on the ball's surface; the random start does not.
+    inside = ((rs - x).abs() < eps - 1e-4).float().mean()
+    assert float(inside) > 0.05
+    assert not torch.allclose(rs, plain)
+
+
+def test_best_epoch_keeps_and_restores_the_best_weights() -> None:
+    net = torch.nn.Linear(2, 2)
+    best = BestEpoch(net)
+    assert best.update(0, 0.3)
+    kept = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    assert not best.update(1, 0.1)  # a worse epoch (e.g. catastrophic overfitting) is not kept
+    restored = BestEpoch(net)
+    restored.load_state_dict(best.state_dict())  # survives a checkpoint round trip
+    restored.restore()
+    assert torch.equal(net.weight, kept["weight"]) and restored.epoch == 0
+
+
+def test_guard_restores_the_epoch_with_the_best_heldout_pgd_accuracy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    robust = iter([0.40, 0.05, 0.05])  # epoch 1 robust, epoch 2 collapses (catastrophic overfitting); final check
+    real = runner_mod.heldout_accuracy
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def fake(model, data, device, *, eps=0.0, steps=10, batch_size=250):
+        clean, _ = real(model, data, device)
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return clean, next(robust)
+
+    monkeypatch.setattr(runner_mod, "heldout_accuracy", fake)
+    b = _train(tmp_path, "g", ["adversarial"], distill=False)
+    st = b.stages["adversarial"]
+    assert st["best_epoch"] == 1
+    assert [h["heldout_pgd_acc"] for h in st["history"]] == [0.40, 0.05]
+    # The deployed weights are those measured after epoch 1, not the last epoch's.
+    assert all(torch.equal(v, seen[0][k]) for k, v in b.classifier.state_dict().items())
+
+
+def test_ard_student_starts_from_the_teacher_and_keeps_its_logit_scale(tmp_path: Path) -> None:
+    b = _train(tmp_path, "ard", ["adversarial", "distill"], epochs_distill=0)
+    teacher, student = b.networks["teacher"].state_dict(), b.classifier.state_dict()
+    assert all(torch.equal(v, teacher[k]) for k, v in student.items())
+    assert b.temperatures["train"] == 1.0  # attacks differentiate the student itself, not logits / T
+    assert b.stages["adversarial"]["guard"]["n"] == 30  # 40 asked, 30 held out of 300
+
+
+def test_defensive_distillation_trains_the_teacher_at_t(tmp_path: Path) -> None:
+    b = _train(tmp_path, "dd", ["adversarial", "distill"], epochs_classifier=1, distill_method="defensive",
+               distill_init="scratch")
+    assert b.temperatures["train"] == 20.0
+    teacher, student = b.networks["teacher"].state_dict(), b.classifier.state_dict()
+    assert not all(torch.equal(v, teacher[k]) for k, v in student.items())
+
+
+def test_config_refuses_unknown_methods() -> None:
+    for kw in ({"adv_attack": "bim"}, {"distill_method": "x"}, {"lr_schedule": "step"}, {"label_source": "raw"},
+               {"guard_examples": -1}, {"epochs_distill": -2}):
+        with pytest.raises(ValueError):
+            RecipeConfig(**kw)
+    assert RecipeConfig(baseline="distill-only", adv_ratio=0.0, distill_method="defensive",
+                        distill_init="scratch").teacher_temperature == 20.0
