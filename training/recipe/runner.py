@@ -17,10 +17,10 @@ from ism_edge.errors import BundleError, IsmEdgeError
 from training.bundle import DefenseBundle, DefenseSpec
 from training.data import ImageArrays, load_dataset
 from training.defense import Defense, attack_surrogate
+from training.models import ScaledLogits
 from training.models import preset as model_preset
 from training.progress import log, make_progress
 from training.recipe.config import STAGES, RecipeConfig, baseline_stages
-from training.models import ScaledLogits
 from training.recipe.stages import (
     BestEpoch,
     EpochContext,
