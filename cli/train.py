@@ -20,7 +20,8 @@ def train(
     epochs_mapper: Annotated[int | None, typer.Option(help="Epochs of the mapping-network stage.")] = None,
     epochs_perturbation: Annotated[int | None, typer.Option(help="Epochs of the perturbation-classifier stage.")] = None,
     epochs_distill: Annotated[int | None, typer.Option(help="Epochs of the distillation stage (default: --epochs-classifier).")] = None,
-    stages: Annotated[str, typer.Option(help="Comma-separated stages to run, in recipe order: undefended, adversarial, distill, mapper, perturbation, calibrate.")] = "all",
+    epochs_finetune: Annotated[int, typer.Option(help="Epochs of the finetune stage: C on M's outputs beside fresh adversarial examples (0 = keep C as distilled).")] = 2,
+    stages: Annotated[str, typer.Option(help="Comma-separated stages to run, in recipe order: undefended, adversarial, distill, mapper, finetune, perturbation, calibrate.")] = "all",
     resume: Annotated[bool, typer.Option(help="Continue from the last per-epoch checkpoint in OUT.ckpt/.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed (data order, attacks, initialisation).")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
@@ -43,6 +44,7 @@ def train(
     attribute: Annotated[str, typer.Option(help="CelebA binary attribute to classify.")] = "Smiling",
     exact_only: Annotated[bool, typer.Option(help="Keep only exact-pixel images (CIFAR *_jpegfill .npz files).")] = False,
     limit: Annotated[int | None, typer.Option(help="Use at most this many training images (stratified).")] = None,
+    init_from: Annotated[Path | None, typer.Option(help="Share the undefended and adversarial stages of this bundle instead of training them (same preset, data and classifier options): baselines for a comparison.")] = None,
     baseline: Annotated[str, typer.Option(help="What to train: full (the defense), none (undefended classifier), magnet (MagNet: plain autoencoder + reconstruction/JSD detectors), adv-only (adversarial training alone), distill-only (defensive distillation alone). Baselines set --adv-ratio/--distill themselves.")] = "full",
 ) -> None:
     """Train the full defense (SPEC §2) and write a defense bundle.
@@ -76,7 +78,7 @@ def train(
             epochs_classifier=base.epochs_classifier if ec is None else ec,
             epochs_mapper=base.epochs_mapper if em is None else em,
             epochs_perturbation=base.epochs_perturbation if ep is None else ep,
-            epochs_distill=epochs_distill, batch_size=batch_size, lr=lr, clf_lr=clf_lr, lr_schedule=lr_schedule,
+            epochs_distill=epochs_distill, epochs_finetune=epochs_finetune, batch_size=batch_size, lr=lr, clf_lr=clf_lr, lr_schedule=lr_schedule,
             adv_ratio=adv_ratio, adv_eps=(eps[0], eps[1]), adv_attack=adv_attack, guard_examples=guard_examples,
             temperature=temperature, distill=distill, distill_method=distill_method, label_source=label_source,
             target_fpr=target_fpr, feedback_rounds=feedback_rounds, seed=seed,
@@ -84,7 +86,7 @@ def train(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     req = TrainRequest(data=data, out=out, preset=preset, recipe=recipe, stages=chosen, device=device, resume=resume,
-                       data_kind=kind, attribute=attribute, exact_only=exact_only, limit=limit,
+                       data_kind=kind, init_from=init_from, attribute=attribute, exact_only=exact_only, limit=limit,
                        model_overrides={} if sparsity_k is None else {"sparsity_k": sparsity_k})
     bundle = train_bundle(req)
     what = "defense bundle" if baseline == "full" else f"baseline {baseline!r} bundle"

@@ -94,3 +94,25 @@ def test_config_refuses_unknown_methods() -> None:
             RecipeConfig(**kw)
     assert RecipeConfig(baseline="distill-only", adv_ratio=0.0, distill_method="defensive",
                         distill_init="scratch").teacher_temperature == 20.0
+
+
+def test_baselines_share_the_classifier_stages_of_a_bundle(trained_bundle_dir: Path, tmp_path: Path) -> None:
+    from ism_edge.errors import BundleError
+    from tests.conftest import TRAINED_RECIPE
+    from training.bundle import DefenseBundle
+
+    full = DefenseBundle.load(trained_bundle_dir)
+    recipe = RecipeConfig(**TRAINED_RECIPE)
+    adv = train_bundle(TrainRequest(data=[CIFAR_TRAIN], out=tmp_path / "adv", recipe=recipe.for_baseline("adv-only"),
+                                    device="cpu", init_from=trained_bundle_dir), echo=lambda _m: None)
+    # adv-only deploys the very teacher the full defense was distilled from, and its undefended classifier.
+    assert all(torch.equal(v, full.networks["teacher"].state_dict()[k]) for k, v in adv.classifier.state_dict().items())
+    assert all(torch.equal(v, full.networks["undefended"].state_dict()[k])
+               for k, v in adv.networks["undefended"].state_dict().items())
+    assert adv.stages["adversarial"]["shared_from"] == str(trained_bundle_dir)
+    assert adv.stages["adversarial"]["guard"] == full.stages["adversarial"]["guard"]
+    other = RecipeConfig(**{**TRAINED_RECIPE, "epochs_classifier": 3}).for_baseline("none")
+    with pytest.raises(BundleError, match="other options .*epochs_classifier"):
+        train_bundle(TrainRequest(data=[CIFAR_TRAIN], out=tmp_path / "none", recipe=other, device="cpu",
+                                  init_from=trained_bundle_dir), echo=lambda _m: None)
+    assert not (tmp_path / "none").exists()

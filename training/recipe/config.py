@@ -7,12 +7,13 @@ from typing import Any
 
 from training.bundle import BASELINES
 
-STAGES = ("undefended", "adversarial", "distill", "mapper", "perturbation", "calibrate")
+STAGES = ("undefended", "adversarial", "distill", "mapper", "finetune", "perturbation", "calibrate")
 STAGE_HELP = {
     "undefended": "plain classifier (no defense): the source model of the oblivious threat model",
     "adversarial": "teacher trained on adversarial examples (random-start FGSM at 8/255 by default), best epoch kept",
     "distill": "deployed student trained on adversarial examples crafted against itself, with the teacher's soft labels at T",
     "mapper": "mapping network M on (attacked, clean) and (clean, clean) pairs + sparsity + D",
+    "finetune": "deployed C fine-tuned on M's outputs (clean and attacked) beside fresh adversarial examples",
     "perturbation": "perturbation classifier P on residuals x - M(x), clean vs attacked",
     "calibrate": "detector thresholds at the target false-positive rate on held-out clean data",
 }
@@ -64,6 +65,12 @@ class RecipeConfig:
     teacher's soft labels at ``temperature``; ``"defensive"`` is Papernot et al.'s defensive
     distillation (teacher and student trained at T). ``distill=False`` deploys the adversarially
     trained teacher directly. ``detector_temperature`` is MagNet's JSD temperature.
+    ``epochs_finetune`` epochs (stage ``finetune``, after M) train the deployed C on M(x) and
+    M(x′) of the adversarial pool beside fresh adversarial examples (cosine from
+    ``finetune_lr``), so that reformed inputs keep their labels. ``pert_variations`` is the
+    fraction of P's training pairs given one camera variation (JPEG re-encoding, sensor noise or
+    blur), the same on the clean image and its attacked version, so that P does not learn such
+    processing as the mark of an attack.
     ``label_source`` is what the bundle's defense labels with: "auto" (C(x) unless a detector
     fires, then C(M(x)): the paper's conclusion) or "reformed" (always C(M(x))).
 
@@ -77,9 +84,11 @@ class RecipeConfig:
     epochs_mapper: int = 10
     epochs_perturbation: int = 4
     epochs_distill: int | None = None
+    epochs_finetune: int = 2
     batch_size: int = 128
     lr: float = 1e-3
     clf_lr: float = 2e-3
+    finetune_lr: float = 5e-4
     lr_schedule: str = "onecycle"
     weight_decay: float = 5e-4
     augment: bool = True
@@ -103,7 +112,10 @@ class RecipeConfig:
     map_noise: float = 0.0  # std of Gaussian noise on M's clean inputs (MagNet: 0.025 on CIFAR-10)
     # Adversarial pool of stages 3-4 (M and P): attack types and ε levels, crafted once against C.
     pert_attacks: tuple[str, ...] = ("fgsm", "pgd")
-    pert_eps: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255, 0.1, 0.2, 0.3, 0.4)
+    # Weighted towards small budgets: large ones are caught by the reconstruction error already.
+    pert_eps: tuple[float, ...] = (2 / 255, 4 / 255, 6 / 255, 8 / 255, 10 / 255, 0.1, 0.2, 0.3)
+    # Camera variations applied alike to clean and attacked inputs of P (fraction of rows).
+    pert_variations: float = 0.5
     # Calibration.
     target_fpr: float = 0.01
     calib_fraction: float = 0.1
@@ -112,14 +124,16 @@ class RecipeConfig:
     baseline: str = "full"
 
     def __post_init__(self) -> None:
-        for name in ("epochs_classifier", "epochs_mapper", "epochs_perturbation", "guard_examples"):
+        for name in ("epochs_classifier", "epochs_mapper", "epochs_perturbation", "epochs_finetune", "guard_examples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.epochs_distill is not None and self.epochs_distill < 0:
             raise ValueError("epochs_distill must be >= 0")
         if self.adv_pgd_steps < 1 or self.guard_pgd_steps < 1:
             raise ValueError("adv_pgd_steps and guard_pgd_steps must be >= 1")
-        if not (self.lr > 0 and self.clf_lr > 0):
+        if not 0.0 <= self.pert_variations <= 1.0:
+            raise ValueError(f"pert_variations must be in [0, 1], got {self.pert_variations}")
+        if not (self.lr > 0 and self.clf_lr > 0 and self.finetune_lr > 0):
             raise ValueError("learning rates must be > 0")
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("distill_method", DISTILL_METHODS),
                               ("distill_init", ("teacher", "scratch")), ("label_source", LABEL_SOURCES)):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ism_edge.errors import BundleError, IsmEdgeError
-from training.bundle import DefenseBundle, DefenseSpec
+from training.bundle import DefenseBundle, DefenseSpec, bundle_hash
 from training.data import ImageArrays, load_dataset
 from training.defense import Defense, attack_surrogate
 from training.models import ScaledLogits
@@ -28,6 +28,7 @@ from training.recipe.stages import (
     calibrate_thresholds,
     classifier_epoch,
     defense_scores,
+    finetune_epoch,
     heldout_accuracy,
     mapper_epoch,
     perturbation_epoch,
@@ -63,6 +64,7 @@ class TrainRequest:
     exact_only: bool = False
     limit: int | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: Path | None = None  # a bundle whose undefended/adversarial stages this one shares
 
 
 class Checkpointer:
@@ -246,7 +248,7 @@ class RecipeRunner:
             s = defense_scores(d, calib, self.device)
             y = calib.y
             return {"heldout_recon_error_mean": float(s["recon_error"].mean()),
-                    "heldout_acc_reformed": float((s["label"] == y).mean()),
+                    "heldout_acc_reformed": float((s["label_reformed"] == y).mean()),
                     "heldout_acc_raw": float((s["label_raw"] == y).mean())}
 
         pool = self._pool(b, train) if cfg.epochs_mapper > 0 and cfg.map_pairs else None
@@ -254,6 +256,33 @@ class RecipeRunner:
                             lambda ctx: mapper_epoch(b.mapper, b.networks["discriminator"], attack_surrogate(b),
                                                      opt_m, opt_d, ctx),
                             after=after, pool=pool)
+
+    def _finetune_stage(self, b: DefenseBundle, train: ImageArrays, calib: ImageArrays,
+                        state: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        net, temp = b.classifier, cfg.teacher_temperature  # the deployed C's logits are on its teacher's scale
+        surrogate = ScaledLogits(net, 1.0 / temp) if temp != 1.0 else net
+        opt = _optimizer(net.parameters(), cfg, lr=cfg.finetune_lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs_finetune, 1))
+        guard_data = calib.subset(np.arange(min(cfg.guard_examples, len(calib)))) if cfg.guard_examples else calib
+
+        def after() -> dict[str, Any]:
+            s = defense_scores(Defense(b, feedback_rounds=0), calib, self.device)
+            out: dict[str, Any] = {"heldout_acc_raw": float((s["label_raw"] == calib.y).mean()),
+                                   "heldout_acc_reformed": float((s["label_reformed"] == calib.y).mean())}
+            if cfg.guard_examples and cfg.adv_eps[1] > 0:
+                clean, robust = heldout_accuracy(surrogate, guard_data, self.device, eps=cfg.adv_eps[1],
+                                                 steps=cfg.guard_pgd_steps)
+                out["guard"] = {"n": len(guard_data), "eps": cfg.adv_eps[1], "pgd_steps": cfg.guard_pgd_steps,
+                                "clean_acc": clean, "pgd_acc": robust}
+            return out
+
+        pool = self._pool(b, train) if cfg.epochs_finetune > 0 else None
+        result = self._epochs("finetune", cfg.epochs_finetune, [opt, sched], state, b, train,
+                              lambda ctx: finetune_epoch(net, b.mapper, opt, ctx, attack_target=surrogate, temperature=temp),
+                              after=after, pool=pool)
+        self._adv_pool = None  # crafted against C before it changed: P gets a new one
+        return result
 
     def _perturbation_stage(self, b: DefenseBundle, train: ImageArrays, calib: ImageArrays, state: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
@@ -356,6 +385,8 @@ class RecipeRunner:
                 b.stages = dict(ck.get("stages_metrics", {}))
                 state = ck
                 self.echo(f"--resume: stages done {self._completed or 'none'}; continuing")
+        if self.req.init_from is not None:
+            self._share_stages(b, Path(self.req.init_from))
         n_threads = torch.get_num_threads()
         b.provenance = {
             "data": train.provenance,
@@ -388,6 +419,8 @@ class RecipeRunner:
                 metrics = self._classifier_stage(stage, b, train, calib, st)
             elif stage == "mapper":
                 metrics = self._mapper_stage(b, train, calib, st)
+            elif stage == "finetune":
+                metrics = self._finetune_stage(b, train, calib, st)
             elif stage == "perturbation":
                 metrics = self._perturbation_stage(b, train, calib, st)
             else:
@@ -402,6 +435,50 @@ class RecipeRunner:
         self._deploy_undefended(b)
         b.provenance["wall_s_total"] = round(time.perf_counter() - t_all, 1)
         return self._save(b)
+
+    def _share_stages(self, b: DefenseBundle, source: Path) -> None:
+        """Take the undefended and adversarial stages from the bundle at ``source`` instead of training them.
+
+        Baselines trained for a comparison share the classifier stages the recipe allows (the
+        undefended classifier; the adversarially trained classifier when it is trained at the
+        same temperature with the same options), so the comparison is of the defenses, not of
+        two training runs. Refused when the classifier sizes or those options differ.
+        """
+        src = DefenseBundle.load(source)
+        clf_fields = ("image_size", "channels", "num_classes", "clf_widths", "clf_dense", "mean", "std")
+        if any(getattr(src.config, f) != getattr(b.config, f) for f in clf_fields) or src.class_names != b.class_names:
+            raise BundleError(f"--init-from {source}: its classifier sizes or classes differ from this run's "
+                              f"(preset {src.preset!r}): train with the same --preset on the same data")
+        src_recipe = src.provenance.get("recipe")
+        if not isinstance(src_recipe, dict):
+            raise BundleError(f"--init-from {source}: the bundle records no recipe; it cannot be shared")
+        mine = self.cfg.to_dict()
+        common = ("epochs_classifier", "batch_size", "clf_lr", "lr_schedule", "weight_decay", "augment", "seed")
+        adversarial = (*common, "adv_ratio", "adv_eps", "adv_attack", "adv_pgd_steps", "guard_examples", "guard_pgd_steps")
+        for stage, keys in (("undefended", common), ("adversarial", adversarial)):
+            if stage not in self.stages or stage in self._completed:
+                continue
+            done = src.stages.get(stage)
+            if not isinstance(done, dict) or "skipped" in done:
+                raise BundleError(f"--init-from {source}: it has no trained {stage!r} stage to share")
+            differ = [k for k in keys if src_recipe.get(k) != mine.get(k)]
+            src_cfg = RecipeConfig.from_dict({k: v for k, v in src_recipe.items() if k != "baseline"})
+            if stage == "adversarial" and src_cfg.teacher_temperature != self.cfg.teacher_temperature:
+                differ.append("teacher temperature")
+            if differ:
+                raise BundleError(f"--init-from {source}: its {stage!r} stage was trained with other options "
+                                  f"({', '.join(differ)}): pass the same options or train the stage here")
+            if stage == "undefended":
+                src_net, dst_net = src.networks.get("undefended"), b.networks["undefended"]
+            else:
+                src_net = src.networks.get("teacher" if src_cfg.distill else "classifier")
+                dst_net = b.networks["teacher"] if self.cfg.distill else b.classifier
+            if src_net is None:
+                raise BundleError(f"--init-from {source}: the network of its {stage!r} stage is not in the bundle")
+            dst_net.load_state_dict(src_net.state_dict())
+            b.stages[stage] = {**done, "shared_from": str(source), "shared_bundle_sha256": bundle_hash(source)}
+            self._completed.append(stage)
+            self.echo(f"{stage}: shared from {source} (not trained again)")
 
     def _deploy_undefended(self, b: DefenseBundle) -> None:
         """Baselines without a defended classifier (none, MagNet) deploy the undefended one."""

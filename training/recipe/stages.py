@@ -260,6 +260,85 @@ def mapper_epoch(
     return meter.mean()
 
 
+def camera_variations(clean: torch.Tensor, attacked: torch.Tensor, fraction: float,
+                      rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give ``fraction`` of the (clean, attacked) pairs one camera variation, the same on both images.
+
+    Each chosen pair gets one of: JPEG re-encoding at quality 40–95, Gaussian sensor noise of std
+    1–4/255, or a Gaussian blur of σ 0.4–0.9 px; a noise draw is shared by the two images of a pair.
+    Clean and attacked images are processed alike, so the variation says nothing about the label.
+    """
+    import cv2
+
+    if fraction <= 0:
+        return clean, attacked
+    n = clean.shape[0]
+    chosen = np.flatnonzero(rng.random(n) < fraction)
+    if chosen.size == 0:
+        return clean, attacked
+    clean, attacked = clean.clone(), attacked.clone()
+    pair = torch.stack([clean[chosen], attacked[chosen]], dim=1)  # (k, 2, C, H, W)
+    u8 = (pair.permute(0, 1, 3, 4, 2).cpu().numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+    out = u8.astype(np.float32)
+    for i in range(len(chosen)):
+        kind = int(rng.integers(3))
+        if kind == 0:
+            quality = int(rng.integers(40, 96))
+            for j in range(2):
+                ok, buf = cv2.imencode(".jpg", u8[i, j], [cv2.IMWRITE_JPEG_QUALITY, quality])
+                if ok:
+                    dec = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+                    out[i, j] = dec.reshape(u8[i, j].shape)
+        elif kind == 1:
+            noise = rng.normal(0.0, rng.uniform(1.0, 4.0), size=u8[i, 0].shape).astype(np.float32)
+            out[i] = u8[i] + noise[None]
+        else:
+            sigma = float(rng.uniform(0.4, 0.9))
+            for j in range(2):
+                out[i, j] = cv2.GaussianBlur(u8[i, j].astype(np.float32), (0, 0), sigma).reshape(u8[i, j].shape)
+    varied = torch.from_numpy(out.clip(0, 255) / 255.0).permute(0, 1, 4, 2, 3).to(clean)
+    idx = torch.from_numpy(chosen).to(clean.device)
+    clean[idx] = varied[:, 0]
+    attacked[idx] = varied[:, 1]
+    return clean, attacked
+
+
+def finetune_epoch(
+    classifier: nn.Module,
+    mapper: nn.Module,
+    opt: torch.optim.Optimizer,
+    ctx: EpochContext,
+    *,
+    attack_target: nn.Module,
+    temperature: float,
+) -> dict[str, float]:
+    """One epoch of fine-tuning C on M's outputs (stage ``finetune``), keeping its robustness.
+
+    Every batch of the adversarial pool gives three rows per image, each with the true label:
+    a fresh adversarial example crafted against C (``cfg.adv_attack`` at ``cfg.adv_eps``, as in
+    adversarial training), M(x) and M(x′) with x′ the pool's attacked version. The loss is the
+    mean cross-entropy of C's logits / ``temperature`` (the temperature C was trained at).
+    """
+    meter = Meter()
+    rng = ctx.rng(3)
+    mapper.eval()
+    for x, x_adv, y in track(ctx.progress, ctx.pairs(), ctx.n_batches(), ctx.description, meter):
+        fresh = adversarial_mix(attack_target, x, y, ctx.cfg, rng)
+        with torch.no_grad():
+            reformed = mapper(torch.cat([x, x_adv]))
+        classifier.train()
+        logits = classifier(torch.cat([fresh, reformed]))
+        n = x.shape[0]
+        loss = F.cross_entropy(logits / temperature, torch.cat([y, y, y]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        hit = (logits.argmax(1) == torch.cat([y, y, y])).float()
+        meter.update(n, loss=loss.item(), acc_adv=hit[:n].mean().item(), acc_reformed=hit[n:2 * n].mean().item(),
+                     acc_reformed_adv=hit[2 * n:].mean().item())
+    return meter.mean()
+
+
 def perturbation_epoch(
     perturbation: nn.Module,
     mapper: nn.Module,
@@ -269,11 +348,15 @@ def perturbation_epoch(
 ) -> dict[str, float]:
     """One epoch of the perturbation classifier P on residuals r = x − M(x) (SPEC §2 stage 4).
 
-    Every batch is used twice: clean (label 0) and its adversarial-pool version (label 1).
+    Every batch is used twice: clean (label 0) and its adversarial-pool version (label 1), a
+    fraction ``cfg.pert_variations`` of the pairs with the same camera variation on both
+    (:func:`camera_variations`).
     """
     meter = Meter()
     mapper.eval()
+    rng = np.random.default_rng(ctx.cfg.seed * 1000 + ctx.epoch + 7)
     for x, x_adv, _ in track(ctx.progress, ctx.pairs(), ctx.n_batches(), ctx.description, meter):
+        x, x_adv = camera_variations(x, x_adv, ctx.cfg.pert_variations, rng)
         inp = torch.cat([x, x_adv])
         target = torch.cat([torch.zeros(x.shape[0]), torch.ones(x.shape[0])]).to(inp.device)
         with torch.no_grad():
@@ -312,7 +395,8 @@ def adversarial_pool(model: nn.Module, data: ImageArrays, cfg: RecipeConfig, dev
 @torch.no_grad()
 def defense_scores(defense: Defense, data: ImageArrays, device: torch.device, batch_size: int = 256) -> dict[str, np.ndarray]:
     """Run the defense on clean data; return numpy arrays of every score, labels and flags."""
-    out: dict[str, list[np.ndarray]] = {"recon_error": [], "jsd": [], "p_score": [], "label": [], "label_raw": [], "flagged": []}
+    out: dict[str, list[np.ndarray]] = {"recon_error": [], "jsd": [], "p_score": [], "label": [], "label_raw": [],
+                                        "label_reformed": [], "flagged": []}
     defense.eval()
     for x, _ in iterate_batches(data, batch_size, shuffle=False, device=device):
         o = defense(x)
@@ -320,6 +404,7 @@ def defense_scores(defense: Defense, data: ImageArrays, device: torch.device, ba
             out[k].append(v.float().cpu().numpy())
         out["label"].append(o.label.cpu().numpy())
         out["label_raw"].append(o.logits_raw.argmax(1).cpu().numpy())
+        out["label_reformed"].append(o.logits_reformed.argmax(1).cpu().numpy())
         out["flagged"].append(o.flagged.cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
 
