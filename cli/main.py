@@ -38,12 +38,13 @@ MULTI_VALUE_OPTIONS = ("--data",)
 
 def _is_bundle(arg: str) -> bool:
     """Whether ``arg`` is a defense-bundle directory (a positional BUNDLE, never a data path)."""
-    import json
     from pathlib import Path
+
+    from ism_edge._checks import read_json
 
     manifest = Path(arg) / "manifest.json"
     try:
-        return manifest.is_file() and json.loads(manifest.read_text()).get("format") == "ism-edge-bundle"
+        return manifest.is_file() and read_json(manifest).get("format") == "ism-edge-bundle"
     except (OSError, ValueError, AttributeError):
         return False
 
