@@ -313,6 +313,23 @@ def test_npz_not_an_archive_and_mismatched_parts(tmp_path: Path, npz_test: dict)
         load_dataset([a, b])
 
 
+def test_npz_that_is_not_a_zip_says_what_it_is(tmp_path: Path, npz_test: dict) -> None:
+    text = tmp_path / "notes.npz"
+    text.write_text("x,y\n1,2\n")
+    with pytest.raises(DataError) as e:
+        load_dataset([text])
+    assert "notes.npz is not a valid .npz archive (an .npz is a zip file; this is a text file)" in str(e.value)
+    assert "pickled" not in str(e.value)
+    npy = tmp_path / "x.npz"
+    with open(npy, "wb") as f:
+        np.save(f, npz_test["x"][:2])
+    with pytest.raises(DataError, match="this is a single .npy array"):
+        load_dataset([npy])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(DataError, match="this is an empty file"):
+        load_dataset([tmp_path / "empty.npz"])
+
+
 # ---------------------------------------------------------------------------------------------
 # CelebA (committed sample)
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,30 @@ class NpzParts:
     class_names_source: str
 
 
+def _check_zip(path: Path) -> None:
+    """An ``.npz`` is a zip archive: say what the file really is when it is not one (``np.load``
+    would call a text file "pickled data")."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e.strerror or e}): check the path and its permissions") from None
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return
+    if head.startswith(b"\x93NUMPY"):
+        what = "a single .npy array"
+    elif not head:
+        what = "an empty file"
+    elif all(32 <= c < 127 or c in b"\t\r\n" for c in head):
+        what = "a text file"
+    else:
+        what = f"a file starting with bytes {head[:4].hex(' ')}"
+    raise DataError(f"{path} is not a valid .npz archive (an .npz is a zip file; this is {what}): "
+                    f"re-create it with numpy.savez_compressed; {FORMAT_HINT}")
+
+
 def _read_part(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
+    _check_zip(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
