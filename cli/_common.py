@@ -10,6 +10,7 @@ from fractions import Fraction
 from typing import Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from ism_edge.errors import IsmEdgeError
 
@@ -50,6 +51,41 @@ def tile_grid_for(mode: Mode, text: str | None) -> tuple[int, int] | None:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _click_exception(name: str) -> type[Exception]:
+    """click's exception class ``name`` (typer vendors click in recent releases, depends on it before)."""
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+
+
+class OneLineErrors(TyperGroup):
+    """The ``ism-edge`` command group: a usage error (a bad option value, a missing argument, an
+    unknown option) is one ``error:`` line and exit code 2, like every other failure (SPEC §7),
+    instead of typer's five-line box."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _click_exception("ClickException") as e:
+            raise _usage_exit(e) from None
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _click_exception("ClickException") as e:
+            raise _usage_exit(e) from None
+
+
+def _usage_exit(e: Exception) -> Exception:
+    """Print ``e`` (a click exception) as one ``error:`` line and return the Exit to raise;
+    the help that a bare ``ism-edge`` prints is passed on unchanged."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        return e
+    message = " ".join(e.format_message().split()).rstrip(".")  # type: ignore[attr-defined]
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None and type(e).__name__ != "FileError":
+        message += f" (see '{ctx.command_path} --help')"
+    return fail(message, int(getattr(e, "exit_code", 2)))
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

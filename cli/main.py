@@ -5,8 +5,10 @@ from __future__ import annotations
 import typer
 
 from cli import bench, build, calibrate, evaluate, export, run, train
+from cli._common import OneLineErrors
 
 app = typer.Typer(
+    cls=OneLineErrors,
     name="ism-edge",
     help="Train, compile and run the instance-sparsity adversarial defense on edge devices.",
     no_args_is_help=True,
