@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import typer
 from typer.core import TyperGroup
 
-from ism_edge.errors import IsmEdgeError
+from ism_edge.errors import IsmEdgeError, caused_by_interrupt
 
 
 class Backend(str, Enum):
@@ -94,20 +94,33 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _interrupted() -> typer.Exit:
+    typer.echo("interrupted", err=True)
+    return typer.Exit(130)
+
+
 def cli_errors(fn: F) -> F:
-    """Turn expected failures into one clear line on stderr and a non-zero exit; no traceback."""
+    """Turn expected failures into one clear line on stderr and a non-zero exit; no traceback.
+
+    Ctrl-C is ``interrupted`` and exit code 130, also when a library wrapped it in its own error.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except IsmEdgeError as e:
-            raise fail(str(e), e.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
+            raise _interrupted() from None
+        except IsmEdgeError as e:
+            if caused_by_interrupt(e):
+                raise _interrupted() from None
+            raise fail(str(e), e.exit_code) from None
         except MemoryError:
             raise fail("out of memory: lower --batch-size") from None
+        except Exception as e:
+            if caused_by_interrupt(e):
+                raise _interrupted() from None
+            raise
 
     return wrapper  # type: ignore[return-value]
 

@@ -210,3 +210,50 @@ def test_fp16_onnxruntime_build_runs_the_sub_pixel_fp16_mapper(untrained_bundle_
     subpixel = [n for n in mapper.graph.node if n.name.endswith("__subpixel_conv")]
     assert len(subpixel) == 4 and all(weights[n.input[1]] == onnx.TensorProto.FLOAT16 for n in subpixel)
     assert m.parity["engine"]["ok"] and m.parity["gated"] == ["fp16", "engine"]
+
+
+def _exporter_breaks_on_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.onnx.export as it behaves when Ctrl-C hits it mid-step: the interrupt breaks a capture
+    strategy, whose error the exporter wraps in 'Failed to export the model' (the second graph)."""
+    import torch
+
+    real = torch.onnx.export
+    calls: list[int] = []
+
+    def export(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) < 2:
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise AttributeError("'NoneType' object has no attribute 'graph_module'") from None
+        except AttributeError as e:
+            raise RuntimeError("Failed to export the model with torch.export. This is step 1/3 of exporting") from e
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+
+
+def test_ctrl_c_inside_the_onnx_exporter_is_an_interrupt(untrained_bundle_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from engines.export import graph_modules, onnx_from_module
+    from training.bundle import DefenseBundle
+
+    _exporter_breaks_on_ctrl_c(monkeypatch)
+    modules = graph_modules(DefenseBundle.load(untrained_bundle_dir))
+    onnx_from_module(modules["classifier"], "classifier", tmp_path / "a.onnx", (3, 32, 32))
+    with pytest.raises(KeyboardInterrupt):
+        onnx_from_module(modules["classifier"], "classifier", tmp_path / "b.onnx", (3, 32, 32))
+
+
+def test_cli_build_interrupted_inside_the_exporter_says_interrupted(untrained_bundle_dir: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    _exporter_breaks_on_ctrl_c(monkeypatch)
+    run = invoke("build", str(untrained_bundle_dir), "--out", str(tmp_path / "e"), "--backend", "onnxruntime",
+                 "--parity-samples", "8")
+    assert run.exit_code == 130, run.output
+    assert run.output.strip().splitlines()[-1] == "interrupted"
+    assert "Failed to export" not in run.output and "Traceback" not in run.output and "error:" not in run.output
+    assert list(tmp_path.iterdir()) == []
+
