@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from enum import Enum
 from fractions import Fraction
 from typing import Any, TypeVar
@@ -123,6 +126,24 @@ def cli_errors(fn: F) -> F:
             raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM (``kill``, ``systemctl stop``, ``docker stop``) ends the command as
+    Ctrl-C does: cleanup runs (no partial output is left), then ``interrupted`` and exit code 130."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def keep_freed_memory() -> None:

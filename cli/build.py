@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli._common import Backend, cli_errors
+from cli._common import Backend, cli_errors, sigterm_interrupts
 
 
 class Precision(str, Enum):
@@ -173,17 +173,18 @@ def build(
     if cache is None and resolved == "tensorrt":
         cache = default_timing_cache()
     try:
-        if fmt == "ism-edge-engines":
-            manifest = rebuild_from_onnx(source, out_dir=out, backend=resolved, batch=profile, workspace_mb=workspace,
-                                         timing_cache=cache, on_step=printer, precision=precision.value if precision else None)
-            report = manifest.parity
-        else:
-            chosen = precision.value if precision is not None else default_precision(resolved or "auto")
-            build_engines(source, out, backend=resolved or "auto", precision=chosen, batch=profile, workspace_mb=workspace,
-                          timing_cache=cache, parity_samples=parity_samples, on_step=printer)
-            from ism_edge.manifest import load_manifest
+        with sigterm_interrupts():
+            if fmt == "ism-edge-engines":
+                manifest = rebuild_from_onnx(source, out_dir=out, backend=resolved, batch=profile, workspace_mb=workspace,
+                                             timing_cache=cache, on_step=printer, precision=precision.value if precision else None)
+                report = manifest.parity
+            else:
+                chosen = precision.value if precision is not None else default_precision(resolved or "auto")
+                build_engines(source, out, backend=resolved or "auto", precision=chosen, batch=profile, workspace_mb=workspace,
+                              timing_cache=cache, parity_samples=parity_samples, on_step=printer)
+                from ism_edge.manifest import load_manifest
 
-            report = load_manifest(out).parity
+                report = load_manifest(out).parity
     finally:
         printer.stop()
     print_parity(report)

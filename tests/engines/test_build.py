@@ -257,3 +257,45 @@ def test_cli_build_interrupted_inside_the_exporter_says_interrupted(untrained_bu
     assert "Failed to export" not in run.output and "Traceback" not in run.output and "error:" not in run.output
     assert list(tmp_path.iterdir()) == []
 
+
+def _build_until_partial(bundle: Path, out: Path) -> tuple[subprocess.Popen[str], Path]:
+    """Start `ism-edge build` in a child process; return it once its temporary directory exists."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "build", str(bundle), "--out", str(out),
+                             "--backend", "onnxruntime", "--parity-samples", "8"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import time
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        partials = list(out.parent.glob(f".{out.name}.*.partial"))
+        if partials:
+            return proc, partials[0]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the build made no temporary directory: {proc.communicate()}")
+
+
+def test_sigterm_during_a_build_is_interrupted_and_leaves_nothing(untrained_bundle_dir: Path, tmp_path: Path) -> None:
+    import signal
+
+    proc, _partial = _build_until_partial(untrained_bundle_dir, tmp_path / "engines")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr, stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_next_build_removes_what_a_killed_build_left(untrained_bundle_dir: Path, tmp_path: Path) -> None:
+    import signal
+
+    from ism_edge._io import atomic_directory
+
+    proc, partial = _build_until_partial(untrained_bundle_dir, tmp_path / "engines")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert partial.is_dir()  # nothing can clean up after SIGKILL ...
+    with atomic_directory(tmp_path / "engines") as tmp:  # ... but the next build of the target does
+        (tmp / "manifest.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
