@@ -38,7 +38,7 @@ def train(
     label_source: Annotated[str, typer.Option(help="Labels of the deployed defense: auto (C(x) unless a detector fires, then C(M(x))) or reformed (always C(M(x))).")] = "auto",
     sparsity_k: Annotated[int | None, typer.Option(help="Latent entries kept per instance by the mapping network (default: the preset's).")] = None,
     target_fpr: Annotated[float, typer.Option(help="False-positive rate each detector is calibrated for.")] = 0.01,
-    feedback_rounds: Annotated[int, typer.Option(help="Feedback-reformation rounds stored in the bundle (0 = off).")] = 0,
+    feedback_rounds: Annotated[int, typer.Option(help="Feedback-reformation rounds stored in the bundle (0 = off).", min=0, max=100)] = 0,
     kind: Annotated[str, typer.Option(help="Dataset layout: auto, cifar10-pickle, cifar10-binary, npz, celeba, folder.")] = "auto",
     attribute: Annotated[str, typer.Option(help="CelebA binary attribute to classify.")] = "Smiling",
     exact_only: Annotated[bool, typer.Option(help="Keep only exact-pixel images (CIFAR *_jpegfill .npz files).")] = False,
