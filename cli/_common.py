@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from enum import Enum
 from fractions import Fraction
 from typing import Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
-from ism_edge.errors import IsmEdgeError
+from ism_edge.errors import IsmEdgeError, caused_by_interrupt
 
 
 class Backend(str, Enum):
@@ -52,28 +56,94 @@ def tile_grid_for(mode: Mode, text: str | None) -> tuple[int, int] | None:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _click_exception(name: str) -> type[Exception]:
+    """click's exception class ``name`` (typer vendors click in recent releases, depends on it before)."""
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+
+
+class OneLineErrors(TyperGroup):
+    """The ``ism-edge`` command group: a usage error (a bad option value, a missing argument, an
+    unknown option) is one ``error:`` line and exit code 2, like every other failure (SPEC §7),
+    instead of typer's five-line box."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _click_exception("ClickException") as e:
+            raise _usage_exit(e) from None
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _click_exception("ClickException") as e:
+            raise _usage_exit(e) from None
+
+
+def _usage_exit(e: Exception) -> Exception:
+    """Print ``e`` (a click exception) as one ``error:`` line and return the Exit to raise;
+    the help that a bare ``ism-edge`` prints is passed on unchanged."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        return e
+    message = " ".join(e.format_message().split()).rstrip(".")  # type: ignore[attr-defined]
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None and type(e).__name__ != "FileError":
+        message += f" (see '{ctx.command_path} --help')"
+    return fail(message, int(getattr(e, "exit_code", 2)))
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print ``error: message`` on stderr and return the Exit to raise."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
 
+def _interrupted() -> typer.Exit:
+    typer.echo("interrupted", err=True)
+    return typer.Exit(130)
+
+
 def cli_errors(fn: F) -> F:
-    """Turn expected failures into one clear line on stderr and a non-zero exit; no traceback."""
+    """Turn expected failures into one clear line on stderr and a non-zero exit; no traceback.
+
+    Ctrl-C is ``interrupted`` and exit code 130, also when a library wrapped it in its own error.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except IsmEdgeError as e:
-            raise fail(str(e), e.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
+            raise _interrupted() from None
+        except IsmEdgeError as e:
+            if caused_by_interrupt(e):
+                raise _interrupted() from None
+            raise fail(str(e), e.exit_code) from None
         except MemoryError:
             raise fail("out of memory: lower --batch-size") from None
+        except Exception as e:
+            if caused_by_interrupt(e):
+                raise _interrupted() from None
+            raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM (``kill``, ``systemctl stop``, ``docker stop``) ends the command as
+    Ctrl-C does: cleanup runs (no partial output is left), then ``interrupted`` and exit code 130."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def keep_freed_memory() -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from cli._common import Backend, cli_errors
+from cli._common import Backend, cli_errors, sigterm_interrupts
 
 
 class Precision(str, Enum):
@@ -48,12 +47,25 @@ class StepPrinter:
 
 
 def print_parity(report: dict[str, Any]) -> None:
-    """The parity report as a table on stdout: one row per graph output, then the defense."""
-    from rich import box
+    """The parity report as a table on stdout: one row per graph output, then the defense.
+
+    A report read back from an edited manifest (a rebuild) may be malformed: it is then skipped
+    with a note, since the rebuilt engines come from hash-verified graphs either way.
+    """
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(highlight=False)
+    try:
+        _print_parity(console, report)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        console.print("note: the parity report in the manifest is malformed and is not shown; "
+                      "'ism-edge build BUNDLE' writes a new one")
+
+
+def _print_parity(console: Any, report: dict[str, Any]) -> None:
+    from rich import box
+    from rich.table import Table
+
     samples = report.get("samples", {})
     table = Table(title=f"parity vs PyTorch on {samples.get('source', '?')}", title_justify="left", box=box.SIMPLE)
     table.add_column("graph")
@@ -113,13 +125,14 @@ def parse_batch(text: str) -> tuple[int, int, int]:
 
 def _manifest_format(source: Path) -> str | None:
     """``format`` of SOURCE/manifest.json: tells a bundle from an engine directory."""
+    from ism_edge._checks import read_json
     from ism_edge.errors import IsmEdgeError
 
     path = source / "manifest.json"
     if not path.is_file():
         return None
     try:
-        raw = json.loads(path.read_text())
+        raw = read_json(path)
     except (OSError, ValueError) as e:
         raise IsmEdgeError(f"{path} is not valid JSON ({e}): {source} is neither a readable defense bundle nor "
                            "engine directory; retrain the bundle or rebuild the engines from it") from None
@@ -160,17 +173,18 @@ def build(
     if cache is None and resolved == "tensorrt":
         cache = default_timing_cache()
     try:
-        if fmt == "ism-edge-engines":
-            manifest = rebuild_from_onnx(source, out_dir=out, backend=resolved, batch=profile, workspace_mb=workspace,
-                                         timing_cache=cache, on_step=printer, precision=precision.value if precision else None)
-            report = manifest.parity
-        else:
-            chosen = precision.value if precision is not None else default_precision(resolved or "auto")
-            build_engines(source, out, backend=resolved or "auto", precision=chosen, batch=profile, workspace_mb=workspace,
-                          timing_cache=cache, parity_samples=parity_samples, on_step=printer)
-            from ism_edge.manifest import load_manifest
+        with sigterm_interrupts():
+            if fmt == "ism-edge-engines":
+                manifest = rebuild_from_onnx(source, out_dir=out, backend=resolved, batch=profile, workspace_mb=workspace,
+                                             timing_cache=cache, on_step=printer, precision=precision.value if precision else None)
+                report = manifest.parity
+            else:
+                chosen = precision.value if precision is not None else default_precision(resolved or "auto")
+                build_engines(source, out, backend=resolved or "auto", precision=chosen, batch=profile, workspace_mb=workspace,
+                              timing_cache=cache, parity_samples=parity_samples, on_step=printer)
+                from ism_edge.manifest import load_manifest
 
-            report = load_manifest(out).parity
+                report = load_manifest(out).parity
     finally:
         printer.stop()
     print_parity(report)

@@ -58,7 +58,7 @@ def calibrate(
     engine_dir: Annotated[Path, typer.Argument(help="Engine directory whose thresholds to re-calibrate (its manifest.json is rewritten).")],
     input: Annotated[str | None, typer.Argument(help="Clean frames: a video file, an image folder, a stream URI (rtsp://, csi://0), or use --camera.")] = None,
     camera: Annotated[int | None, typer.Option("--camera", help="Local camera index N (short for INPUT=N).", min=0)] = None,
-    fpr: Annotated[float, typer.Option(help="Share of clean frames each detector may flag (0 < FPR < 0.5).", min=0.0, max=0.5)] = 0.01,
+    fpr: Annotated[float, typer.Option(help="Share of clean frames each detector may flag (0 < FPR < 0.5, both ends excluded).")] = 0.01,
     max_frames: Annotated[int | None, typer.Option(help="Stop after this many frames.", min=1)] = None,
     seconds: Annotated[float | None, typer.Option(help="Stop after reading for this many seconds (for a live camera).", min=0.1)] = None,
     mode: Annotated[Mode, typer.Option(help="The mode 'ism-edge run' will use: resize, or tile (a frame's score is its highest tile's).")] = Mode.resize,
@@ -91,8 +91,8 @@ def calibrate(
 
     cv_logging.setLogLevel(cv_logging.LOG_LEVEL_ERROR)
     uri = input_uri(input, camera, "input of clean frames")
-    if not 0.0 < fpr < 0.5:
-        raise typer.BadParameter(f"--fpr must be between 0 and 0.5 (exclusive), got {fpr}")
+    if not 0.0 < fpr < 0.5:  # NaN fails this too
+        raise typer.BadParameter(f"--fpr must be between 0 and 0.5, both excluded, got {fpr}")
     grid = tile_grid_for(mode, tile_grid)
     if max_frames is not None and max_frames < min_frames(fpr):
         raise typer.BadParameter(f"--max-frames {max_frames} is below the {min_frames(fpr)} frames a {fpr:.2%} FPR needs")

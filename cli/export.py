@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._common import cli_errors
+from cli._common import cli_errors, sigterm_interrupts
 
 
 @cli_errors
@@ -28,7 +28,8 @@ def export(
 
     printer = StepPrinter()
     try:
-        report = export_bundle(bundle, out, parity_samples=parity_samples, on_step=printer)
+        with sigterm_interrupts():
+            report = export_bundle(bundle, out, parity_samples=parity_samples, on_step=printer)
     finally:
         printer.stop()
     print_parity(report)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import typer
 
 from cli import bench, build, calibrate, evaluate, export, run, train
+from cli._common import OneLineErrors
 
 app = typer.Typer(
+    cls=OneLineErrors,
     name="ism-edge",
     help="Train, compile and run the instance-sparsity adversarial defense on edge devices.",
     no_args_is_help=True,
@@ -38,12 +40,13 @@ MULTI_VALUE_OPTIONS = ("--data",)
 
 def _is_bundle(arg: str) -> bool:
     """Whether ``arg`` is a defense-bundle directory (a positional BUNDLE, never a data path)."""
-    import json
     from pathlib import Path
+
+    from ism_edge._checks import read_json
 
     manifest = Path(arg) / "manifest.json"
     try:
-        return manifest.is_file() and json.loads(manifest.read_text()).get("format") == "ism-edge-bundle"
+        return manifest.is_file() and read_json(manifest).get("format") == "ism-edge-bundle"
     except (OSError, ValueError, AttributeError):
         return False
 

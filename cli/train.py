@@ -39,12 +39,14 @@ def train(
     label_source: Annotated[str, typer.Option(help="Labels of the deployed defense: auto (C(x) unless a detector fires, then C(M(x))) or reformed (always C(M(x))).")] = "auto",
     sparsity_k: Annotated[int | None, typer.Option(help="Latent entries kept per instance by the mapping network (default: the preset's).")] = None,
     target_fpr: Annotated[float, typer.Option(help="False-positive rate each detector is calibrated for.")] = 0.01,
-    feedback_rounds: Annotated[int, typer.Option(help="Feedback-reformation rounds stored in the bundle (0 = off).")] = 0,
+    feedback_rounds: Annotated[int, typer.Option(help="Feedback-reformation rounds stored in the bundle (0 = off).", min=0, max=100)] = 0,
     kind: Annotated[str, typer.Option(help="Dataset layout: auto, cifar10-pickle, cifar10-binary, npz, celeba, folder.")] = "auto",
     attribute: Annotated[str, typer.Option(help="CelebA binary attribute to classify.")] = "Smiling",
     exact_only: Annotated[bool, typer.Option(help="Keep only exact-pixel images (CIFAR *_jpegfill .npz files).")] = False,
     limit: Annotated[int | None, typer.Option(help="Use at most this many training images (stratified).")] = None,
     init_from: Annotated[Path | None, typer.Option(help="Share the undefended and adversarial stages of this bundle instead of training them (same preset, data and classifier options): baselines for a comparison.")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="Declare the number of classes: labels outside 0..N-1 are refused. Needed for .npz labels that leave classes without images.", min=2)] = None,
+    classes: Annotated[str | None, typer.Option(help="Declare the class names, comma-separated, in label order (implies --num-classes).")] = None,
     baseline: Annotated[str, typer.Option(help="What to train: full (the defense), none (undefended classifier), magnet (MagNet: plain autoencoder + reconstruction/JSD detectors), adv-only (adversarial training alone), distill-only (defensive distillation alone). Baselines set --adv-ratio/--distill themselves.")] = "full",
 ) -> None:
     """Train the full defense (SPEC §2) and write a defense bundle.
@@ -59,6 +61,7 @@ def train(
     from dataclasses import replace
 
     from training.bundle import BASELINES
+    from training.data import declared_classes
     from training.recipe import STAGES, RecipeConfig, TrainRequest, train_bundle
 
     eps = parse_eps(adv_eps)
@@ -88,6 +91,8 @@ def train(
     req = TrainRequest(data=data, out=out, preset=preset, recipe=recipe, stages=chosen, device=device, resume=resume,
                        data_kind=kind, init_from=init_from, attribute=attribute, exact_only=exact_only, limit=limit,
                        model_overrides={} if sparsity_k is None else {"sparsity_k": sparsity_k})
-    bundle = train_bundle(req)
+    names = None if classes is None else [c.strip() for c in classes.split(",")]
+    with declared_classes(num_classes, names):  # the recipe loads the data itself
+        bundle = train_bundle(req)
     what = "defense bundle" if baseline == "full" else f"baseline {baseline!r} bundle"
     typer.echo(f"{what} written to {out} (stages: {', '.join(bundle.stages)})")

@@ -564,8 +564,10 @@ def rebuild_from_onnx(
                 )
 
     with atomic_directory(target) as tmp:
-        with steps("copy ONNX sources"):
-            shutil.copytree(engine_dir / ONNX_DIR, tmp / ONNX_DIR)
+        with steps("copy ONNX sources"):  # the verified files only: never what a symlink in onnx/ leads to
+            for name in sources:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(engine_dir / name, tmp / name)
         engines: dict[str, EngineFile] = {}
         for role, ef in old.engines.items():
             src = tmp / ef.onnx

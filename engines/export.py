@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ism_edge.errors import EngineError, missing_dependency
+from ism_edge.errors import EngineError, caused_by_interrupt, missing_dependency
 from ism_edge.manifest import ROLES, TensorSpec
 
 if TYPE_CHECKING:
@@ -97,6 +97,22 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _interrupts_stay_interrupts() -> Iterator[None]:
+    """Ctrl-C during ``torch.onnx.export`` stays a KeyboardInterrupt.
+
+    The exporter catches what its capture strategies raise; a KeyboardInterrupt that breaks one of
+    them mid-step surfaces as the next strategy's error, wrapped in a TorchExportError "Failed to
+    export the model" with 120+ lines of report; the interrupt is still in the error's chain.
+    """
+    try:
+        yield
+    except Exception as e:
+        if caused_by_interrupt(e):
+            raise KeyboardInterrupt from None
+        raise
+
+
 def onnx_from_module(
     module: nn.Module,
     role: str,
@@ -118,7 +134,7 @@ def onnx_from_module(
     ins, outs = GRAPH_IO[role]
     example = tuple(torch.rand(2, *input_shape) for _ in ins)
     n = torch.export.Dim(BATCH_DIM, min=1)
-    with torch.no_grad(), _quiet_exporter():
+    with torch.no_grad(), _quiet_exporter(), _interrupts_stay_interrupts():
         program = torch.onnx.export(
             module,
             example,

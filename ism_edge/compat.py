@@ -10,10 +10,10 @@ lazily; this module never imports torch.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
+from ism_edge import _checks as check
 from ism_edge.errors import BundleError, EngineMismatchError
 from ism_edge.manifest import EngineManifest
 
@@ -78,15 +78,18 @@ def bundle_sha256(directory: str | os.PathLike[str]) -> str:
     directory = Path(directory)
     path = directory / "manifest.json"
     try:
-        data = path.read_bytes()
-        weights = json.loads(data)["weights"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        data = check.read_json_bytes(path)
+        raw = check.obj(check.parse_json(data), "the manifest")
+        weights = check.obj(check.require(raw, "weights", "weights"), "weights")
+        digests = {name: check.sha256(check.obj(entry, f"weights.{name}").get("sha256"), f"weights.{name}.sha256")
+                   for name, entry in weights.items()}
+    except (OSError, ValueError) as e:
         raise BundleError(f"{path} is not a readable defense-bundle manifest ({e}): check the bundle path") from None
     h = hashlib.sha256()
     h.update(data)
-    for name in sorted(weights):
+    for name in sorted(digests):
         h.update(name.encode())
-        h.update(str(weights[name].get("sha256", "")).encode())
+        h.update(digests[name].encode())
     return h.hexdigest()
 
 

@@ -56,3 +56,16 @@ def missing_dependency(module: str, extra: str, purpose: str) -> MissingDependen
         f"{purpose} needs the Python module '{module}', which is not installed: "
         f"pip install 'ism-edge[{extra}]'"
     )
+
+
+def caused_by_interrupt(error: BaseException) -> bool:
+    """Whether ``error`` is, or was raised while handling, a KeyboardInterrupt: libraries (torch.onnx,
+    onnxruntime) wrap a Ctrl-C that hits them mid-step in an error of their own."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False

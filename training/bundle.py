@@ -19,18 +19,26 @@ need not be in it.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ism_edge import _checks as check
 from ism_edge._io import atomic_directory, atomic_write_json, sha256_file
 from ism_edge.errors import BundleError
+from ism_edge.manifest import (
+    LABEL_SOURCES,
+    MAX_CLASSES,
+    MAX_FEEDBACK_ROUNDS,
+    MAX_SIDE,
+    MAX_THRESHOLD,
+    TEMPERATURE_RANGE,
+)
 from training.models import (
     Classifier,
     Discriminator,
@@ -46,6 +54,9 @@ OPTIONAL = ("discriminator", "teacher", "undefended")
 DEFAULT_TEMPERATURES = {"train": 20.0, "deploy": 1.0, "detector": 10.0}
 SCORES = ("recon_error", "jsd", "p_score")
 BASELINES = ("none", "magnet", "adv-only", "distill-only", "full")
+#: Largest layer sizes a bundle's model config may ask for (the presets stay far below).
+MAX_WIDTH = 4096
+MAX_DENSE = 65536
 
 
 @dataclass(frozen=True)
@@ -129,16 +140,19 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+NETWORKS: dict[str, type[nn.Module]] = {
+    "classifier": Classifier,
+    "mapper": MappingNetwork,
+    "perturbation": PerturbationClassifier,
+    "discriminator": Discriminator,
+    "teacher": Classifier,
+    "undefended": Classifier,
+}
+
+
 def build_networks(cfg: ModelConfig) -> dict[str, nn.Module]:
     """Fresh, untrained networks for ``cfg``."""
-    return {
-        "classifier": Classifier(cfg),
-        "mapper": MappingNetwork(cfg),
-        "perturbation": PerturbationClassifier(cfg),
-        "discriminator": Discriminator(cfg),
-        "teacher": Classifier(cfg),
-        "undefended": Classifier(cfg),
-    }
+    return {name: cls(cfg) for name, cls in NETWORKS.items()}  # type: ignore[call-arg]
 
 
 @dataclass
@@ -234,61 +248,144 @@ class DefenseBundle:
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], *, map_location: str = "cpu") -> DefenseBundle:
-        """Load and verify a bundle; raises :class:`BundleError` with a one-line message."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        """Load and verify a bundle; raises :class:`BundleError` with a one-line message.
 
+        Every field of the manifest is checked (type, range, consistency) and every weight file
+        must lie inside the bundle, match its hash and hold exactly the tensors, of exactly the
+        shapes, that the model config implies, before any network is allocated.
+        """
         directory = Path(directory)
         raw = read_bundle_manifest(directory)
+        where = directory / "manifest.json"
         try:
-            cfg = ModelConfig.from_dict(raw["config"])
-        except (TypeError, ValueError) as e:
-            raise BundleError(f"{directory}/manifest.json has an invalid model config: {e}") from None
-        try:
+            fields_ = _bundle_fields(raw)
+            cfg = _model_config(raw["config"])
+            if len(fields_["class_names"]) != cfg.num_classes:
+                raise check.FieldError(f"class_names lists {len(fields_['class_names'])} names but config.num_classes "
+                                       f"is {cfg.num_classes}")
             spec = DefenseSpec.from_dict(raw.get("defense"))
-        except ValueError as e:
-            raise BundleError(f"{directory}/manifest.json has an invalid 'defense' field: {e}") from None
-        nets = build_networks(cfg)
-        weights = raw.get("weights", {})
+        except check.FieldError as e:
+            raise BundleError(f"{where} has a missing or malformed field: {e}: the bundle is corrupt; retrain it") from None
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"{where} has an invalid model config or 'defense' field: {e}: retrain the bundle") from None
+        weights = raw["weights"]
         missing = [n for n in spec.required_networks() if n not in weights]
         if missing:
             raise BundleError(f"{directory} has no weights for {', '.join(missing)}: it is incomplete; retrain or copy it again")
+        with torch.device("meta"):  # the shapes the config implies, without allocating them
+            expected = {name: {k: tuple(v.shape) for k, v in net.state_dict().items()}
+                        for name, net in build_networks(cfg).items()}
         loaded: dict[str, nn.Module] = {}
         for name, entry in weights.items():
-            if name not in nets:
+            if name not in NETWORKS:
                 continue
-            path = directory / entry["file"]
-            if not path.is_file():
-                raise BundleError(f"{path} is missing: the bundle is incomplete; retrain or copy it again")
-            if sha256_file(path) != entry.get("sha256"):
-                raise BundleError(f"{path} does not match its hash in manifest.json (corrupted or modified): retrain or copy it again")
+            state = _read_weights(directory, entry["file"], name, entry["sha256"], expected[name], map_location)
+            net = NETWORKS[name](cfg)  # type: ignore[call-arg]
             try:
-                state = load_file(str(path), device=map_location)
-                nets[name].load_state_dict(state)
-            except (SafetensorError, RuntimeError, OSError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise BundleError(f"{path} cannot be loaded into the {name} network: {first}") from None
-            loaded[name] = nets[name]
-        b = cls(
-            config=cfg,
-            networks=loaded,
-            class_names=tuple(raw["class_names"]),
-            preset=raw.get("preset", "custom"),
-            temperatures={k: float(v) for k, v in raw.get("temperatures", DEFAULT_TEMPERATURES).items()},
-            thresholds={k: float(v) for k, v in raw.get("thresholds", {}).items()},
-            target_fpr=float(raw.get("target_fpr", 0.01)),
-            feedback_rounds=int(raw.get("feedback_rounds", 0)),
-            label_source=str(raw.get("label_source", "auto")),
-            calibration=raw.get("calibration", {}),
-            provenance=raw.get("provenance", {}),
-            stages=raw.get("stages", {}),
-            defense=spec,
-        )
+                net.load_state_dict(state)
+            except RuntimeError as e:  # pragma: no cover - the header check above catches mismatches first
+                detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+                raise BundleError(f"{directory / entry['file']} cannot be loaded into the {name} network: {detail[:400]}") from None
+            loaded[name] = net
+        b = cls(config=cfg, networks=loaded, defense=spec, **fields_)
         return b.eval()
 
 
+def _bundle_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's scalar fields, checked (raises :class:`~ism_edge._checks.FieldError`)."""
+    names = check.array(raw["class_names"], "class_names", max_len=MAX_CLASSES)
+    temperatures = check.obj(raw.get("temperatures", DEFAULT_TEMPERATURES), "temperatures")
+    thresholds = check.obj(raw.get("thresholds", {}), "thresholds")
+    unknown = sorted(set(thresholds) - set(SCORES))
+    if unknown:
+        raise check.FieldError(f"thresholds has unknown scores {unknown} (expected {', '.join(SCORES)})")
+    return {
+        "class_names": tuple(check.text(c, f"class_names[{i}]", max_len=256) for i, c in enumerate(names)),
+        "preset": check.text(raw.get("preset", "custom"), "preset", max_len=64),
+        "temperatures": {check.text(k, "temperatures key", max_len=64): check.number(v, f"temperatures.{k}", *TEMPERATURE_RANGE)
+                         for k, v in temperatures.items()},
+        "thresholds": {k: check.number(v, f"thresholds.{k}", 0.0, MAX_THRESHOLD) for k, v in thresholds.items()},
+        "target_fpr": check.number(raw.get("target_fpr", 0.01), "target_fpr", 0.0, 0.5, lo_open=True),
+        "feedback_rounds": check.integer(raw.get("feedback_rounds", 0), "feedback_rounds", 0, MAX_FEEDBACK_ROUNDS),
+        "label_source": check.choice(raw.get("label_source", "auto"), "label_source", LABEL_SOURCES),
+        "calibration": check.obj(raw.get("calibration", {}), "calibration"),
+        "provenance": check.obj(raw.get("provenance", {}), "provenance"),
+        "stages": check.obj(raw.get("stages", {}), "stages"),
+    }
+
+
+def _model_config(raw: Any) -> ModelConfig:
+    """The manifest's model config, every size bounded before a network is built from it."""
+    raw = check.obj(raw, "config")
+    limits = {"image_size": MAX_SIDE, "num_classes": MAX_CLASSES, "clf_dense": MAX_DENSE, "latent_dim": MAX_DENSE}
+    defaults = {f.name: f.default for f in fields(ModelConfig)}
+    for key, value in raw.items():
+        default = defaults.get(key)
+        if isinstance(default, int):
+            check.integer(value, f"config.{key}", 1, limits.get(key, MAX_WIDTH))
+        elif isinstance(default, tuple):
+            items = check.array(value, f"config.{key}", max_len=8)
+            for i, v in enumerate(items):
+                if isinstance(default[0], int):
+                    check.integer(v, f"config.{key}[{i}]", 1, MAX_WIDTH)
+                else:
+                    check.number(v, f"config.{key}[{i}]", -1e3, 1e3)
+            if isinstance(default[0], int) and len(items) != len(default):
+                raise check.FieldError(f"config.{key} must list {len(default)} widths, got {len(items)}")
+    return ModelConfig.from_dict(raw)
+
+
+def _read_weights(directory: Path, file: str, name: str, digest: str, expected: dict[str, tuple[int, ...]],
+                  map_location: str) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file, refused unless it lies inside the bundle, matches its hash,
+    holds exactly the tensors and shapes ``expected`` and every value is finite."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        path = check.inside(directory, file)
+    except check.FieldError as e:
+        raise BundleError(f"{e}: the {name} weights must be a file of the bundle; retrain or copy it again") from None
+    if not path.is_file():
+        raise BundleError(f"{path} is missing: the bundle is incomplete; retrain or copy it again")
+    if sha256_file(path) != digest:
+        raise BundleError(f"{path} does not match its hash in manifest.json (corrupted or modified): retrain or copy it again")
+    fix = f"the {name} weights do not fit the bundle's model config; retrain or copy the bundle again"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise BundleError(f"{path} is not a readable safetensors file ({_first_line(e)}): retrain or copy the bundle again") from None
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        raise BundleError(f"{path} has no tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") + f": {fix}")
+    extra = [k for k in shapes if k not in expected]
+    if extra:
+        raise BundleError(f"{path} has an unexpected tensor {extra[0]!r}: {fix}")
+    for k, shape in expected.items():
+        if shapes[k] != shape:
+            raise BundleError(f"{path}: tensor {k!r} has shape {list(shapes[k])}, the config needs {list(shape)}: {fix}")
+    try:
+        state = load_file(str(path), device=map_location)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise BundleError(f"{path} cannot be loaded into the {name} network: {_first_line(e)}") from None
+    for k, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise BundleError(f"{path}: tensor {k!r} holds NaN or infinite values: retrain or copy the bundle again")
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def read_bundle_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check ``BUNDLE/manifest.json`` without loading weights (no torch work)."""
+    """Read and check ``BUNDLE/manifest.json`` without loading weights (no torch work).
+
+    The JSON is size- and depth-capped before parsing; ``weights`` must name, for each network, a
+    plain file inside the bundle and its SHA-256. The other fields are checked by
+    :meth:`DefenseBundle.load`.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise BundleError(f"bundle {directory} does not exist: train one with 'ism-edge train --out {directory}'")
@@ -296,19 +393,28 @@ def read_bundle_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise BundleError(f"{path} is missing: {directory} is not a defense bundle")
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = check.read_json(path)
+    except check.TooLargeError as e:
+        raise BundleError(f"{path} is refused ({e}): the bundle is corrupt; retrain it") from None
+    except (OSError, ValueError) as e:
         raise BundleError(f"{path} is not valid JSON ({e}): the bundle is corrupt; retrain it") from None
     if not isinstance(raw, dict) or raw.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path} is not an ism-edge defense bundle manifest")
     if raw.get("format_version") != BUNDLE_FORMAT_VERSION:
         raise BundleError(
-            f"{path} has bundle format version {raw.get('format_version')!r}; this ism-edge reads "
+            f"{path} has bundle format version {check.show(raw.get('format_version'))}; this ism-edge reads "
             f"version {BUNDLE_FORMAT_VERSION}: retrain or use a matching ism-edge release"
         )
     for key in ("config", "class_names", "weights"):
         if key not in raw:
             raise BundleError(f"{path} has no {key!r} field: the bundle is corrupt; retrain it")
+    try:
+        for name, entry in check.obj(raw["weights"], "weights").items():
+            entry = check.obj(entry, f"weights.{name}")
+            check.relative_file(check.require(entry, "file", f"weights.{name}.file"), f"weights.{name}.file")
+            check.sha256(check.require(entry, "sha256", f"weights.{name}.sha256"), f"weights.{name}.sha256")
+    except check.FieldError as e:
+        raise BundleError(f"{path} has a missing or malformed field: {e}: the bundle is corrupt; retrain it") from None
     return raw
 
 

@@ -38,6 +38,19 @@ def test_malformed_dataset_is_one_clear_line(tmp_path: Path) -> None:
     assert "bad.npz" in _one_error_line(r)
 
 
+def test_a_label_outside_the_class_list_is_refused_unless_declared(tmp_path: Path) -> None:
+    z = np.load(CIFAR_TEST)
+    y = z["y"][:100].copy()
+    y[0] = 57
+    stray = tmp_path / "stray.npz"
+    np.savez(stray, x=z["x"][:100], y=y)
+    r = runner.invoke(app, ["train", "--data", str(stray), "--out", str(tmp_path / "b")])
+    assert "labels reach 57, so 58 classes" in _one_error_line(r) and "--num-classes 58" in r.stderr
+    r = runner.invoke(app, ["train", "--data", str(stray), "--out", str(tmp_path / "b"), "--num-classes", "10"])
+    assert "labels reach 57 but 10 classes were declared" in _one_error_line(r)
+    assert not (tmp_path / "b").exists()
+
+
 def test_missing_bundle_for_evaluate(tmp_path: Path) -> None:
     r = runner.invoke(app, ["evaluate", str(tmp_path / "nope"), "--data", str(CIFAR_TEST)])
     assert "ism-edge train" in _one_error_line(r)

@@ -210,3 +210,92 @@ def test_fp16_onnxruntime_build_runs_the_sub_pixel_fp16_mapper(untrained_bundle_
     subpixel = [n for n in mapper.graph.node if n.name.endswith("__subpixel_conv")]
     assert len(subpixel) == 4 and all(weights[n.input[1]] == onnx.TensorProto.FLOAT16 for n in subpixel)
     assert m.parity["engine"]["ok"] and m.parity["gated"] == ["fp16", "engine"]
+
+
+def _exporter_breaks_on_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.onnx.export as it behaves when Ctrl-C hits it mid-step: the interrupt breaks a capture
+    strategy, whose error the exporter wraps in 'Failed to export the model' (the second graph)."""
+    import torch
+
+    real = torch.onnx.export
+    calls: list[int] = []
+
+    def export(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) < 2:
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise AttributeError("'NoneType' object has no attribute 'graph_module'") from None
+        except AttributeError as e:
+            raise RuntimeError("Failed to export the model with torch.export. This is step 1/3 of exporting") from e
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+
+
+def test_ctrl_c_inside_the_onnx_exporter_is_an_interrupt(untrained_bundle_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from engines.export import graph_modules, onnx_from_module
+    from training.bundle import DefenseBundle
+
+    _exporter_breaks_on_ctrl_c(monkeypatch)
+    modules = graph_modules(DefenseBundle.load(untrained_bundle_dir))
+    onnx_from_module(modules["classifier"], "classifier", tmp_path / "a.onnx", (3, 32, 32))
+    with pytest.raises(KeyboardInterrupt):
+        onnx_from_module(modules["classifier"], "classifier", tmp_path / "b.onnx", (3, 32, 32))
+
+
+def test_cli_build_interrupted_inside_the_exporter_says_interrupted(untrained_bundle_dir: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    _exporter_breaks_on_ctrl_c(monkeypatch)
+    run = invoke("build", str(untrained_bundle_dir), "--out", str(tmp_path / "e"), "--backend", "onnxruntime",
+                 "--parity-samples", "8")
+    assert run.exit_code == 130, run.output
+    assert run.output.strip().splitlines()[-1] == "interrupted"
+    assert "Failed to export" not in run.output and "Traceback" not in run.output and "error:" not in run.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def _build_until_partial(bundle: Path, out: Path) -> tuple[subprocess.Popen[str], Path]:
+    """Start `ism-edge build` in a child process; return it once its temporary directory exists."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "build", str(bundle), "--out", str(out),
+                             "--backend", "onnxruntime", "--parity-samples", "8"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import time
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        partials = list(out.parent.glob(f".{out.name}.*.partial"))
+        if partials:
+            return proc, partials[0]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the build made no temporary directory: {proc.communicate()}")
+
+
+def test_sigterm_during_a_build_is_interrupted_and_leaves_nothing(untrained_bundle_dir: Path, tmp_path: Path) -> None:
+    import signal
+
+    proc, _partial = _build_until_partial(untrained_bundle_dir, tmp_path / "engines")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr, stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_next_build_removes_what_a_killed_build_left(untrained_bundle_dir: Path, tmp_path: Path) -> None:
+    import signal
+
+    from ism_edge._io import atomic_directory
+
+    proc, partial = _build_until_partial(untrained_bundle_dir, tmp_path / "engines")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert partial.is_dir()  # nothing can clean up after SIGKILL ...
+    with atomic_directory(tmp_path / "engines") as tmp:  # ... but the next build of the target does
+        (tmp / "manifest.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]

@@ -154,3 +154,33 @@ def test_tensorrt_engines_are_checked_against_the_gpu_they_run_on(engine_copy: P
     with pytest.raises(EngineMismatchError, match=r"built with TensorRT 10\.3\.0 on Orin \(8\.7\); this machine has .*H100"):
         compat.check_compatible(trt, engine_copy)  # device 0 is another GPU
     assert asked == [1, 0]
+
+
+def test_rebuild_never_reads_a_file_outside_the_directory(engine_copy: Path, tmp_path: Path) -> None:
+    """A manifest naming ``../outside.onnx`` (with its true hash) is refused; a symlink in onnx/
+    that the manifest does not name is not copied into the rebuilt directory."""
+    from ism_edge._io import sha256_file
+
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes((engine_copy / "onnx" / "mapper.onnx").read_bytes())
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    (engine_copy / "onnx" / "notes.onnx").symlink_to(secret)
+    run = invoke("build", str(engine_copy), "--out", str(tmp_path / "new"))
+    assert run.exit_code == 0, run.output
+    assert not (tmp_path / "new" / "onnx" / "notes.onnx").exists()
+
+    _edit_manifest(engine_copy, lambda m: m["engines"]["mapper"].update(onnx="../../outside.onnx"))
+    _edit_manifest(engine_copy, lambda m: m["parity"]["sources"].update({"../../outside.onnx": sha256_file(outside)}))
+    run = invoke("build", str(engine_copy), "--out", str(tmp_path / "newer"))
+    assert run.exit_code == 2
+    assert "engines.mapper.onnx must be a plain file name inside the directory" in _one_line_error(run.output)
+    assert not (tmp_path / "newer").exists()
+
+
+def test_rebuild_with_a_malformed_parity_report_still_rebuilds(engine_copy: Path, tmp_path: Path) -> None:
+    _edit_manifest(engine_copy, lambda m: m["parity"].update(fp32={"graphs": {"mapper": {"outputs": 5}}}))
+    run = invoke("build", str(engine_copy), "--out", str(tmp_path / "new"))
+    assert run.exit_code == 0 and "Traceback" not in run.output, run.output
+    assert "the parity report in the manifest is malformed" in run.output
+    load_manifest(tmp_path / "new")

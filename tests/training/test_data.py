@@ -24,6 +24,7 @@ from tests.conftest import CIFAR_TEST, CIFAR_TRAIN, ROOT, SAMPLES
 from training.data import (
     CIFAR10_CLASSES,
     ImageArrays,
+    declared_classes,
     detect_kind,
     load_dataset,
     stratified_indices,
@@ -311,6 +312,75 @@ def test_npz_not_an_archive_and_mismatched_parts(tmp_path: Path, npz_test: dict)
     np.savez(b, x=npz_test["x"][:4, :16, :16], y=npz_test["y"][:4])
     with pytest.raises(DataError, match="b.npz.*must match"):
         load_dataset([a, b])
+
+
+def test_npz_that_is_not_a_zip_says_what_it_is(tmp_path: Path, npz_test: dict) -> None:
+    text = tmp_path / "notes.npz"
+    text.write_text("x,y\n1,2\n")
+    with pytest.raises(DataError) as e:
+        load_dataset([text])
+    assert "notes.npz is not a valid .npz archive (an .npz is a zip file; this is a text file)" in str(e.value)
+    assert "pickled" not in str(e.value)
+    npy = tmp_path / "x.npz"
+    with open(npy, "wb") as f:
+        np.save(f, npz_test["x"][:2])
+    with pytest.raises(DataError, match="this is a single .npy array"):
+        load_dataset([npy])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(DataError, match="this is an empty file"):
+        load_dataset([tmp_path / "empty.npz"])
+
+
+def _stray_label(tmp_path: Path, npz_test: dict) -> Path:
+    """A CIFAR-10 sample whose fourth label is 57 (ten classes otherwise)."""
+    y = npz_test["y"][:200].copy()
+    y[3] = 57
+    p = tmp_path / "stray.npz"
+    np.savez(p, x=npz_test["x"][:200], y=y)
+    return p
+
+
+def test_a_label_outside_the_class_list_is_refused(tmp_path: Path, npz_test: dict) -> None:
+    p = _stray_label(tmp_path, npz_test)
+    with pytest.raises(DataError) as e:
+        load_dataset([p])
+    message = str(e.value)
+    assert f"{p}: labels reach 57, so 58 classes, but 47 of them (10, 11, 12, …) have no image" in message
+    assert "--num-classes 58" in message
+    with pytest.raises(DataError, match="labels reach 57 but 10 classes were declared"):
+        load_dataset([p], num_classes=10)
+    with declared_classes(num_classes=10), pytest.raises(DataError, match="10 classes were declared"):
+        load_dataset([p])
+    a = load_dataset([p], num_classes=58)
+    assert a.num_classes == 58 and a.class_names[57] == "class_57"
+
+
+def test_declared_classes_name_an_npz_or_must_match(tmp_path: Path, npz_test: dict) -> None:
+    p = tmp_path / "plain.npz"
+    np.savez(p, x=npz_test["x"][:50], y=npz_test["y"][:50])
+    names = [f"k{i}" for i in range(10)]
+    assert load_dataset([p], class_names=names).class_names == tuple(names)
+    assert load_dataset([p], num_classes=10).class_names == CIFAR10_CLASSES
+    with pytest.raises(DataError, match="3 class names were declared for 10 classes"):
+        load_dataset([p], num_classes=10, class_names=["a", "b", "c"])
+    named = tmp_path / "named.npz"
+    np.savez(named, x=npz_test["x"][:50], y=npz_test["y"][:50], class_names=np.array(names))
+    with pytest.raises(DataError, match="not the declared"):
+        load_dataset([named], num_classes=12)
+    with declared_classes(class_names=names):
+        assert load_dataset([named]).class_names == tuple(names)
+
+
+def test_declared_classes_are_checked_for_every_layout(tmp_path: Path, npz_test: dict) -> None:
+    root = tmp_path / "folder"
+    for i, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        cv2.imwrite(str(root / name / f"{i}.png"), npz_test["x"][i])
+    assert load_dataset([root], num_classes=2).class_names == ("cat", "dog")
+    with pytest.raises(DataError, match=r"\(folder\) has the 2 classes \['cat', 'dog'\]…, not the declared"):
+        load_dataset([root], num_classes=3)
+    with pytest.raises(DataError, match="not the declared"):
+        load_dataset([root], class_names=["dog", "cat"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from training.data.arrays import ImageArrays, stratified_indices
 from training.data.cifar10 import CIFAR10_CLASSES
-from training.data.load import KINDS, detect_kind, load_dataset
+from training.data.load import KINDS, declared_classes, detect_kind, load_dataset
 
 if TYPE_CHECKING:
     from training.data.torch_utils import iterate_batches, to_tensor
@@ -22,6 +22,7 @@ __all__ = [
     "CIFAR10_CLASSES",
     "KINDS",
     "ImageArrays",
+    "declared_classes",
     "detect_kind",
     "iterate_batches",
     "load_dataset",

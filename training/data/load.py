@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,28 @@ from ism_edge.errors import DataError
 from training.data import celeba, cifar10, folder
 from training.data.arrays import ImageArrays, stratified_indices
 from training.data.images import files_digest, fit_all, read_images
-from training.data.npz import read_npz_parts
+from training.data.npz import declared_names, read_npz_parts
 
 KINDS = ("cifar10-pickle", "cifar10-binary", "npz", "celeba", "folder")
 LAYOUTS = ("a CIFAR-10 cifar-10-batches-py or cifar-10-batches-bin directory (or its parent), "
            ".npz files with x and y arrays, a CelebA directory (img_align_celeba/ and list_attr_celeba.txt) "
            "or an image folder root/<class_name>/*.png|jpg|jpeg|bmp")
+
+
+_DECLARED: ContextVar[tuple[int | None, tuple[str, ...] | None]] = ContextVar("declared_classes", default=(None, None))
+
+
+@contextlib.contextmanager
+def declared_classes(num_classes: int | None = None, class_names: Sequence[str] | None = None) -> Iterator[None]:
+    """Declare the class list for every :func:`load_dataset` call in the block that does not pass one.
+
+    ``ism-edge train --num-classes/--classes``: the training recipe loads its data itself.
+    """
+    token = _DECLARED.set((num_classes, None if class_names is None else tuple(class_names)))
+    try:
+        yield
+    finally:
+        _DECLARED.reset(token)
 
 
 def _check_exists(path: Path) -> None:
@@ -85,12 +103,13 @@ def _check_int(name: str, value: int | None) -> None:
         raise DataError(f"{name} must be a positive whole number, got {value!r}")
 
 
-def _load_arrays(kind: str, paths: list[Path], split: str) -> tuple[Any, ...]:
+def _load_arrays(kind: str, paths: list[Path], split: str, num_classes: int | None,
+                 class_names: Sequence[str] | None) -> tuple[Any, ...]:
     if kind == "npz":
         for p in paths:
             if not p.is_file():
                 raise DataError(f"{p} is not a .npz file: pass the .npz part files themselves")
-        parts = read_npz_parts(paths)
+        parts = read_npz_parts(paths, num_classes=num_classes, class_names=class_names)
         return parts.x, parts.y, parts.class_names, parts.exact, paths, {"class_names_source": parts.class_names_source}
     finder, reader = ((cifar10.find_pickle_dir, cifar10.load_pickle_batches) if kind == "cifar10-pickle"
                       else (cifar10.find_binary_dir, cifar10.load_binary_batches))
@@ -135,7 +154,8 @@ def _load_images(kind: str, root: Path, split: str, attribute: str, image_size: 
 
 def load_dataset(paths: Sequence[str | Path] | str | Path, *, kind: str = "auto", split: str = "train",
                  image_size: int | None = None, attribute: str = "Smiling", exact_only: bool = False,
-                 limit: int | None = None, seed: int = 0) -> ImageArrays:
+                 limit: int | None = None, seed: int = 0, num_classes: int | None = None,
+                 class_names: Sequence[str] | None = None) -> ImageArrays:
     """Load a labelled image set from disk as uint8 NHWC RGB pixels and int64 labels.
 
     ``paths``: one data set — a CIFAR-10 pickle or binary directory, a CelebA directory, an
@@ -148,16 +168,27 @@ def load_dataset(paths: Sequence[str | Path] | str | Path, *, kind: str = "auto"
     a two-class label. ``exact_only`` keeps only images whose ``exact`` flag is True (the
     ``*_jpegfill`` CIFAR-10 files; other sources count as exact). ``limit`` keeps a
     stratified subset of that many images chosen with ``seed`` (before decoding, for image
-    files). Nothing is ever downloaded; every failure raises :class:`DataError`.
+    files). ``num_classes`` / ``class_names`` declare the class list (default: the enclosing
+    :func:`declared_classes`): a label outside it is refused, and so are ``.npz`` labels that
+    leave classes without images when nothing is declared. Nothing is ever downloaded; every
+    failure raises :class:`DataError`.
     """
     resolved = _as_paths(paths)
     _check_int("image_size", image_size)
     _check_int("limit", limit)
+    if num_classes is None and class_names is None:
+        num_classes, class_names = _DECLARED.get()
     kind = _resolve_kind(resolved, kind)
     if kind in ("celeba", "folder"):
         x, y, names, exact, meta_files, extra = _load_images(kind, resolved[0], split, attribute, image_size, limit, seed)
     else:
-        x, y, names, exact, meta_files, extra = _load_arrays(kind, resolved, split)
+        x, y, names, exact, meta_files, extra = _load_arrays(kind, resolved, split, num_classes, class_names)
+    declared = declared_names(num_classes, class_names)
+    if kind != "npz" and declared is not None and (len(names) != len(declared) or
+                                                   (class_names is not None and tuple(names) != declared)):
+        raise DataError(f"{resolved[0]} ({kind}) has the {len(names)} classes {list(names)[:4]}…, not the declared "
+                        f"{list(declared)[:4]}… ({len(declared)}): drop --classes/--num-classes or fix them")
+    if kind not in ("celeba", "folder"):
         if exact_only and exact is not None:
             x, y, exact = x[exact], y[exact], exact[exact]
         if limit is not None:

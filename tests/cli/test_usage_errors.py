@@ -1,0 +1,54 @@
+"""Usage errors of every command are one `error:` line and exit code 2, not typer's box (issue 18)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from tests.cli import one_error_line
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["calibrate", "E", "V", "--fpr", "0"], "--fpr must be between 0 and 0.5, both excluded, got 0.0"),
+    (["calibrate", "E", "V", "--fpr", "nan"], "--fpr must be between 0 and 0.5, both excluded, got nan"),
+    (["calibrate", "E", "V", "--fpr", "0.5"], "--fpr must be between 0 and 0.5, both excluded, got 0.5"),
+    (["calibrate", "E", "V", "--fpr", "1.5"], "--fpr must be between 0 and 0.5"),
+    (["calibrate", "E", "V", "--mode", "tile", "--tile-grid", "abc"], "'abc' is not ROWSxCOLS"),
+    (["calibrate", "E", "V", "--mode", "tile", "--tile-grid", "0x0"], "rows and columns must be >= 1"),
+    (["calibrate", "E", "V", "--max-frames", "0"], "--max-frames"),
+    (["calibrate", "E", "V", "--bogus"], "No such option: --bogus"),
+    (["run", "E", "V", "--mode", "tile", "--tile-grid", "abc"], "'abc' is not ROWSxCOLS"),
+    (["run", "E", "V", "--max-frames", "0"], "--max-frames"),
+    (["bench", "E", "--bogus"], "No such option: --bogus"),
+    (["build", "B", "--out", "O", "--batch", "8,1,1"], "must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX"),
+    (["build", "B"], "Missing option '--out'"),
+    (["export", "B", "--out", "O", "--parity-samples", "0"], "--parity-samples"),
+    (["train", "--out", "O"], "Missing option '--data'"),
+    (["train", "--data", "D", "--out", "O", "--num-classes", "1"], "--num-classes"),
+    (["train", "--data", "D", "--out", "O", "--feedback-rounds", "101"], "--feedback-rounds"),  # a bundle holds at most 100
+    (["evaluate"], "Missing argument"),
+    (["nosuch"], "No such command 'nosuch'"),
+    (["--bogus"], "No such option: --bogus"),
+])
+def test_a_usage_error_is_one_error_line(args: list[str], expected: str, tmp_path: Path) -> None:
+    result = runner.invoke(app, args)
+    line = one_error_line(result)
+    assert result.exit_code == 2 and expected in line, line
+    assert "╭" not in result.output and "Usage:" not in result.output
+    assert "--help'" in line  # where to look for the right usage
+
+
+def test_fpr_help_states_the_range_the_check_enforces() -> None:
+    result = runner.invoke(app, ["calibrate", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "0 < FPR < 0.5, both ends excluded" in result.output and "0<=x<=0.5" not in result.output
+
+
+def test_a_bare_command_still_prints_the_help() -> None:
+    result = runner.invoke(app, [])
+    assert "Usage:" in result.output and "calibrate" in result.output and "error:" not in result.output
