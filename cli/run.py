@@ -12,6 +12,7 @@ import typer
 from cli._common import Backend, Mode, cli_errors, tile_grid_for
 
 if TYPE_CHECKING:
+    from ism_edge.outputs import OutputPath, OutputURI
     from ism_edge.pipeline import RunSummary
     from ism_edge.runtime import DefenseRuntime, RuntimeOptions
     from ism_edge.sources import FrameSource, SourceURI
@@ -100,6 +101,7 @@ def run(
         FrameSink,
         ImageFolderOutput,
         VerdictLog,
+        check_output_paths,
         open_output,
         opencv_has_gui,
         parse_output,
@@ -116,6 +118,8 @@ def run(
     if out_uri is not None and out_uri.kind == "display" and headless:
         out_uri = None
     grid = tile_grid_for(mode, tile_grid)
+    check_output_paths(_output_paths(out_uri, log, summary_json, purified), source=source_uri.path,
+                       source_is_folder=source_uri.kind == "folder", engine_dir=engine_dir)
     try:
         options = RuntimeOptions(
             backend=backend.value, device=device, mode=mode.value, color_order="BGR", tile_grid=grid,
@@ -167,6 +171,22 @@ def run(
     if summary.stopped == "interrupted":
         typer.echo("interrupted", err=True)
         raise typer.Exit(130)
+
+
+def _output_paths(out_uri: OutputURI | None, log: str, summary_json: Path | None, purified: Path | None) -> list[OutputPath]:
+    """Every file or folder the run will write, with the option that named it."""
+    from ism_edge.outputs import OutputPath
+
+    paths = []
+    if out_uri is not None and out_uri.kind != "display":
+        paths.append(OutputPath("OUTPUT", Path(out_uri.location), folder=out_uri.kind == "images"))
+    if log != "-":
+        paths.append(OutputPath("--log", Path(log)))
+    if summary_json is not None:
+        paths.append(OutputPath("--summary-json", summary_json))
+    if purified is not None:
+        paths.append(OutputPath("--purified", purified, folder=True))
+    return paths
 
 
 def _threshold_lines(cal: dict[str, Any], mode: Mode, grid: tuple[int, int] | None) -> list[str]:

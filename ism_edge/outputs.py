@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -24,9 +25,10 @@ import cv2
 import numpy as np
 
 from ism_edge.errors import MissingDependencyError, OutputError
+from ism_edge.sources import IMAGE_EXTENSIONS
 
 VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "XVID"}
-
+IMAGE_PATTERN = "frame_{:06d}.jpg"  # the names ImageFolderOutput writes
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,67 @@ def parse_output(text: str) -> OutputURI:
             "or give a folder for images"
         )
     return OutputURI("video", str(path), raw)
+
+
+@dataclass(frozen=True)
+class OutputPath:
+    """Where one output of a run goes: the ``option`` that named it (for the error), its ``path``,
+    and whether it is a ``folder`` that numbered images are written into."""
+
+    option: str
+    path: Path
+    folder: bool = False
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: after resolving links, or as hard links of one inode."""
+    if _real(a) == _real(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    real, top = _real(path), _real(folder)
+    return real == top or top in real.parents
+
+
+def _collides(out: OutputPath, source: Path, source_is_folder: bool) -> bool:
+    """Whether writing ``out`` could replace or add to what the source reads."""
+    if _same(out.path, source):
+        return True
+    if source_is_folder:  # a file the folder source would read as one of its images
+        return _real(out.path).parent == _real(source) and out.path.suffix.lower() in IMAGE_EXTENSIONS
+    if out.folder:  # an image the output folder would write over
+        return _real(source).parent == _real(out.path) and re.fullmatch(r"frame_\d{6}\.jpg", source.name) is not None
+    return False
+
+
+def check_output_paths(outputs: Sequence[OutputPath], *, source: Path | None = None, source_is_folder: bool = False,
+                       engine_dir: Path | None = None) -> None:
+    """Refuse, before anything is written, an output that would destroy something.
+
+    An output may not be the ``source`` it reads (a video, image, image folder or device, also
+    through a link), may not share its path with another output, and may not lie inside the
+    ``engine_dir``. Raises a one-line :class:`OutputError` naming the option and both paths.
+    """
+    for i, out in enumerate(outputs):
+        if engine_dir is not None and _inside(out.path, engine_dir):
+            raise OutputError(f"{out.option} {out.path} is inside the engine directory {engine_dir}: "
+                              "write it somewhere else (a run never changes its engines)")
+        if source is not None and _collides(out, source, source_is_folder):
+            raise OutputError(f"{out.option} {out.path} is the input {source}, or would write into it: "
+                              "choose another path (a run never overwrites its input)")
+        for other in outputs[:i]:
+            if _same(out.path, other.path):
+                raise OutputError(f"{other.option} {other.path} and {out.option} {out.path} are the same file: "
+                                  "give each output its own path")
 
 
 class VerdictLog:
@@ -187,7 +250,7 @@ class VideoFileOutput(FrameSink):
 class ImageFolderOutput(FrameSink):
     """Numbered JPEG images in a folder (``frame_000000.jpg``, …), each written atomically."""
 
-    def __init__(self, folder: str | os.PathLike[str], pattern: str = "frame_{:06d}.jpg") -> None:
+    def __init__(self, folder: str | os.PathLike[str], pattern: str = IMAGE_PATTERN) -> None:
         self.folder = Path(folder)
         self.pattern = pattern
         self.frames = 0

@@ -177,3 +177,54 @@ def test_realtime_refuses_a_folder(engine_dir: Path, tmp_path: Path) -> None:
     shutil.copy(PHOTOS / f"{PHOTO_NAMES[0]}.jpg", folder)
     line = one_error_line(runner.invoke(app, ["run", str(engine_dir), str(folder), "--headless", "--realtime"]))
     assert "--realtime paces a video file" in line
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and mode (to prove a refused run touched nothing)."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mode) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("output", "extra", "words"),
+    [
+        ("{video}", [], "is the input"),
+        ("{tmp}/out.mp4", ["--log", "{video}"], "--log"),
+        ("{tmp}/out.mp4", ["--summary-json", "{video}"], "--summary-json"),
+        ("{tmp}/link.mp4", [], "is the input"),  # a symbolic link to the input
+        ("{tmp}/hard.mp4", [], "is the input"),  # a hard link to the input
+        ("{tmp}/out.mp4", ["--log", "{tmp}/out.mp4"], "the same file"),
+        ("{tmp}/out.mp4", ["--log", "{tmp}/v.jsonl", "--summary-json", "{tmp}/v.jsonl"], "the same file"),
+        ("{tmp}/out.mp4", ["--summary-json", "{engines}/manifest.json"], "engine directory"),
+        ("{engines}/", [], "engine directory"),
+        ("{tmp}/out.mp4", ["--purified", "{engines}/x"], "engine directory"),
+    ],
+)
+def test_no_output_may_overwrite_the_input_another_output_or_the_engines(
+    engine_dir: Path, sample_video: Path, tmp_path: Path, output: str, extra: list[str], words: str
+) -> None:
+    """Refused before anything is loaded or written: one error line, every file left as it was."""
+    engines, work = tmp_path / "engines", tmp_path / "work"
+    shutil.copytree(engine_dir, engines)
+    work.mkdir()
+    video = work / "clip.mp4"
+    shutil.copy(sample_video, video)
+    (work / "link.mp4").symlink_to(video)
+    (work / "hard.mp4").hardlink_to(video)
+    before = _snapshot(tmp_path)
+    names = {"video": video, "tmp": work, "engines": engines}
+    args = ["run", str(engines), str(video), output.format(**names), *(e.format(**names) for e in extra), "--headless"]
+    line = one_error_line(runner.invoke(app, args))
+    assert words in line
+    assert _snapshot(tmp_path) == before and sorted(p.name for p in work.iterdir()) == ["clip.mp4", "hard.mp4", "link.mp4"]
+
+
+def test_an_output_folder_may_not_be_the_input_folder(engine_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in PHOTO_NAMES[:2]:
+        shutil.copy(PHOTOS / f"{name}.jpg", folder)
+    before = _snapshot(folder)
+    for args in ([f"{folder}/"], ["--purified", str(folder)], [f"{tmp_path}/out/", "--log", str(folder / f"{PHOTO_NAMES[0]}.jpg")]):
+        line = one_error_line(runner.invoke(app, ["run", str(engine_dir), str(folder), *args, "--headless"]))
+        assert str(folder) in line
+        assert _snapshot(folder) == before and not (tmp_path / "out").exists()

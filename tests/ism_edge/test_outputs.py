@@ -14,8 +14,10 @@ from ism_edge.outputs import (
     DisplayOutput,
     ImageFolderOutput,
     OutputError,
+    OutputPath,
     VerdictLog,
     VideoFileOutput,
+    check_output_paths,
     opencv_has_gui,
     parse_output,
 )
@@ -41,6 +43,35 @@ def test_output_uris() -> None:
     for bad in ("rtp://host:1234", "out.gif"):
         with pytest.raises(OutputError):
             parse_output(bad)
+
+
+def test_output_paths_that_would_destroy_something_are_refused(tmp_path: Path) -> None:
+    video, engines, photos = tmp_path / "in.mp4", tmp_path / "engines", tmp_path / "photos"
+    video.write_bytes(b"video")
+    engines.mkdir()
+    photos.mkdir()
+    (photos / "frame_000000.jpg").write_bytes(b"jpeg")
+    (tmp_path / "alias").symlink_to(tmp_path)
+
+    def check(*outs: OutputPath, source: Path = video) -> None:
+        check_output_paths(outs, source=source, source_is_folder=source.is_dir(), engine_dir=engines)
+
+    fine = [OutputPath("OUTPUT", tmp_path / "out.mp4"), OutputPath("--log", tmp_path / "v.jsonl"),
+            OutputPath("--purified", tmp_path / "purified", folder=True)]
+    check(*fine)
+    check(OutputPath("OUTPUT", photos / "annotated", folder=True), OutputPath("--log", photos / "v.jsonl"), source=photos)
+    bad = {
+        "is the input": [OutputPath("OUTPUT", tmp_path / "alias" / "in.mp4")],  # through a linked folder
+        "the same file": [*fine, OutputPath("--summary-json", tmp_path / "alias" / "v.jsonl")],
+        "engine directory": [OutputPath("--log", tmp_path / "alias" / "engines" / "new" / "v.jsonl")],
+    }
+    for words, outs in bad.items():
+        with pytest.raises(OutputError, match=words):
+            check(*outs)
+    with pytest.raises(OutputError, match="is the input"):  # would replace the input image frame_000000.jpg
+        check(OutputPath("OUTPUT", photos, folder=True), source=photos / "frame_000000.jpg")
+    with pytest.raises(OutputError, match="is the input"):  # would be read as one of the folder's images
+        check(OutputPath("--summary-json", photos / "summary.png"), source=photos)
 
 
 def test_verdict_log_appends_complete_lines(tmp_path: Path) -> None:
