@@ -24,6 +24,7 @@ from typing import IO, Any
 import cv2
 import numpy as np
 
+from ism_edge._io import _public_mode
 from ism_edge.errors import MissingDependencyError, OutputError
 from ism_edge.sources import IMAGE_EXTENSIONS
 
@@ -242,6 +243,7 @@ class VideoFileOutput(FrameSink):
         self._writer = None
         assert self._tmp is not None
         if self.frames:
+            _public_mode(self._tmp)  # mkstemp made it 0600; give it the mode open() would
             os.replace(self._tmp, self.path)
         else:
             self._tmp.unlink(missing_ok=True)

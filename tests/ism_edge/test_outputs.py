@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +165,21 @@ def test_heat_map_colours_the_flagged_tiles() -> None:
     out = annotate(frame, make_verdict(True, tiles=tiles))
     left, right = out[230, 64].astype(int), out[230, 192].astype(int)
     assert right[2] > left[2] and left[1] > right[1]  # red on the flagged tile, green on the other
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_get_the_mode_the_umask_gives(tmp_path: Path, photos: list[np.ndarray], umask: int) -> None:
+    """The video is written to a private temporary file first; it must still end up like every other output."""
+    previous = os.umask(umask)
+    try:
+        video = VideoFileOutput(tmp_path / "out.avi", fps=5)
+        video.write(photos[0])
+        video.close()
+        log = VerdictLog(tmp_path / "v.jsonl")
+        log.write({"frame": 0})
+        log.close()
+        ImageFolderOutput(tmp_path / "frames").write(photos[0])
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "out.avi", tmp_path / "v.jsonl", tmp_path / "frames" / "frame_000000.jpg"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
