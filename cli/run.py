@@ -12,6 +12,7 @@ import typer
 from cli._common import Backend, Mode, cli_errors, tile_grid_for
 
 if TYPE_CHECKING:
+    from ism_edge.errors import IsmEdgeError
     from ism_edge.outputs import OutputPath, OutputURI
     from ism_edge.pipeline import RunSummary
     from ism_edge.runtime import DefenseRuntime, RuntimeOptions
@@ -63,6 +64,9 @@ def print_summary(summary: RunSummary) -> None:
         console.print(f"  reconnects {summary.reconnects}")
     console.print(f"  latency  p50 {ms(summary.latency_p50_ms)}, p99 {ms(summary.latency_p99_ms)}")
     console.print(f"  fps      {'-' if summary.fps is None else f'{summary.fps:.1f}'}")
+    for out in summary.outputs:
+        where = "stdout" if out["path"] == "-" else out["path"]
+        console.print(f"  {out['output']:<8} {out['frames']} frames in {where}" + ("" if out["complete"] else " [bold](incomplete)[/]"))
 
 
 @cli_errors
@@ -162,12 +166,11 @@ def run(
         if status is not None:
             typer.echo("", err=True)
     print_summary(summary)
+    failure = summary.failure
     if summary_json is not None:
-        from ism_edge._io import atomic_write_json
-
-        atomic_write_json(summary_json, summary.to_json())
-    if summary.failure is not None:
-        raise summary.failure
+        failure = _write_summary(summary_json, summary, failure)
+    if failure is not None:
+        raise failure
     if summary.stopped == "interrupted":
         typer.echo("interrupted", err=True)
         raise typer.Exit(130)
@@ -187,6 +190,19 @@ def _output_paths(out_uri: OutputURI | None, log: str, summary_json: Path | None
     if purified is not None:
         paths.append(OutputPath("--purified", purified, folder=True))
     return paths
+
+
+def _write_summary(path: Path, summary: RunSummary, failure: IsmEdgeError | None) -> IsmEdgeError | None:
+    """Write ``--summary-json`` (atomically); the run's failure, joined by this one's if it fails too."""
+    from ism_edge._io import atomic_write_json
+    from ism_edge.errors import OutputError
+
+    try:
+        atomic_write_json(path, summary.to_json())
+    except OSError as e:
+        problem = f"the summary {path} cannot be written ({e.strerror or e}): check free disk space and the path"
+        return OutputError(problem if failure is None else f"{failure}; and {problem}")
+    return failure
 
 
 def _threshold_lines(cal: dict[str, Any], mode: Mode, grid: tuple[int, int] | None) -> list[str]:

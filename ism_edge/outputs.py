@@ -4,13 +4,15 @@ Output URIs follow jetson-utils' ``videoOutput``: ``file://out.mp4`` (or a plain
 ``.m4v``, ``.mov`` are written with the mp4v codec, ``.avi`` with MJPG, ``.mkv`` with XVID), a
 folder (``out/`` — numbered JPEG images), ``display://0`` (an OpenCV window; needs an OpenCV
 with GUI support). Nothing is left half-written: the video goes to a temporary file renamed into
-place when it is closed, each image is written and renamed, and the verdict log is appended one
-complete, flushed line per frame.
+place when it is closed (only if every frame reads back), each image is written and renamed, and
+the verdict log is appended one whole line per frame (a line cut by a full disk is rolled back).
+Every write is checked: one that fails raises :class:`OutputError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -129,49 +131,81 @@ def check_output_paths(outputs: Sequence[OutputPath], *, source: Path | None = N
 
 
 class VerdictLog:
-    """Appends one JSON object per line to a file (or stdout for ``-``), flushed per line.
+    """Appends one JSON object per line to a file (or stdout for ``-``).
 
-    Each line is written with a single ``write`` and flushed, so after Ctrl-C (which
-    ``ism-edge run`` turns into a graceful stop) or a crash every finished frame is on disk. If
-    an earlier run died mid-line, a newline is added first so the old partial line cannot merge
-    with a new one.
+    Each line goes to the file at once (unbuffered, ``O_APPEND``), so after Ctrl-C (which
+    ``ism-edge run`` turns into a graceful stop) or a crash every finished frame is on disk. A
+    write that fails part-way (disk full, file-size limit) is rolled back to the last whole line
+    and raises :class:`OutputError`; ``lines`` counts the lines written. If an earlier run died
+    mid-line, a newline is added first so the old partial line cannot merge with a new one.
     """
+
+    kind = "log"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
         self.lines = 0
-        self._fh: IO[str]
+        self.failed = False
+        self._fd: int | None = None
+        self._stdout: IO[str] | None = None
         if self.path == "-":
-            self._fh = sys.stdout
-            self._own = False
+            self._stdout = sys.stdout
             return
         p = Path(self.path)
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
             needs_newline = p.is_file() and p.stat().st_size > 0 and _last_byte(p) != b"\n"
-            self._fh = open(p, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as e:
             raise OutputError(f"verdict log {p} cannot be opened for appending ({e.strerror}): check the path and permissions") from None
-        self._own = True
         if needs_newline:
-            self._fh.write("\n")
-            self._fh.flush()
+            self._append(b"\n")
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as one line; raises :class:`OutputError` (nothing of it kept) if it cannot be."""
         line = json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n"
-        try:
-            self._fh.write(line)
-            self._fh.flush()
-        except OSError as e:
-            raise OutputError(f"verdict log {self.path} cannot be written ({e.strerror}): check free disk space") from None
+        if self._stdout is not None:
+            try:
+                self._stdout.write(line)
+                self._stdout.flush()
+            except OSError as e:
+                self.failed = True
+                raise OutputError(f"the verdict log (stdout) cannot be written ({e.strerror or e}) after {self.lines} lines") from None
+        else:
+            self._append(line.encode())
         self.lines += 1
 
-    def close(self) -> None:
-        if self._own and not self._fh.closed:
-            self._fh.flush()
+    def _append(self, data: bytes) -> None:
+        assert self._fd is not None
+        start = os.fstat(self._fd).st_size
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                view = view[n:]
+        except OSError as e:
             with contextlib.suppress(OSError):
-                os.fsync(self._fh.fileno())
-            self._fh.close()
+                os.ftruncate(self._fd, start)  # no cut line is left behind
+            self.failed = True
+            raise OutputError(
+                f"verdict log {self.path} cannot be written ({e.strerror or e}) after {self.lines} lines: "
+                "check free disk space (and the file-size limit, ulimit -f); every line in it is whole"
+            ) from None
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EROFS, errno.ENOTSUP):  # not a regular file (a pipe, /dev/null)
+                self.failed = True
+                raise OutputError(f"verdict log {self.path} cannot be saved ({e.strerror or e}): check free disk space") from None
+        finally:
+            os.close(fd)
 
 
 def _last_byte(path: Path) -> bytes:
@@ -181,8 +215,16 @@ def _last_byte(path: Path) -> bytes:
 
 
 class FrameSink:
-    """Somewhere annotated frames go. ``stop_requested`` lets a window end the run."""
+    """Somewhere annotated frames go. ``stop_requested`` lets a window end the run.
 
+    File sinks have a ``path``; ``frames`` counts the frames in them (after :meth:`close`: the
+    frames a reader finds there) and ``failed`` says that a write failed.
+    """
+
+    kind = "display"
+    path: Path | None = None
+    frames = 0
+    failed = False
     stop_requested = False
 
     def write(self, image: np.ndarray) -> None:
@@ -196,13 +238,19 @@ class VideoFileOutput(FrameSink):
     """An annotated video file, written to a temporary sibling and renamed on :meth:`close`.
 
     The frame size is fixed by the first frame; later frames of another size (an image folder)
-    are resized to it.
+    are resized to it. A frame the encoder reports it could not write raises
+    :class:`OutputError`. :meth:`close` reopens the finished file and renames it into place only
+    if every frame can be read back; otherwise it raises :class:`OutputError`, and the frames that
+    can be read (if any) are kept as ``NAME.partial.EXT`` (never over an existing file).
     """
+
+    kind = "video"
 
     def __init__(self, path: str | os.PathLike[str], fps: float = 30.0) -> None:
         self.path = Path(path)
         self.fps = float(fps) if fps and fps > 0 else 30.0
         self.frames = 0
+        self.failed = False
         suffix = self.path.suffix.lower()
         if suffix not in VIDEO_CODECS:
             raise OutputError(f"output {self.path}: unsupported video extension {suffix!r} ({', '.join(VIDEO_CODECS)})")
@@ -227,13 +275,20 @@ class VideoFileOutput(FrameSink):
         self._size = (width, height)
 
     def write(self, image: np.ndarray) -> None:
+        if self.failed:
+            raise OutputError(f"annotated video {self.path}: an earlier frame could not be written")
         h, w = image.shape[:2]
         if self._writer is None:
             self._open(w, h)
         assert self._size is not None
         if (w, h) != self._size:
             image = cv2.resize(image, self._size, interpolation=cv2.INTER_AREA)
-        self._writer.write(np.ascontiguousarray(image))
+        if self._writer.write(np.ascontiguousarray(image)) is False:  # OpenCV >= 5 reports it; 4.x returns None
+            self.failed = True
+            raise OutputError(
+                f"annotated video {self.path}: frame {self.frames} cannot be written: "
+                "check free disk space (and the file-size limit, ulimit -f)"
+            )
         self.frames += 1
 
     def close(self) -> None:
@@ -242,20 +297,62 @@ class VideoFileOutput(FrameSink):
         self._writer.release()
         self._writer = None
         assert self._tmp is not None
-        if self.frames:
-            _public_mode(self._tmp)  # mkstemp made it 0600; give it the mode open() would
-            os.replace(self._tmp, self.path)
+        tmp, self._tmp = self._tmp, None
+        written = self.frames
+        if not written:
+            tmp.unlink(missing_ok=True)
+            return
+        readable = _readable_frames(tmp, written, exact=self.failed)
+        if readable >= written and not self.failed:
+            _public_mode(tmp)  # mkstemp made it 0600; give it the mode open() would
+            os.replace(tmp, self.path)
+            return
+        self.failed = True
+        self.frames = readable
+        fix = "check free disk space (and the file-size limit, ulimit -f)"
+        if not readable:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"annotated video {self.path} could not be written: none of its {written} frames can be "
+                              f"read back, so nothing was kept: {fix}")
+        partial = self.path.with_name(f"{self.path.stem}.partial{self.path.suffix}")
+        _public_mode(tmp)
+        if not partial.exists():
+            os.replace(tmp, partial)
         else:
-            self._tmp.unlink(missing_ok=True)
+            partial = tmp
+        raise OutputError(f"annotated video {self.path} is incomplete: the {readable} frames that can be read back "
+                          f"were kept in {partial}: {fix}")
+
+
+def _readable_frames(path: Path, expected: int, *, exact: bool) -> int:
+    """How many frames of a video file a reader finds: the container's count when the file is whole
+    (``exact=False``: cheap), else by reading (at most ``expected``)."""
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            return 0
+        if not exact:
+            count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+            if count >= expected:
+                return count
+        n = 0
+        while n < expected and cap.grab():
+            n += 1
+        return n
+    finally:
+        cap.release()
 
 
 class ImageFolderOutput(FrameSink):
     """Numbered JPEG images in a folder (``frame_000000.jpg``, …), each written atomically."""
 
+    kind = "images"
+
     def __init__(self, folder: str | os.PathLike[str], pattern: str = IMAGE_PATTERN) -> None:
-        self.folder = Path(folder)
+        self.folder = self.path = Path(folder)
         self.pattern = pattern
         self.frames = 0
+        self.failed = False
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -264,9 +361,15 @@ class ImageFolderOutput(FrameSink):
     def write(self, image: np.ndarray) -> None:
         name = self.folder / self.pattern.format(self.frames)
         tmp = name.with_name(f".{name.stem}.partial{name.suffix}")
-        if not cv2.imwrite(str(tmp), image):
-            raise OutputError(f"image {name} cannot be written: check free disk space and permissions")
-        os.replace(tmp, name)
+        try:
+            if not cv2.imwrite(str(tmp), image):
+                raise OSError("OpenCV could not write it")
+            os.replace(tmp, name)
+        except (OSError, cv2.error):
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            self.failed = True
+            raise OutputError(f"image {name} cannot be written: check free disk space and permissions") from None
         self.frames += 1
 
 

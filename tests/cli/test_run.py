@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ pytest.importorskip("torch")  # only to build the engine directory fixture
 from cli.main import app  # noqa: E402
 from ism_edge.outputs import opencv_has_gui  # noqa: E402
 from tests.cli import one_error_line  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
 from tests.ism_edge.conftest import (  # noqa: E402
     PHOTO_NAMES,
     PHOTOS,
@@ -228,3 +231,60 @@ def test_an_output_folder_may_not_be_the_input_folder(engine_dir: Path, tmp_path
         line = one_error_line(runner.invoke(app, ["run", str(engine_dir), str(folder), *args, "--headless"]))
         assert str(folder) in line
         assert _snapshot(folder) == before and not (tmp_path / "out").exists()
+
+
+def run_in_subprocess(args: list[str], *, file_size_limit: int | None = None) -> subprocess.Popen[str]:
+    """``ism-edge ARGS`` in a fresh interpreter (for signals and resource limits), optionally with
+    RLIMIT_FSIZE: a write past the limit fails with EFBIG, as on a full disk (SIGXFSZ ignored)."""
+    setup = "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN)"
+    if file_size_limit is not None:
+        setup += f"; resource.setrlimit(resource.RLIMIT_FSIZE, ({file_size_limit}, {file_size_limit}))"
+    code = f"{setup}; sys.argv = ['ism-edge', *sys.argv[1:]]; from cli.main import main; main()"
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def finished(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return proc.returncode, out, err
+
+
+def only_error_line(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+def test_a_video_the_disk_cannot_hold_is_an_error_not_a_success(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+    """With a 20 kB file-size limit the annotated mp4 (~80 kB) cannot be finished: the run must not
+    say it ended well, must not leave an unplayable video, and the summary says 0 frames reached it."""
+    out, summary = tmp_path / "out.mp4", tmp_path / "summary.json"
+    code, stdout, stderr = finished(run_in_subprocess(
+        ["run", str(engine_dir), str(sample_video), str(out), "--summary-json", str(summary)], file_size_limit=20_000))
+    assert code != 0 and str(out) in only_error_line(stderr)
+    assert len(stdout.splitlines()) == 12  # the log (stdout) was not limited
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    s = json.loads(summary.read_text())
+    assert s["stopped"] == "error" and str(out) in s["error"]
+    assert {"output": "video", "path": str(out), "frames": 0, "complete": False} in s["outputs"]
+
+
+def test_a_log_the_disk_cannot_hold_keeps_whole_lines(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+    """With a 3 kB limit the log fills after a few lines: the run stops with an error, the log holds
+    only whole lines (the cut one rolled back), and the summary counts exactly what is in it."""
+    log, summary = tmp_path / "v.jsonl", tmp_path / "summary.json"
+    code, _, stderr = finished(run_in_subprocess(
+        ["run", str(engine_dir), str(sample_video), "--headless", "--log", str(log), "--summary-json", str(summary)],
+        file_size_limit=3_000))
+    assert code != 0 and str(log) in only_error_line(stderr)
+    text = log.read_text()
+    assert text.endswith("\n")
+    records = [json.loads(line) for line in text.splitlines()]
+    assert 1 <= len(records) < 12 and [r["frame"] for r in records] == list(range(len(records)))
+    s = json.loads(summary.read_text())
+    assert s["frames"] == len(records) and s["stopped"] == "error"
+    assert s["outputs"] == [{"output": "log", "path": str(log), "frames": len(records), "complete": False}]
