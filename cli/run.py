@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -97,7 +98,8 @@ def run(
 
     Writes one JSON verdict per frame (label, confidence, detector scores, flagged, timings) to the
     log as soon as it is known, draws the verdict on the frames (green border: clean, red:
-    flagged; a heat map in tile mode), and prints a summary at exit. Ctrl-C stops cleanly.
+    flagged; a heat map in tile mode), and prints a summary at exit. Ctrl-C, SIGTERM and SIGHUP
+    stop cleanly (the video is finalised, the summary written; exit 130, 143, 129).
     """
     import cv2.utils.logging as cv_logging
 
@@ -172,8 +174,9 @@ def run(
     if failure is not None:
         raise failure
     if summary.stopped == "interrupted":
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130)
+        signum = signal.Signals[summary.signal] if summary.signal else signal.SIGINT
+        typer.echo("interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}", err=True)
+        raise typer.Exit(128 + signum)  # the shell's code for a death by that signal (130, 143, 129)
 
 
 def _output_paths(out_uri: OutputURI | None, log: str, summary_json: Path | None, purified: Path | None) -> list[OutputPath]:

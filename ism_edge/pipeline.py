@@ -7,8 +7,8 @@ folder or a window. When frame N+1 is already waiting it is submitted before fra
 collected, so on TensorRT its upload overlaps N's compute; when none is waiting (a live source
 at its own pace) frame N is answered at once rather than one capture later.
 
-Ctrl-C stops the loop gracefully (the frame in flight is finished and logged, outputs are
-closed, the summary is printed); a second Ctrl-C interrupts at once. A frame the runtime
+Ctrl-C, SIGTERM and SIGHUP stop the loop gracefully (the frame in flight is finished and logged,
+outputs are closed, the summary is printed); a second one interrupts at once. A frame the runtime
 rejects (wrong shape, dtype, NaNs) is counted as skipped and logged as such; a lost or stalled
 source ends the run with its one-line error *after* everything already processed is written.
 """
@@ -72,6 +72,7 @@ class RunSummary:
     fps: float | None = None
     seconds: float = 0.0
     stopped: str = "end"  # end | max-frames | interrupted | window | error
+    signal: str | None = None  # the signal that interrupted the run (SIGINT, SIGTERM, SIGHUP)
     error: str | None = None
     labels: dict[str, int] = field(default_factory=dict)
     outputs: list[dict[str, Any]] = field(default_factory=list)
@@ -95,29 +96,37 @@ class RunSummary:
             "fps": r(self.fps, 2),
             "seconds": r(self.seconds),
             "stopped": self.stopped,
+            "signal": self.signal,
             "error": self.error,
             "labels": dict(self.labels),
             "outputs": [dict(o) for o in self.outputs],
         }
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
-def graceful_interrupt(stop: threading.Event) -> Iterator[None]:
-    """In the main thread: the first SIGINT sets ``stop``, a second raises KeyboardInterrupt."""
+def graceful_interrupt(stop: threading.Event) -> Iterator[list[int]]:
+    """In the main thread: the first SIGINT, SIGTERM or SIGHUP sets ``stop``, a second raises
+    KeyboardInterrupt. Yields the list of signals received (the first one stopped the run)."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
+        received.append(signum)
         stop.set()
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
-        yield
+        yield received
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 class _Fps:
@@ -188,9 +197,10 @@ def run_pipeline(
         summary.flagged += int(verdict.flagged)
         labels[verdict.label] += 1
 
+    received: list[int] = []
     started = time.perf_counter()
     try:
-        with graceful_interrupt(stop), reader:
+        with graceful_interrupt(stop) as received, reader:
             while True:
                 if stop.is_set():
                     summary.stopped = "interrupted"
@@ -253,6 +263,7 @@ def run_pipeline(
                     err = e if isinstance(e, IsmEdgeError) else OutputError(f"closing an output failed: {e}")
                     summary.stopped, summary.error, summary.failure = "error", str(err), err
         summary.outputs = _written(log, sinks, purified)
+        summary.signal = signal.Signals(received[0]).name if received else None
         summary.dropped = reader.dropped
         summary.skipped += reader.skipped
         summary.reconnects = reader.reconnects

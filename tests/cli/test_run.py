@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,8 @@ from tests.ism_edge.conftest import (  # noqa: E402
     edit_manifest,
     shared_engine_dir,
     shared_sample_video,
+    video_frames,
+    write_video,
 )
 
 runner = CliRunner()
@@ -288,3 +293,27 @@ def test_a_log_the_disk_cannot_hold_keeps_whole_lines(engine_dir: Path, sample_v
     s = json.loads(summary.read_text())
     assert s["frames"] == len(records) and s["stopped"] == "error"
     assert s["outputs"] == [{"output": "log", "path": str(log), "frames": len(records), "complete": False}]
+
+
+def test_sigterm_finishes_the_video_and_the_summary(engine_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM (docker stop, systemd) mid-run: the video is finalised and playable, the summary is
+    written, the log and the video hold the same frames, and the exit code is 128 + 15."""
+    import cv2
+
+    photos = [cv2.imread(str(PHOTOS / f"{name}.jpg"), cv2.IMREAD_COLOR) for name in PHOTO_NAMES]
+    clip = write_video(tmp_path / "long.mp4", video_frames(photos, 200), fps=10.0)  # 20 s at --realtime
+    out, log, summary = tmp_path / "out.mp4", tmp_path / "v.jsonl", tmp_path / "summary.json"
+    proc = run_in_subprocess(["run", str(engine_dir), str(clip), str(out), "--realtime", "--log", str(log),
+                              "--summary-json", str(summary)])  # fmt: skip
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and (not log.exists() or log.read_text().count("\n") < 3):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1]
+    os.kill(proc.pid, signal.SIGTERM)
+    code, _, stderr = finished(proc, timeout=120)
+    assert code == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    s = json.loads(summary.read_text())
+    assert s["stopped"] == "interrupted" and s["signal"] == "SIGTERM"
+    assert 3 <= s["frames"] == len(log_records(log)) == count_video_frames(out) < 200
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4", "out.mp4", "summary.json", "v.jsonl"]
