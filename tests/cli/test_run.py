@@ -317,3 +317,10 @@ def test_sigterm_finishes_the_video_and_the_summary(engine_dir: Path, tmp_path: 
     assert s["stopped"] == "interrupted" and s["signal"] == "SIGTERM"
     assert 3 <= s["frames"] == len(log_records(log)) == count_video_frames(out) < 200
     assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4", "out.mp4", "summary.json", "v.jsonl"]
+
+
+def test_too_many_threads_are_refused_before_anything_runs(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+    log = tmp_path / "v.jsonl"
+    r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "--headless", "--threads", "5000", "--log", str(log)])
+    assert r.exit_code == 2 and "threads must be between 1 and" in r.stderr and "Traceback" not in r.stderr
+    assert not log.exists()
