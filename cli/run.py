@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,8 @@ import typer
 from cli._common import Backend, Mode, cli_errors, tile_grid_for
 
 if TYPE_CHECKING:
+    from ism_edge.errors import IsmEdgeError
+    from ism_edge.outputs import OutputPath, OutputURI
     from ism_edge.pipeline import RunSummary
     from ism_edge.runtime import DefenseRuntime, RuntimeOptions
     from ism_edge.sources import FrameSource, SourceURI
@@ -62,6 +65,9 @@ def print_summary(summary: RunSummary) -> None:
         console.print(f"  reconnects {summary.reconnects}")
     console.print(f"  latency  p50 {ms(summary.latency_p50_ms)}, p99 {ms(summary.latency_p99_ms)}")
     console.print(f"  fps      {'-' if summary.fps is None else f'{summary.fps:.1f}'}")
+    for out in summary.outputs:
+        where = "stdout" if out["path"] == "-" else out["path"]
+        console.print(f"  {out['output']:<8} {out['frames']} frames in {where}" + ("" if out["complete"] else " [bold](incomplete)[/]"))
 
 
 @cli_errors
@@ -92,7 +98,8 @@ def run(
 
     Writes one JSON verdict per frame (label, confidence, detector scores, flagged, timings) to the
     log as soon as it is known, draws the verdict on the frames (green border: clean, red:
-    flagged; a heat map in tile mode), and prints a summary at exit. Ctrl-C stops cleanly.
+    flagged; a heat map in tile mode), and prints a summary at exit. Ctrl-C, SIGTERM and SIGHUP
+    stop cleanly (the video is finalised, the summary written; exit 130, 143, 129).
     """
     import cv2.utils.logging as cv_logging
 
@@ -100,6 +107,7 @@ def run(
         FrameSink,
         ImageFolderOutput,
         VerdictLog,
+        check_output_paths,
         open_output,
         opencv_has_gui,
         parse_output,
@@ -116,6 +124,8 @@ def run(
     if out_uri is not None and out_uri.kind == "display" and headless:
         out_uri = None
     grid = tile_grid_for(mode, tile_grid)
+    check_output_paths(_output_paths(out_uri, log, summary_json, purified), source=source_uri.path,
+                       source_is_folder=source_uri.kind == "folder", engine_dir=engine_dir)
     try:
         options = RuntimeOptions(
             backend=backend.value, device=device, mode=mode.value, color_order="BGR", tile_grid=grid,
@@ -158,15 +168,44 @@ def run(
         if status is not None:
             typer.echo("", err=True)
     print_summary(summary)
+    failure = summary.failure
     if summary_json is not None:
-        from ism_edge._io import atomic_write_json
-
-        atomic_write_json(summary_json, summary.to_json())
-    if summary.failure is not None:
-        raise summary.failure
+        failure = _write_summary(summary_json, summary, failure)
+    if failure is not None:
+        raise failure
     if summary.stopped == "interrupted":
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130)
+        signum = signal.Signals[summary.signal] if summary.signal else signal.SIGINT
+        typer.echo("interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}", err=True)
+        raise typer.Exit(128 + signum)  # the shell's code for a death by that signal (130, 143, 129)
+
+
+def _output_paths(out_uri: OutputURI | None, log: str, summary_json: Path | None, purified: Path | None) -> list[OutputPath]:
+    """Every file or folder the run will write, with the option that named it."""
+    from ism_edge.outputs import OutputPath
+
+    paths = []
+    if out_uri is not None and out_uri.kind != "display":
+        paths.append(OutputPath("OUTPUT", Path(out_uri.location), folder=out_uri.kind == "images"))
+    if log != "-":
+        paths.append(OutputPath("--log", Path(log)))
+    if summary_json is not None:
+        paths.append(OutputPath("--summary-json", summary_json))
+    if purified is not None:
+        paths.append(OutputPath("--purified", purified, folder=True))
+    return paths
+
+
+def _write_summary(path: Path, summary: RunSummary, failure: IsmEdgeError | None) -> IsmEdgeError | None:
+    """Write ``--summary-json`` (atomically); the run's failure, joined by this one's if it fails too."""
+    from ism_edge._io import atomic_write_json
+    from ism_edge.errors import OutputError
+
+    try:
+        atomic_write_json(path, summary.to_json())
+    except OSError as e:
+        problem = f"the summary {path} cannot be written ({e.strerror or e}): check free disk space and the path"
+        return OutputError(problem if failure is None else f"{failure}; and {problem}")
+    return failure
 
 
 def _threshold_lines(cal: dict[str, Any], mode: Mode, grid: tuple[int, int] | None) -> list[str]:

@@ -4,18 +4,21 @@ Output URIs follow jetson-utils' ``videoOutput``: ``file://out.mp4`` (or a plain
 ``.m4v``, ``.mov`` are written with the mp4v codec, ``.avi`` with MJPG, ``.mkv`` with XVID), a
 folder (``out/`` — numbered JPEG images), ``display://0`` (an OpenCV window; needs an OpenCV
 with GUI support). Nothing is left half-written: the video goes to a temporary file renamed into
-place when it is closed, each image is written and renamed, and the verdict log is appended one
-complete, flushed line per frame.
+place when it is closed (only if every frame reads back), each image is written and renamed, and
+the verdict log is appended one whole line per frame (a line cut by a full disk is rolled back).
+Every write is checked: one that fails raises :class:`OutputError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -23,10 +26,12 @@ from typing import IO, Any
 import cv2
 import numpy as np
 
+from ism_edge._io import _public_mode
 from ism_edge.errors import MissingDependencyError, OutputError
+from ism_edge.sources import IMAGE_EXTENSIONS
 
 VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "XVID"}
-
+IMAGE_PATTERN = "frame_{:06d}.jpg"  # the names ImageFolderOutput writes
 
 
 @dataclass(frozen=True)
@@ -64,50 +69,143 @@ def parse_output(text: str) -> OutputURI:
     return OutputURI("video", str(path), raw)
 
 
-class VerdictLog:
-    """Appends one JSON object per line to a file (or stdout for ``-``), flushed per line.
+@dataclass(frozen=True)
+class OutputPath:
+    """Where one output of a run goes: the ``option`` that named it (for the error), its ``path``,
+    and whether it is a ``folder`` that numbered images are written into."""
 
-    Each line is written with a single ``write`` and flushed, so after Ctrl-C (which
-    ``ism-edge run`` turns into a graceful stop) or a crash every finished frame is on disk. If
-    an earlier run died mid-line, a newline is added first so the old partial line cannot merge
-    with a new one.
+    option: str
+    path: Path
+    folder: bool = False
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: after resolving links, or as hard links of one inode."""
+    if _real(a) == _real(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    real, top = _real(path), _real(folder)
+    return real == top or top in real.parents
+
+
+def _collides(out: OutputPath, source: Path, source_is_folder: bool) -> bool:
+    """Whether writing ``out`` could replace or add to what the source reads."""
+    if _same(out.path, source):
+        return True
+    if source_is_folder:  # a file the folder source would read as one of its images
+        return _real(out.path).parent == _real(source) and out.path.suffix.lower() in IMAGE_EXTENSIONS
+    if out.folder:  # an image the output folder would write over
+        return _real(source).parent == _real(out.path) and re.fullmatch(r"frame_\d{6}\.jpg", source.name) is not None
+    return False
+
+
+def check_output_paths(outputs: Sequence[OutputPath], *, source: Path | None = None, source_is_folder: bool = False,
+                       engine_dir: Path | None = None) -> None:
+    """Refuse, before anything is written, an output that would destroy something.
+
+    An output may not be the ``source`` it reads (a video, image, image folder or device, also
+    through a link), may not share its path with another output, and may not lie inside the
+    ``engine_dir``. Raises a one-line :class:`OutputError` naming the option and both paths.
     """
+    for i, out in enumerate(outputs):
+        if engine_dir is not None and _inside(out.path, engine_dir):
+            raise OutputError(f"{out.option} {out.path} is inside the engine directory {engine_dir}: "
+                              "write it somewhere else (a run never changes its engines)")
+        if source is not None and _collides(out, source, source_is_folder):
+            raise OutputError(f"{out.option} {out.path} is the input {source}, or would write into it: "
+                              "choose another path (a run never overwrites its input)")
+        for other in outputs[:i]:
+            if _same(out.path, other.path):
+                raise OutputError(f"{other.option} {other.path} and {out.option} {out.path} are the same file: "
+                                  "give each output its own path")
+
+
+class VerdictLog:
+    """Appends one JSON object per line to a file (or stdout for ``-``).
+
+    Each line goes to the file at once (unbuffered, ``O_APPEND``), so after Ctrl-C (which
+    ``ism-edge run`` turns into a graceful stop) or a crash every finished frame is on disk. A
+    write that fails part-way (disk full, file-size limit) is rolled back to the last whole line
+    and raises :class:`OutputError`; ``lines`` counts the lines written. If an earlier run died
+    mid-line, a newline is added first so the old partial line cannot merge with a new one.
+    """
+
+    kind = "log"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
         self.lines = 0
-        self._fh: IO[str]
+        self.failed = False
+        self._fd: int | None = None
+        self._stdout: IO[str] | None = None
         if self.path == "-":
-            self._fh = sys.stdout
-            self._own = False
+            self._stdout = sys.stdout
             return
         p = Path(self.path)
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
             needs_newline = p.is_file() and p.stat().st_size > 0 and _last_byte(p) != b"\n"
-            self._fh = open(p, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as e:
             raise OutputError(f"verdict log {p} cannot be opened for appending ({e.strerror}): check the path and permissions") from None
-        self._own = True
         if needs_newline:
-            self._fh.write("\n")
-            self._fh.flush()
+            self._append(b"\n")
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as one line; raises :class:`OutputError` (nothing of it kept) if it cannot be."""
         line = json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n"
-        try:
-            self._fh.write(line)
-            self._fh.flush()
-        except OSError as e:
-            raise OutputError(f"verdict log {self.path} cannot be written ({e.strerror}): check free disk space") from None
+        if self._stdout is not None:
+            try:
+                self._stdout.write(line)
+                self._stdout.flush()
+            except OSError as e:
+                self.failed = True
+                raise OutputError(f"the verdict log (stdout) cannot be written ({e.strerror or e}) after {self.lines} lines") from None
+        else:
+            self._append(line.encode())
         self.lines += 1
 
-    def close(self) -> None:
-        if self._own and not self._fh.closed:
-            self._fh.flush()
+    def _append(self, data: bytes) -> None:
+        assert self._fd is not None
+        start = os.fstat(self._fd).st_size
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                view = view[n:]
+        except OSError as e:
             with contextlib.suppress(OSError):
-                os.fsync(self._fh.fileno())
-            self._fh.close()
+                os.ftruncate(self._fd, start)  # no cut line is left behind
+            self.failed = True
+            raise OutputError(
+                f"verdict log {self.path} cannot be written ({e.strerror or e}) after {self.lines} lines: "
+                "check free disk space (and the file-size limit, ulimit -f); every line in it is whole"
+            ) from None
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EROFS, errno.ENOTSUP):  # not a regular file (a pipe, /dev/null)
+                self.failed = True
+                raise OutputError(f"verdict log {self.path} cannot be saved ({e.strerror or e}): check free disk space") from None
+        finally:
+            os.close(fd)
 
 
 def _last_byte(path: Path) -> bytes:
@@ -117,8 +215,16 @@ def _last_byte(path: Path) -> bytes:
 
 
 class FrameSink:
-    """Somewhere annotated frames go. ``stop_requested`` lets a window end the run."""
+    """Somewhere annotated frames go. ``stop_requested`` lets a window end the run.
 
+    File sinks have a ``path``; ``frames`` counts the frames in them (after :meth:`close`: the
+    frames a reader finds there) and ``failed`` says that a write failed.
+    """
+
+    kind = "display"
+    path: Path | None = None
+    frames = 0
+    failed = False
     stop_requested = False
 
     def write(self, image: np.ndarray) -> None:
@@ -132,13 +238,19 @@ class VideoFileOutput(FrameSink):
     """An annotated video file, written to a temporary sibling and renamed on :meth:`close`.
 
     The frame size is fixed by the first frame; later frames of another size (an image folder)
-    are resized to it.
+    are resized to it. A frame the encoder reports it could not write raises
+    :class:`OutputError`. :meth:`close` reopens the finished file and renames it into place only
+    if every frame can be read back; otherwise it raises :class:`OutputError`, and the frames that
+    can be read (if any) are kept as ``NAME.partial.EXT`` (never over an existing file).
     """
+
+    kind = "video"
 
     def __init__(self, path: str | os.PathLike[str], fps: float = 30.0) -> None:
         self.path = Path(path)
         self.fps = float(fps) if fps and fps > 0 else 30.0
         self.frames = 0
+        self.failed = False
         suffix = self.path.suffix.lower()
         if suffix not in VIDEO_CODECS:
             raise OutputError(f"output {self.path}: unsupported video extension {suffix!r} ({', '.join(VIDEO_CODECS)})")
@@ -163,13 +275,20 @@ class VideoFileOutput(FrameSink):
         self._size = (width, height)
 
     def write(self, image: np.ndarray) -> None:
+        if self.failed:
+            raise OutputError(f"annotated video {self.path}: an earlier frame could not be written")
         h, w = image.shape[:2]
         if self._writer is None:
             self._open(w, h)
         assert self._size is not None
         if (w, h) != self._size:
             image = cv2.resize(image, self._size, interpolation=cv2.INTER_AREA)
-        self._writer.write(np.ascontiguousarray(image))
+        if self._writer.write(np.ascontiguousarray(image)) is False:  # OpenCV >= 5 reports it; 4.x returns None
+            self.failed = True
+            raise OutputError(
+                f"annotated video {self.path}: frame {self.frames} cannot be written: "
+                "check free disk space (and the file-size limit, ulimit -f)"
+            )
         self.frames += 1
 
     def close(self) -> None:
@@ -178,19 +297,62 @@ class VideoFileOutput(FrameSink):
         self._writer.release()
         self._writer = None
         assert self._tmp is not None
-        if self.frames:
-            os.replace(self._tmp, self.path)
+        tmp, self._tmp = self._tmp, None
+        written = self.frames
+        if not written:
+            tmp.unlink(missing_ok=True)
+            return
+        readable = _readable_frames(tmp, written, exact=self.failed)
+        if readable >= written and not self.failed:
+            _public_mode(tmp)  # mkstemp made it 0600; give it the mode open() would
+            os.replace(tmp, self.path)
+            return
+        self.failed = True
+        self.frames = readable
+        fix = "check free disk space (and the file-size limit, ulimit -f)"
+        if not readable:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"annotated video {self.path} could not be written: none of its {written} frames can be "
+                              f"read back, so nothing was kept: {fix}")
+        partial = self.path.with_name(f"{self.path.stem}.partial{self.path.suffix}")
+        _public_mode(tmp)
+        if not partial.exists():
+            os.replace(tmp, partial)
         else:
-            self._tmp.unlink(missing_ok=True)
+            partial = tmp
+        raise OutputError(f"annotated video {self.path} is incomplete: the {readable} frames that can be read back "
+                          f"were kept in {partial}: {fix}")
+
+
+def _readable_frames(path: Path, expected: int, *, exact: bool) -> int:
+    """How many frames of a video file a reader finds: the container's count when the file is whole
+    (``exact=False``: cheap), else by reading (at most ``expected``)."""
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            return 0
+        if not exact:
+            count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+            if count >= expected:
+                return count
+        n = 0
+        while n < expected and cap.grab():
+            n += 1
+        return n
+    finally:
+        cap.release()
 
 
 class ImageFolderOutput(FrameSink):
     """Numbered JPEG images in a folder (``frame_000000.jpg``, …), each written atomically."""
 
-    def __init__(self, folder: str | os.PathLike[str], pattern: str = "frame_{:06d}.jpg") -> None:
-        self.folder = Path(folder)
+    kind = "images"
+
+    def __init__(self, folder: str | os.PathLike[str], pattern: str = IMAGE_PATTERN) -> None:
+        self.folder = self.path = Path(folder)
         self.pattern = pattern
         self.frames = 0
+        self.failed = False
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -199,9 +361,15 @@ class ImageFolderOutput(FrameSink):
     def write(self, image: np.ndarray) -> None:
         name = self.folder / self.pattern.format(self.frames)
         tmp = name.with_name(f".{name.stem}.partial{name.suffix}")
-        if not cv2.imwrite(str(tmp), image):
-            raise OutputError(f"image {name} cannot be written: check free disk space and permissions")
-        os.replace(tmp, name)
+        try:
+            if not cv2.imwrite(str(tmp), image):
+                raise OSError("OpenCV could not write it")
+            os.replace(tmp, name)
+        except (OSError, cv2.error):
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            self.failed = True
+            raise OutputError(f"image {name} cannot be written: check free disk space and permissions") from None
         self.frames += 1
 
 

@@ -7,8 +7,8 @@ folder or a window. When frame N+1 is already waiting it is submitted before fra
 collected, so on TensorRT its upload overlaps N's compute; when none is waiting (a live source
 at its own pace) frame N is answered at once rather than one capture later.
 
-Ctrl-C stops the loop gracefully (the frame in flight is finished and logged, outputs are
-closed, the summary is printed); a second Ctrl-C interrupts at once. A frame the runtime
+Ctrl-C, SIGTERM and SIGHUP stop the loop gracefully (the frame in flight is finished and logged,
+outputs are closed, the summary is printed); a second one interrupts at once. A frame the runtime
 rejects (wrong shape, dtype, NaNs) is counted as skipped and logged as such; a lost or stalled
 source ends the run with its one-line error *after* everything already processed is written.
 """
@@ -55,6 +55,9 @@ class RunSummary:
     ``fps`` is frames judged per second of wall time from the first capture to the last verdict.
     ``timeline`` holds, per judged frame, (seconds from the first capture to its capture, its
     latency in ms): to see whether latency grows over a run (not part of :meth:`to_json`).
+    ``frames`` counts the frames whose verdict reached every output; ``outputs`` says, per output
+    (``log``, ``video``, ``images``, ``purified``), how many frames are in it and whether it is
+    ``complete`` (no write failed).
     """
 
     source: str
@@ -69,8 +72,10 @@ class RunSummary:
     fps: float | None = None
     seconds: float = 0.0
     stopped: str = "end"  # end | max-frames | interrupted | window | error
+    signal: str | None = None  # the signal that interrupted the run (SIGINT, SIGTERM, SIGHUP)
     error: str | None = None
     labels: dict[str, int] = field(default_factory=dict)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
     failure: IsmEdgeError | None = field(default=None, repr=False)
     timeline: list[tuple[float, float]] = field(default_factory=list, repr=False)
 
@@ -91,28 +96,37 @@ class RunSummary:
             "fps": r(self.fps, 2),
             "seconds": r(self.seconds),
             "stopped": self.stopped,
+            "signal": self.signal,
             "error": self.error,
             "labels": dict(self.labels),
+            "outputs": [dict(o) for o in self.outputs],
         }
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
-def graceful_interrupt(stop: threading.Event) -> Iterator[None]:
-    """In the main thread: the first SIGINT sets ``stop``, a second raises KeyboardInterrupt."""
+def graceful_interrupt(stop: threading.Event) -> Iterator[list[int]]:
+    """In the main thread: the first SIGINT, SIGTERM or SIGHUP sets ``stop``, a second raises
+    KeyboardInterrupt. Yields the list of signals received (the first one stopped the run)."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
+        received.append(signum)
         stop.set()
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
-        yield
+        yield received
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 class _Fps:
@@ -161,17 +175,11 @@ def run_pipeline(
     taken = 0
 
     def finish(item: Captured, pending: Pending) -> None:
+        """Collect a verdict and write it to every output; count it once all of them took it."""
         nonlocal last_verdict
         verdict = runtime.collect(pending)[0]
         now = time.perf_counter()
-        last_verdict = now
         latency = (now - item.t_capture) * 1e3
-        latencies.append(latency)
-        start = item.t_capture if first_capture is None else first_capture
-        summary.timeline.append((item.t_capture - start, latency))
-        summary.frames += 1
-        summary.flagged += int(verdict.flagged)
-        labels[verdict.label] += 1
         if log is not None:
             log.write({"frame": item.index, "time": round(item.wall_time, 6), "latency_ms": round(latency, 3), **verdict.to_json()})
         rate = fps.tick(now)
@@ -181,10 +189,18 @@ def run_pipeline(
                 sink.write(image)
         if purified is not None and verdict.purified is not None:
             purified.write(verdict.purified)
+        last_verdict = now
+        latencies.append(latency)
+        start = item.t_capture if first_capture is None else first_capture
+        summary.timeline.append((item.t_capture - start, latency))
+        summary.frames += 1
+        summary.flagged += int(verdict.flagged)
+        labels[verdict.label] += 1
 
+    received: list[int] = []
     started = time.perf_counter()
     try:
-        with graceful_interrupt(stop), reader:
+        with graceful_interrupt(stop) as received, reader:
             while True:
                 if stop.is_set():
                     summary.stopped = "interrupted"
@@ -230,7 +246,7 @@ def run_pipeline(
                 finish(*last)
     except IsmEdgeError as e:
         last, in_flight = in_flight, None
-        if last is not None:
+        if last is not None and not isinstance(e, OutputError):  # after a failed write, write nothing more
             with contextlib.suppress(IsmEdgeError):
                 finish(*last)
         summary.stopped = "error"
@@ -246,6 +262,8 @@ def run_pipeline(
                 if summary.failure is None:
                     err = e if isinstance(e, IsmEdgeError) else OutputError(f"closing an output failed: {e}")
                     summary.stopped, summary.error, summary.failure = "error", str(err), err
+        summary.outputs = _written(log, sinks, purified)
+        summary.signal = signal.Signals(received[0]).name if received else None
         summary.dropped = reader.dropped
         summary.skipped += reader.skipped
         summary.reconnects = reader.reconnects
@@ -257,3 +275,14 @@ def run_pipeline(
         if first_capture is not None and last_verdict is not None and last_verdict > first_capture:
             summary.fps = summary.frames / (last_verdict - first_capture)
     return summary
+
+
+def _written(log: VerdictLog | None, sinks: Sequence[FrameSink], purified: ImageFolderOutput | None) -> list[dict[str, Any]]:
+    """Per output with a file: what it is, where, how many frames are in it, and whether every write worked."""
+    outputs: list[dict[str, Any]] = []
+    if log is not None:
+        outputs.append({"output": "log", "path": log.path, "frames": log.lines, "complete": not log.failed})
+    for kind, sink in [*((s.kind, s) for s in sinks), ("purified", purified)]:
+        if sink is not None and sink.path is not None:
+            outputs.append({"output": kind, "path": str(sink.path), "frames": sink.frames, "complete": not sink.failed})
+    return outputs

@@ -39,6 +39,21 @@ from ism_edge.errors import EngineError, FrameError
 from ism_edge.manifest import MANIFEST_NAME, SCORE_NAMES, EngineManifest, load_manifest
 from ism_edge.verdict import TileScores, Verdict, severity
 
+THREADS_PER_CORE = 4  # beyond this, more threads only add start-up time and memory
+
+
+def cores_available() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def max_threads() -> int:
+    """The most ``threads`` :class:`RuntimeOptions` accepts: :data:`THREADS_PER_CORE` per core available."""
+    return THREADS_PER_CORE * cores_available()
+
 
 @dataclass(frozen=True)
 class RuntimeOptions:
@@ -52,7 +67,7 @@ class RuntimeOptions:
     (``"BGR"``: OpenCV, ROS ``bgr8``; ``"RGB"``: PIL). ``feedback_rounds``: ``None`` uses the
     manifest's. ``purified``: attach the reformed image to every verdict. ``threads``: ONNX
     Runtime intra-op threads, and the threads that preprocess the frames of a batch (default: one
-    per core); ``spinning``: whether ONNX Runtime's idle threads spin (``None``: off,
+    per core; at most :func:`max_threads`); ``spinning``: whether ONNX Runtime's idle threads spin (``None``: off,
     which measured faster for the chain; docs/performance.md). ``verify``: check engine file hashes when loading.
     """
 
@@ -78,8 +93,11 @@ class RuntimeOptions:
             raise ValueError(f"tile_grid must be (rows, cols) with both >= 1, got {self.tile_grid!r}")
         if self.feedback_rounds is not None and self.feedback_rounds < 0:
             raise ValueError(f"feedback_rounds must be >= 0, got {self.feedback_rounds}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.threads is not None and not 1 <= self.threads <= max_threads():
+            raise ValueError(
+                f"threads must be between 1 and {max_threads()} ({THREADS_PER_CORE} per core on the {cores_available()} "
+                f"cores available), got {self.threads}"
+            )
 
 
 @dataclass

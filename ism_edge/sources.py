@@ -63,6 +63,11 @@ class SourceURI:
         """Cameras and network streams: frames are dropped rather than queued."""
         return self.kind in ("camera", "v4l2", "csi", "network")
 
+    @property
+    def path(self) -> Path | None:
+        """The file, folder or device this source reads (``video``, ``image``, ``folder``, ``v4l2``), else None."""
+        return Path(self.location) if self.kind in ("video", "image", "folder", "v4l2") else None
+
     def __str__(self) -> str:
         return self.text
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +19,7 @@ pytest.importorskip("torch")  # only to build the engine directory fixture
 from cli.main import app  # noqa: E402
 from ism_edge.outputs import opencv_has_gui  # noqa: E402
 from tests.cli import one_error_line  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
 from tests.ism_edge.conftest import (  # noqa: E402
     PHOTO_NAMES,
     PHOTOS,
@@ -21,6 +27,8 @@ from tests.ism_edge.conftest import (  # noqa: E402
     edit_manifest,
     shared_engine_dir,
     shared_sample_video,
+    video_frames,
+    write_video,
 )
 
 runner = CliRunner()
@@ -177,3 +185,142 @@ def test_realtime_refuses_a_folder(engine_dir: Path, tmp_path: Path) -> None:
     shutil.copy(PHOTOS / f"{PHOTO_NAMES[0]}.jpg", folder)
     line = one_error_line(runner.invoke(app, ["run", str(engine_dir), str(folder), "--headless", "--realtime"]))
     assert "--realtime paces a video file" in line
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and mode (to prove a refused run touched nothing)."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mode) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("output", "extra", "words"),
+    [
+        ("{video}", [], "is the input"),
+        ("{tmp}/out.mp4", ["--log", "{video}"], "--log"),
+        ("{tmp}/out.mp4", ["--summary-json", "{video}"], "--summary-json"),
+        ("{tmp}/link.mp4", [], "is the input"),  # a symbolic link to the input
+        ("{tmp}/hard.mp4", [], "is the input"),  # a hard link to the input
+        ("{tmp}/out.mp4", ["--log", "{tmp}/out.mp4"], "the same file"),
+        ("{tmp}/out.mp4", ["--log", "{tmp}/v.jsonl", "--summary-json", "{tmp}/v.jsonl"], "the same file"),
+        ("{tmp}/out.mp4", ["--summary-json", "{engines}/manifest.json"], "engine directory"),
+        ("{engines}/", [], "engine directory"),
+        ("{tmp}/out.mp4", ["--purified", "{engines}/x"], "engine directory"),
+    ],
+)
+def test_no_output_may_overwrite_the_input_another_output_or_the_engines(
+    engine_dir: Path, sample_video: Path, tmp_path: Path, output: str, extra: list[str], words: str
+) -> None:
+    """Refused before anything is loaded or written: one error line, every file left as it was."""
+    engines, work = tmp_path / "engines", tmp_path / "work"
+    shutil.copytree(engine_dir, engines)
+    work.mkdir()
+    video = work / "clip.mp4"
+    shutil.copy(sample_video, video)
+    (work / "link.mp4").symlink_to(video)
+    (work / "hard.mp4").hardlink_to(video)
+    before = _snapshot(tmp_path)
+    names = {"video": video, "tmp": work, "engines": engines}
+    args = ["run", str(engines), str(video), output.format(**names), *(e.format(**names) for e in extra), "--headless"]
+    line = one_error_line(runner.invoke(app, args))
+    assert words in line
+    assert _snapshot(tmp_path) == before and sorted(p.name for p in work.iterdir()) == ["clip.mp4", "hard.mp4", "link.mp4"]
+
+
+def test_an_output_folder_may_not_be_the_input_folder(engine_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in PHOTO_NAMES[:2]:
+        shutil.copy(PHOTOS / f"{name}.jpg", folder)
+    before = _snapshot(folder)
+    for args in ([f"{folder}/"], ["--purified", str(folder)], [f"{tmp_path}/out/", "--log", str(folder / f"{PHOTO_NAMES[0]}.jpg")]):
+        line = one_error_line(runner.invoke(app, ["run", str(engine_dir), str(folder), *args, "--headless"]))
+        assert str(folder) in line
+        assert _snapshot(folder) == before and not (tmp_path / "out").exists()
+
+
+def run_in_subprocess(args: list[str], *, file_size_limit: int | None = None) -> subprocess.Popen[str]:
+    """``ism-edge ARGS`` in a fresh interpreter (for signals and resource limits), optionally with
+    RLIMIT_FSIZE: a write past the limit fails with EFBIG, as on a full disk (SIGXFSZ ignored)."""
+    setup = "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN)"
+    if file_size_limit is not None:
+        setup += f"; resource.setrlimit(resource.RLIMIT_FSIZE, ({file_size_limit}, {file_size_limit}))"
+    code = f"{setup}; sys.argv = ['ism-edge', *sys.argv[1:]]; from cli.main import main; main()"
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def finished(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return proc.returncode, out, err
+
+
+def only_error_line(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+def test_a_video_the_disk_cannot_hold_is_an_error_not_a_success(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+    """With a 20 kB file-size limit the annotated mp4 (~80 kB) cannot be finished: the run must not
+    say it ended well, must not leave an unplayable video, and the summary says 0 frames reached it."""
+    out, summary = tmp_path / "out.mp4", tmp_path / "summary.json"
+    code, stdout, stderr = finished(run_in_subprocess(
+        ["run", str(engine_dir), str(sample_video), str(out), "--summary-json", str(summary)], file_size_limit=20_000))
+    assert code != 0 and str(out) in only_error_line(stderr)
+    assert len(stdout.splitlines()) == 12  # the log (stdout) was not limited
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    s = json.loads(summary.read_text())
+    assert s["stopped"] == "error" and str(out) in s["error"]
+    assert {"output": "video", "path": str(out), "frames": 0, "complete": False} in s["outputs"]
+
+
+def test_a_log_the_disk_cannot_hold_keeps_whole_lines(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+    """With a 3 kB limit the log fills after a few lines: the run stops with an error, the log holds
+    only whole lines (the cut one rolled back), and the summary counts exactly what is in it."""
+    log, summary = tmp_path / "v.jsonl", tmp_path / "summary.json"
+    code, _, stderr = finished(run_in_subprocess(
+        ["run", str(engine_dir), str(sample_video), "--headless", "--log", str(log), "--summary-json", str(summary)],
+        file_size_limit=3_000))
+    assert code != 0 and str(log) in only_error_line(stderr)
+    text = log.read_text()
+    assert text.endswith("\n")
+    records = [json.loads(line) for line in text.splitlines()]
+    assert 1 <= len(records) < 12 and [r["frame"] for r in records] == list(range(len(records)))
+    s = json.loads(summary.read_text())
+    assert s["frames"] == len(records) and s["stopped"] == "error"
+    assert s["outputs"] == [{"output": "log", "path": str(log), "frames": len(records), "complete": False}]
+
+
+def test_sigterm_finishes_the_video_and_the_summary(engine_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM (docker stop, systemd) mid-run: the video is finalised and playable, the summary is
+    written, the log and the video hold the same frames, and the exit code is 128 + 15."""
+    import cv2
+
+    photos = [cv2.imread(str(PHOTOS / f"{name}.jpg"), cv2.IMREAD_COLOR) for name in PHOTO_NAMES]
+    clip = write_video(tmp_path / "long.mp4", video_frames(photos, 200), fps=10.0)  # 20 s at --realtime
+    out, log, summary = tmp_path / "out.mp4", tmp_path / "v.jsonl", tmp_path / "summary.json"
+    proc = run_in_subprocess(["run", str(engine_dir), str(clip), str(out), "--realtime", "--log", str(log),
+                              "--summary-json", str(summary)])  # fmt: skip
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and (not log.exists() or log.read_text().count("\n") < 3):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1]
+    os.kill(proc.pid, signal.SIGTERM)
+    code, _, stderr = finished(proc, timeout=120)
+    assert code == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    s = json.loads(summary.read_text())
+    assert s["stopped"] == "interrupted" and s["signal"] == "SIGTERM"
+    assert 3 <= s["frames"] == len(log_records(log)) == count_video_frames(out) < 200
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4", "out.mp4", "summary.json", "v.jsonl"]
+
+
+def test_too_many_threads_are_refused_before_anything_runs(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+    log = tmp_path / "v.jsonl"
+    r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "--headless", "--threads", "5000", "--log", str(log)])
+    assert r.exit_code == 2 and "threads must be between 1 and" in r.stderr and "Traceback" not in r.stderr
+    assert not log.exists()

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
+from ism_edge import outputs
 from ism_edge.errors import MissingDependencyError
 from ism_edge.outputs import (
     DisplayOutput,
     ImageFolderOutput,
     OutputError,
+    OutputPath,
     VerdictLog,
     VideoFileOutput,
+    check_output_paths,
     opencv_has_gui,
     parse_output,
 )
@@ -41,6 +48,35 @@ def test_output_uris() -> None:
     for bad in ("rtp://host:1234", "out.gif"):
         with pytest.raises(OutputError):
             parse_output(bad)
+
+
+def test_output_paths_that_would_destroy_something_are_refused(tmp_path: Path) -> None:
+    video, engines, photos = tmp_path / "in.mp4", tmp_path / "engines", tmp_path / "photos"
+    video.write_bytes(b"video")
+    engines.mkdir()
+    photos.mkdir()
+    (photos / "frame_000000.jpg").write_bytes(b"jpeg")
+    (tmp_path / "alias").symlink_to(tmp_path)
+
+    def check(*outs: OutputPath, source: Path = video) -> None:
+        check_output_paths(outs, source=source, source_is_folder=source.is_dir(), engine_dir=engines)
+
+    fine = [OutputPath("OUTPUT", tmp_path / "out.mp4"), OutputPath("--log", tmp_path / "v.jsonl"),
+            OutputPath("--purified", tmp_path / "purified", folder=True)]
+    check(*fine)
+    check(OutputPath("OUTPUT", photos / "annotated", folder=True), OutputPath("--log", photos / "v.jsonl"), source=photos)
+    bad = {
+        "is the input": [OutputPath("OUTPUT", tmp_path / "alias" / "in.mp4")],  # through a linked folder
+        "the same file": [*fine, OutputPath("--summary-json", tmp_path / "alias" / "v.jsonl")],
+        "engine directory": [OutputPath("--log", tmp_path / "alias" / "engines" / "new" / "v.jsonl")],
+    }
+    for words, outs in bad.items():
+        with pytest.raises(OutputError, match=words):
+            check(*outs)
+    with pytest.raises(OutputError, match="is the input"):  # would replace the input image frame_000000.jpg
+        check(OutputPath("OUTPUT", photos, folder=True), source=photos / "frame_000000.jpg")
+    with pytest.raises(OutputError, match="is the input"):  # would be read as one of the folder's images
+        check(OutputPath("--summary-json", photos / "summary.png"), source=photos)
 
 
 def test_verdict_log_appends_complete_lines(tmp_path: Path) -> None:
@@ -132,3 +168,122 @@ def test_heat_map_colours_the_flagged_tiles() -> None:
     out = annotate(frame, make_verdict(True, tiles=tiles))
     left, right = out[230, 64].astype(int), out[230, 192].astype(int)
     assert right[2] > left[2] and left[1] > right[1]  # red on the flagged tile, green on the other
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_get_the_mode_the_umask_gives(tmp_path: Path, photos: list[np.ndarray], umask: int) -> None:
+    """The video is written to a private temporary file first; it must still end up like every other output."""
+    previous = os.umask(umask)
+    try:
+        video = VideoFileOutput(tmp_path / "out.avi", fps=5)
+        video.write(photos[0])
+        video.close()
+        log = VerdictLog(tmp_path / "v.jsonl")
+        log.write({"frame": 0})
+        log.close()
+        ImageFolderOutput(tmp_path / "frames").write(photos[0])
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "out.avi", tmp_path / "v.jsonl", tmp_path / "frames" / "frame_000000.jpg"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+class _DiskFullAfter:
+    """Stands in for the ``os`` module of ism_edge.outputs: ``write`` stores up to ``room`` more
+    bytes (a short write at the edge), then fails with ENOSPC, as a full disk does."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(os, name)
+
+    def write(self, fd: int, data: bytes) -> int:
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = os.write(fd, bytes(data[: self.room]))
+        self.room -= n
+        return n
+
+
+def test_a_log_line_cut_by_a_full_disk_is_rolled_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "v.jsonl"
+    path.write_text('{"run":0}\n')
+    log = VerdictLog(path)
+    monkeypatch.setattr(outputs, "os", _DiskFullAfter(room=60))
+    log.write({"frame": 0, "label": "cat"})
+    with pytest.raises(OutputError, match="v.jsonl cannot be written .*after 1 lines"):
+        log.write({"frame": 1, "label": "cat", "padding": "x" * 80})  # only part of it fits
+    monkeypatch.undo()
+    log.close()
+    assert path.read_text() == '{"run":0}\n{"frame":0,"label":"cat"}\n'
+    assert log.lines == 1 and log.failed
+
+
+class _FailingWriter:
+    """A cv2.VideoWriter that reports frame ``fail_at`` and every later one as not written."""
+
+    fail_at = 3
+    real = cv2.VideoWriter
+    fourcc = staticmethod(cv2.VideoWriter.fourcc)
+
+    def __init__(self, *args: object) -> None:
+        self._real = self.real(*args)
+        self._n = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+    def write(self, image: np.ndarray) -> bool:
+        if self._n >= self.fail_at:
+            return False
+        self._n += 1
+        self._real.write(image)
+        return True
+
+
+def test_a_video_frame_that_cannot_be_written_stops_and_keeps_what_reads_back(
+    tmp_path: Path, photos: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failed video never replaces an existing file of that name; its readable frames are kept aside."""
+    path = tmp_path / "out.avi"
+    path.write_bytes(b"an earlier video")
+    monkeypatch.setattr(outputs.cv2, "VideoWriter", _FailingWriter)
+    video = VideoFileOutput(path, fps=5)
+    for p in photos[:3]:
+        video.write(p)
+    with pytest.raises(OutputError, match="out.avi: frame 3 cannot be written"):
+        video.write(photos[3])
+    monkeypatch.undo()
+    with pytest.raises(OutputError, match=r"incomplete: the 3 frames .* kept in .*out\.partial\.avi"):
+        video.close()
+    assert path.read_bytes() == b"an earlier video" and video.failed and video.frames == 3
+    assert count_video_frames(tmp_path / "out.partial.avi") == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.avi", "out.partial.avi"]
+
+
+def test_an_unreadable_video_is_not_kept(tmp_path: Path, photos: list[np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write reported success but the finished file does not read back (its index was lost)."""
+    video = VideoFileOutput(tmp_path / "out.mp4", fps=5)
+    video.write(photos[0])
+    assert video._tmp is not None
+    real_release = video._writer.release
+
+    def release() -> None:
+        real_release()
+        video_tmp.write_bytes(b"\x00" * 64)  # what a full disk leaves of it
+
+    video_tmp = video._tmp
+    monkeypatch.setattr(video, "_writer", type("W", (), {"release": staticmethod(release)})())
+    with pytest.raises(OutputError, match="none of its 1 frames can be read back, so nothing was kept"):
+        video.close()
+    assert list(tmp_path.iterdir()) == [] and video.frames == 0 and video.failed
+
+
+def test_an_image_that_cannot_be_written_is_an_error(tmp_path: Path, photos: list[np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+    out = ImageFolderOutput(tmp_path / "frames")
+    out.write(photos[0])
+    monkeypatch.setattr(outputs.cv2, "imwrite", lambda *args: False)
+    with pytest.raises(OutputError, match="frame_000001.jpg cannot be written"):
+        out.write(photos[1])
+    assert [p.name for p in (tmp_path / "frames").iterdir()] == ["frame_000000.jpg"] and out.frames == 1 and out.failed

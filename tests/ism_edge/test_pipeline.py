@@ -108,6 +108,32 @@ def test_ctrl_c_stops_gracefully_and_keeps_the_log(runtime: DefenseRuntime, tmp_
     assert signal.getsignal(signal.SIGINT) is previous
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_gracefully_like_ctrl_c(runtime: DefenseRuntime, tmp_path: Path, signum: int) -> None:
+    """A service manager's SIGTERM (or a closed terminal's SIGHUP) finishes the run like Ctrl-C."""
+    frames = [np.full((40, 60, 3), i, np.uint8) for i in range(200)]
+    fallback: list[int] = []
+
+    class Terminating(ScriptedSource):
+        def read(self) -> np.ndarray | None:
+            if len(self.reads) == 190:
+                os.kill(os.getpid(), signum)
+            return super().read()
+
+    def record(n: int, frame: object) -> None:  # without the run's own handler: recorded instead of fatal
+        fallback.append(n)
+
+    previous = signal.signal(signum, record)
+    try:
+        summary = run_pipeline(runtime, FrameReader(Terminating(frames, live=False)), log=VerdictLog(tmp_path / "v.jsonl"))
+        assert not fallback and signal.getsignal(signum) is record  # the run handled it, then restored the handler
+    finally:
+        signal.signal(signum, previous)
+    records = read_log(tmp_path / "v.jsonl")
+    assert summary.stopped == "interrupted" and summary.signal == signal.Signals(signum).name
+    assert 1 <= summary.frames == len(records) < 200 and summary.to_json()["signal"] == summary.signal
+
+
 def test_a_second_ctrl_c_interrupts_at_once() -> None:
     stop = threading.Event()
     with pytest.raises(KeyboardInterrupt), graceful_interrupt(stop):
