@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -116,3 +117,17 @@ def test_baselines_share_the_classifier_stages_of_a_bundle(trained_bundle_dir: P
         train_bundle(TrainRequest(data=[CIFAR_TRAIN], out=tmp_path / "none", recipe=other, device="cpu",
                                   init_from=trained_bundle_dir), echo=lambda _m: None)
     assert not (tmp_path / "none").exists()
+
+
+def test_thresholds_hold_the_rate_within_every_group() -> None:
+    from training.recipe.stages import calibrate_thresholds
+
+    rng = np.random.default_rng(0)
+    sharp = rng.normal(1.0, 0.1, 200)  # e.g. exact-pixel images: P scores them higher
+    smooth = rng.normal(0.0, 0.1, 1800)
+    scores = {"p_score": np.concatenate([sharp, smooth])}
+    groups = [np.arange(2000) < 200, np.arange(2000) >= 200]
+    mixed = calibrate_thresholds(scores, 0.01, ("p_score",))["p_score"]
+    grouped = calibrate_thresholds(scores, 0.01, ("p_score",), groups=groups)["p_score"]
+    assert float((sharp > mixed).mean()) > 0.05  # the mix's quantile lets the sharp group through
+    assert float((sharp > grouped).mean()) <= 0.01 and float((smooth > grouped).mean()) <= 0.01

@@ -297,7 +297,13 @@ class RecipeRunner:
         b.feedback_rounds = self.cfg.feedback_rounds
         b.temperatures["detector"] = self.cfg.detector_temperature
         scores = defense_scores(Defense(b, feedback_rounds=0), calib, self.device)
-        b.thresholds = calibrate_thresholds(scores, self.cfg.target_fpr, b.defense.detectors)
+        # Exact-pixel and re-encoded (JPEG-decoded) images score differently: each threshold must
+        # hold its false-positive rate on both kinds, so it is the larger of their quantiles.
+        groups: dict[str, np.ndarray] = {}
+        if calib.exact is not None and 0 < int(calib.exact.sum()) < len(calib):
+            groups = {"exact_pixels": calib.exact, "re_encoded": ~calib.exact}
+        b.thresholds = calibrate_thresholds(scores, self.cfg.target_fpr, b.defense.detectors,
+                                            groups=list(groups.values()) or None)
         b.target_fpr = self.cfg.target_fpr
         fpr = {k: float((scores[k] > v).mean()) for k, v in b.thresholds.items()}
         any_flag = np.zeros(len(calib), dtype=bool)
@@ -305,6 +311,8 @@ class RecipeRunner:
             any_flag |= scores[k] > v
         b.calibration = {"n": len(calib), "split": "held out from the training data", "target_fpr": self.cfg.target_fpr,
                          "fpr_per_detector": fpr, "fpr_any": float(any_flag.mean()),
+                         "groups": {name: {"n": int(m.sum()), "fpr_any": float(any_flag[m].mean())}
+                                    for name, m in groups.items()},
                          "score_quantiles": {k: [float(q) for q in np.quantile(scores[k], [0.5, 0.9, 0.99])]
                                              for k in b.thresholds}}
         self.echo("calibrated thresholds: " + ", ".join(f"{k} {v:.4g}" for k, v in b.thresholds.items())

@@ -410,11 +410,16 @@ def defense_scores(defense: Defense, data: ImageArrays, device: torch.device, ba
 
 
 def calibrate_thresholds(scores: dict[str, np.ndarray], target_fpr: float,
-                         detectors: tuple[str, ...] = ("recon_error", "jsd", "p_score")) -> dict[str, float]:
+                         detectors: tuple[str, ...] = ("recon_error", "jsd", "p_score"),
+                         groups: list[np.ndarray] | None = None) -> dict[str, float]:
     """Per-detector threshold = the (1 − target_fpr) quantile of its score on clean data.
 
     A score strictly above the threshold flags the input, so on the calibration data each
     detector's false-positive rate is at most ``target_fpr`` (MagNet's calibration). Only the
-    deployed ``detectors`` get a threshold.
+    deployed ``detectors`` get a threshold. With ``groups`` (boolean masks, e.g. exact-pixel and
+    re-encoded images) the threshold is the largest of the groups' quantiles, so the rate holds
+    within every group, not only on their mix.
     """
-    return {k: float(np.quantile(scores[k], 1.0 - target_fpr, method="higher")) for k in detectors}
+    masks = [g for g in groups if g.any()] if groups else [np.ones(len(next(iter(scores.values()))), dtype=bool)]
+    return {k: max(float(np.quantile(scores[k][m], 1.0 - target_fpr, method="higher")) for m in masks)
+            for k in detectors}
