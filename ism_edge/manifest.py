@@ -327,7 +327,7 @@ def _check_calibration(cal: dict[str, Any]) -> None:
     if not cal:
         return
     check.integer(check.require(cal, "frames", "calibration.frames"), "calibration.frames", 1, 1 << 40)
-    check.text(check.require(cal, "source", "calibration.source"), "calibration.source")
+    check.text(check.require(cal, "source", "calibration.source"), "calibration.source", max_len=4096)
     check.number(check.require(cal, "target_fpr", "calibration.target_fpr"), "calibration.target_fpr", 0.0, 0.5, lo_open=True)
     check.text(cal.get("created", ""), "calibration.created", max_len=64)
     check.choice(check.require(cal, "mode", "calibration.mode"), "calibration.mode", CALIBRATION_MODES)

@@ -317,7 +317,8 @@ def _bundle_fields(raw: dict[str, Any]) -> dict[str, Any]:
 def _model_config(raw: Any) -> ModelConfig:
     """The manifest's model config, every size bounded before a network is built from it."""
     raw = check.obj(raw, "config")
-    limits = {"image_size": MAX_SIDE, "num_classes": MAX_CLASSES, "clf_dense": MAX_DENSE, "latent_dim": MAX_DENSE}
+    limits = {"image_size": MAX_SIDE, "num_classes": MAX_CLASSES, "clf_dense": MAX_DENSE, "latent_dim": MAX_DENSE,
+              "sparsity_k": MAX_DENSE}
     defaults = {f.name: f.default for f in fields(ModelConfig)}
     for key, value in raw.items():
         default = defaults.get(key)
