@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${DEMO_OUT:-demo-out}"
-SHIPPED="models/cifar10-small"
+SHIPPED="models/cifar10-medium"
 rm -rf "$OUT"
 mkdir -p "$OUT"
 start=$(date +%s)
@@ -20,7 +20,7 @@ step() { printf '\n\033[1m== %s\033[0m  (%ds)\n' "$1" "$(( $(date +%s) - start )
 
 step "1/7 train a small defense on 2,000 real CIFAR-10 training images (data/samples/cifar10)"
 ism-edge train --preset small --data data/samples/cifar10/train.npz --out "$OUT/bundle" \
-    --epochs-classifier 4 --epochs-mapper 3 --epochs-perturbation 2 --batch-size 64 --adv-attack fgsm --device cpu
+    --epochs-classifier 4 --epochs-mapper 3 --epochs-perturbation 2 --batch-size 64 --device cpu
 
 step "2/7 evaluate it on 300 real CIFAR-10 test images (FGSM/PGD, oblivious and known-classifier threat models)"
 ism-edge evaluate "$OUT/bundle" --data data/samples/cifar10/test.npz --n 300 --eps 8/255,0.1,0.3 \
