@@ -6,8 +6,8 @@ set (TensorRT 11 removed ``BuilderFlag.FP16``; strongly typed networks reject it
 One optimization profile covers the batch range (min/opt/max), the workspace memory pool is
 limited, and a timing cache is loaded before and saved after the build so later builds skip
 tactic timing. Written against the TensorRT 10 Python API and type-checked with mypy against
-``tensorrt-stubs``; TensorRT counts as present only when ``tensorrt.Builder`` exists (the stubs
-package alone makes ``import tensorrt`` succeed as an empty namespace).
+``tensorrt-stubs``; whether a real TensorRT (not only the stubs) of version 10 or newer is
+installed is decided by :mod:`ism_edge.backends.tensorrt.loader`.
 """
 
 from __future__ import annotations
@@ -18,24 +18,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ism_edge._io import atomic_write_bytes
-from ism_edge.errors import EngineError, missing_dependency
+from ism_edge.backends.tensorrt import loader
+from ism_edge.errors import EngineError
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 
 def tensorrt_available() -> bool:
-    """True when a real TensorRT (with ``Builder``) can be imported."""
-    try:
-        import tensorrt
-    except ImportError:
-        return False
-    return hasattr(tensorrt, "Builder")
+    """True when a real TensorRT of a supported version (10 or newer) can be imported."""
+    return loader.tensorrt_usable()
 
 
 def _require_tensorrt() -> None:
-    if not tensorrt_available():
-        raise missing_dependency("tensorrt", "tensorrt", "building TensorRT engines")
+    loader.tensorrt_module("building TensorRT engines")
 
 
 @dataclass(frozen=True)
@@ -143,8 +139,5 @@ def engine_from_onnx(
 
 
 def tensorrt_version() -> str:
-    """Version of the importable TensorRT (raises when TensorRT is missing)."""
-    _require_tensorrt()
-    import tensorrt as trt
-
-    return str(trt.__version__)
+    """Version of the importable TensorRT (raises when TensorRT is missing or older than 10)."""
+    return str(loader.tensorrt_module("building TensorRT engines").__version__)

@@ -28,18 +28,11 @@ def onnxruntime_version() -> str | None:
 
 
 def tensorrt_version() -> str | None:
-    """The running TensorRT version, or None when TensorRT is not usable.
+    """The running TensorRT version, or None when no real TensorRT imports (``tensorrt-stubs``
+    alone is not TensorRT; see :mod:`ism_edge.backends.tensorrt.loader`)."""
+    from ism_edge.backends.tensorrt.loader import tensorrt_version as installed
 
-    ``tensorrt-stubs`` makes ``import tensorrt`` succeed as an empty namespace package, so
-    TensorRT counts as present only when it has a ``Builder``.
-    """
-    try:
-        import tensorrt
-    except ImportError:
-        return None
-    if not hasattr(tensorrt, "Builder"):
-        return None
-    return str(getattr(tensorrt, "__version__", "unknown"))
+    return installed()
 
 
 def current_gpu(device: int = 0) -> dict[str, str] | None:

@@ -31,28 +31,14 @@ import numpy as np
 
 from ism_edge import cuda
 from ism_edge.backends import GRAPH_IO, Backend, ChainOutput, Job
-from ism_edge.errors import EngineError, EngineMismatchError, missing_dependency
+from ism_edge.backends.tensorrt.loader import tensorrt_module
+from ism_edge.errors import EngineError, EngineMismatchError
 from ism_edge.manifest import ROLES, EngineManifest
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 SLOTS = 2
-
-
-def tensorrt_module() -> Any:
-    """Import TensorRT, or raise the one-line error saying how to install it.
-
-    ``tensorrt-stubs`` makes ``import tensorrt`` succeed as an empty namespace package, so
-    TensorRT counts as installed only when the module has ``Builder``.
-    """
-    try:
-        import tensorrt as trt_mod
-    except ImportError:
-        raise missing_dependency("tensorrt", "tensorrt", "the TensorRT backend") from None
-    if not hasattr(trt_mod, "Builder"):
-        raise missing_dependency("tensorrt", "tensorrt", "the TensorRT backend")
-    return trt_mod
 
 
 def _dims(d: trt.Dims) -> tuple[int, ...]:
