@@ -22,8 +22,8 @@ from ism_edge.errors import MissingDependencyError
 
 MIN_MAJOR = 10
 WHERE_TO_GET = (
-    "on a Jetson, JetPack 6's TensorRT 10.3 from apt (docs/jetson.md); on x86, "
-    "pip install 'ism-edge[tensorrt-cu12]' --extra-index-url https://pypi.nvidia.com (docs/engines.md)"
+    "on a Jetson, JetPack 6.1 or newer (TensorRT 10.3 from apt, docs/jetson.md); on x86_64, "
+    "pip install 'ism-edge[tensorrt-cu12]' --extra-index-url https://pypi.nvidia.com"
 )
 
 
@@ -65,8 +65,7 @@ def tensorrt_module(purpose: str = "the TensorRT backend") -> Any:
     if major_version(version) < MIN_MAJOR:
         raise MissingDependencyError(
             f"{purpose} needs TensorRT {MIN_MAJOR} or newer (strongly typed networks, execute_async_v3), "
-            f"but TensorRT {version} is installed: install TensorRT {MIN_MAJOR}+ ({WHERE_TO_GET}), "
-            "or use the ONNX Runtime backend (--backend onnxruntime)"
+            f"but TensorRT {version} is installed: {WHERE_TO_GET}; or use --backend onnxruntime"
         )
     return trt
 
