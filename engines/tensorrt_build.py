@@ -2,40 +2,41 @@
 
 The network is created **strongly typed** from the mixed-precision FP16 ONNX graph
 (:mod:`engines.fp16`): every tensor's type comes from the graph, so no precision builder flag is
-set (TensorRT 11 removed ``BuilderFlag.FP16``; strongly typed networks reject it on 10 too).
+set (TensorRT 11 removed ``BuilderFlag.FP16``; strongly typed networks reject it on 10 too), and
+TF32 — on by default, and allowed for FP32 tensors of a strongly typed network — is cleared, so
+an FP32 tensor in the graph (every tensor of an ``fp32`` build) is computed in FP32, not with
+TF32's 10-bit mantissas on Ampere and newer (Orin included).
 One optimization profile covers the batch range (min/opt/max), the workspace memory pool is
 limited, and a timing cache is loaded before and saved after the build so later builds skip
-tactic timing. Written against the TensorRT 10 Python API and type-checked with mypy against
-``tensorrt-stubs``; TensorRT counts as present only when ``tensorrt.Builder`` exists (the stubs
-package alone makes ``import tensorrt`` succeed as an empty namespace).
+tactic timing; an unreadable or corrupt cache is replaced by an empty one with a warning.
+Written against the TensorRT 10 Python API and type-checked with mypy against
+``tensorrt-stubs``; whether a real TensorRT (not only the stubs) of version 10 or newer is
+installed is decided by :mod:`ism_edge.backends.tensorrt.loader`.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ism_edge._io import atomic_write_bytes
-from ism_edge.errors import EngineError, missing_dependency
+from ism_edge.backends.tensorrt import loader
+from ism_edge.errors import EngineError
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 
 def tensorrt_available() -> bool:
-    """True when a real TensorRT (with ``Builder``) can be imported."""
-    try:
-        import tensorrt
-    except ImportError:
-        return False
-    return hasattr(tensorrt, "Builder")
+    """True when a real TensorRT of a supported version (10 or newer) can be imported."""
+    return loader.tensorrt_usable()
 
 
 def _require_tensorrt() -> None:
-    if not tensorrt_available():
-        raise missing_dependency("tensorrt", "tensorrt", "building TensorRT engines")
+    loader.tensorrt_module("building TensorRT engines")
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,12 @@ def engine_from_onnx(
     config.add_optimization_profile(profile)
     outputs = {network.get_output(i).name: _dims(network.get_output(i).shape) for i in range(network.num_outputs)}
 
+    config.clear_flag(trt.BuilderFlag.TF32)
+
     cache_path = Path(timing_cache) if timing_cache is not None else None
-    blob = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
-    if not config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False):
-        # A cache written by another TensorRT version or GPU is not used; start an empty one.
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    if not config.set_timing_cache(_timing_cache(config, cache_path), ignore_mismatch=False):
+        _warn(f"timing cache {cache_path} was written by another TensorRT version or for another GPU")
+        config.set_timing_cache(_empty_timing_cache(config), ignore_mismatch=False)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None or serialized.nbytes == 0:
@@ -142,9 +144,48 @@ def engine_from_onnx(
     return BuiltPlan(path=plan_path, inputs=inputs, outputs=outputs, timing_cache_saved=saved)
 
 
-def tensorrt_version() -> str:
-    """Version of the importable TensorRT (raises when TensorRT is missing)."""
-    _require_tensorrt()
-    import tensorrt as trt
+def _timing_cache(config: trt.IBuilderConfig, path: Path | None) -> trt.ITimingCache:
+    """The timing cache stored at ``path``, or an empty one (with a warning when ``path`` exists).
 
-    return str(trt.__version__)
+    A cache written by another TensorRT version or GPU, a truncated file or one that is not a
+    cache at all must not stop the build: it only costs the tactic timing again (Polygraphy wraps
+    its timing-cache load the same way).
+    """
+    blob = b""
+    if path is not None and path.is_file():
+        try:
+            blob = path.read_bytes()
+        except OSError as e:
+            _warn(f"timing cache {path} cannot be read ({e.strerror})")
+    if blob:
+        loaded: trt.ITimingCache | None
+        try:
+            loaded = config.create_timing_cache(blob)
+            reason = "TensorRT rejected it"
+        except Exception as e:  # TensorRT's bindings raise a plain RuntimeError for a corrupt cache
+            loaded, reason = None, _first_line(e)
+        if loaded is not None:
+            return loaded
+        _warn(f"timing cache {path} is corrupt or not a TensorRT timing cache ({reason})")
+    return _empty_timing_cache(config)
+
+
+def _empty_timing_cache(config: trt.IBuilderConfig) -> trt.ITimingCache:
+    cache: trt.ITimingCache | None = config.create_timing_cache(b"")
+    if cache is None:
+        raise EngineError("TensorRT could not create an empty timing cache (see the TensorRT log above)")
+    return cache
+
+
+def _warn(problem: str) -> None:
+    warnings.warn(f"{problem}: building with an empty timing cache, saved over it after the build", stacklevel=2)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def tensorrt_version() -> str:
+    """Version of the importable TensorRT (raises when TensorRT is missing or older than 10)."""
+    return str(loader.tensorrt_module("building TensorRT engines").__version__)

@@ -28,46 +28,23 @@ def onnxruntime_version() -> str | None:
 
 
 def tensorrt_version() -> str | None:
-    """The running TensorRT version, or None when TensorRT is not usable.
+    """The running TensorRT version, or None when no real TensorRT imports (``tensorrt-stubs``
+    alone is not TensorRT; see :mod:`ism_edge.backends.tensorrt.loader`)."""
+    from ism_edge.backends.tensorrt.loader import tensorrt_version as installed
 
-    ``tensorrt-stubs`` makes ``import tensorrt`` succeed as an empty namespace package, so
-    TensorRT counts as present only when it has a ``Builder``.
-    """
-    try:
-        import tensorrt
-    except ImportError:
-        return None
-    if not hasattr(tensorrt, "Builder"):
-        return None
-    return str(getattr(tensorrt, "__version__", "unknown"))
+    return installed()
 
 
 def current_gpu(device: int = 0) -> dict[str, str] | None:
-    """``{"name", "compute_capability"}`` of CUDA device ``device``, or None without a usable GPU.
+    """``{"name", "compute_capability"}`` of CUDA device ``device``, or None without a GPU.
 
-    Uses cuda-python's runtime bindings (``cudaGetDeviceProperties``), else pycuda.
+    Asks :func:`ism_edge.cuda.current_gpu` (cuda-python or pycuda, ``ISM_EDGE_CUDA`` honoured);
+    a driver too old for the installed bindings raises :class:`~ism_edge.cuda.CudaError`.
     """
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        cudart = None
-    if cudart is not None:
-        err, prop = cudart.cudaGetDeviceProperties(device)
-        if err != cudart.cudaError_t.cudaSuccess:
-            return None
-        name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-        return {"name": name.rstrip("\x00").strip(), "compute_capability": f"{prop.major}.{prop.minor}"}
-    try:
-        import pycuda.driver as drv
-    except ImportError:
-        return None
-    try:
-        drv.init()
-        dev = drv.Device(device)
-        major, minor = dev.compute_capability()
-        return {"name": str(dev.name()), "compute_capability": f"{major}.{minor}"}
-    except Exception:  # pycuda.driver.Error without a driver or device
-        return None
+    from ism_edge import cuda
+
+    info = cuda.current_gpu(device)
+    return None if info is None else {"name": info.name, "compute_capability": info.compute_capability}
 
 
 def bundle_sha256(directory: str | os.PathLike[str]) -> str:

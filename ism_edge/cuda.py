@@ -4,8 +4,10 @@ Modelled on Polygraphy's ``polygraphy/cuda/cuda.py``: small classes (:class:`Str
 :class:`Event`, :class:`HostBuffer`, :class:`DeviceBuffer` with ``copy_from``/``copy_to``) over
 one of two bindings, whichever imports (``ISM_EDGE_CUDA=cuda-python|pycuda`` forces one):
 
-* cuda-python's ``cuda.bindings.runtime`` (``cuda.cudart`` on cuda-python < 12.6) — the CUDA
-  runtime API, which is also what TensorRT uses, so both share the device's primary context;
+* cuda-python's ``cuda.bindings.runtime`` (``cuda.cudart`` on cuda-python < 12.6.1) — the CUDA
+  runtime API, which is also what TensorRT uses, so both share the device's primary context.
+  cuda-python 12.x needs a CUDA 12 driver (JetPack 6), 13.x a CUDA 13 driver (r580+); a driver
+  older than the bindings is reported as ``cudaErrorInsufficientDriver`` with the pin to install;
 * pycuda's driver API, on the device's *primary* context (``retain_primary_context``), which
   is the context TensorRT's runtime API binds to as well.
 
@@ -25,13 +27,13 @@ import contextlib
 import ctypes
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ism_edge.errors import EngineError, missing_dependency
+from ism_edge.errors import EngineError, MissingDependencyError, missing_dependency
 
 BINDINGS = ("cuda-python", "pycuda")
 
@@ -123,28 +125,68 @@ class _Driver:
         raise NotImplementedError
 
 
+# What to pin for a driver of each CUDA major version (pyproject's tensorrt extras say the same).
+CUDA_PYTHON_PINS = {12: "cuda-python>=12.6.1,<13", 13: "cuda-python>=13,<14"}
+
+
+def _cuda_version(v: int) -> str:
+    """CUDA's integer version (12060) as ``"12.6"``."""
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def _cudart() -> Any:
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        from cuda import cudart as runtime  # cuda-python < 12.6.1
+    return runtime
+
+
+def _native_handle_helper() -> Callable[[Any], Any]:
+    """``cuda.bindings.utils.get_cuda_native_handle`` (cuda-bindings >= 12.9.1, where ``int(handle)``
+    is deprecated), else ``int``."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int
+    return get_cuda_native_handle
+
+
 class _CudaPythonDriver(_Driver):
-    """cuda-python's runtime API bindings; every call returns ``(cudaError_t, *results)``."""
+    """cuda-python's runtime API bindings; every call returns ``(cudaError_t, *results)``.
+
+    ``cuda.bindings.runtime`` on cuda-python >= 12.6.1 (cuda-bindings 12.x and 13.x), the legacy
+    ``cuda.cudart`` before (removed in 13.0). Handles are read with
+    ``cuda.bindings.utils.get_cuda_native_handle`` where it exists (cuda-bindings >= 12.9.1, which
+    deprecates ``int(handle)``), else with ``int``.
+    """
 
     name = "cuda-python"
 
-    def __init__(self) -> None:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart  # cuda-python < 12.6
+    def __init__(self, runtime: Any = None) -> None:
+        """``runtime``: the bindings' runtime module (imported when None; tests pass a stand-in)."""
+        cudart = _cudart() if runtime is None else runtime
         self.rt: Any = cudart
+        self._native = _native_handle_helper()
         self._success = cudart.cudaError_t.cudaSuccess
         self._not_ready = cudart.cudaError_t.cudaErrorNotReady
+        self._no_device = cudart.cudaError_t.cudaErrorNoDevice
+        self._old_driver = cudart.cudaError_t.cudaErrorInsufficientDriver
         self._kind = cudart.cudaMemcpyKind
 
-    def _check(self, result: Any, what: str) -> Any:
-        if isinstance(result, tuple):
-            err, values = result[0], result[1:]
-        else:
-            err, values = result, ()
+    def _invoke(self, what: str, fn: Callable[..., Any], *args: Any) -> tuple[Any, tuple[Any, ...]]:
+        """``fn(*args)`` as ``(cudaError_t, results)``."""
+        try:
+            result = fn(*args)
+        except RuntimeError as e:  # cuda-python < 12.8 raises "Failed to dlopen libcuda.so.1" without a driver
+            raise CudaError(f"CUDA call {what} failed: {e}: install the NVIDIA driver, or use --backend onnxruntime") from None
+        return (result[0], tuple(result[1:])) if isinstance(result, tuple) else (result, ())
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``'s result(s) when it returned ``cudaSuccess``, else :class:`CudaError`."""
+        err, values = self._invoke(what, fn, *args)
         if err != self._success:
-            raise CudaError(f"CUDA call {what} failed: {self._error_name(err)}: check the GPU and driver (nvidia-smi)")
+            raise CudaError(f"CUDA call {what} failed: {self._explain(err)}")
         if not values:
             return None
         return values[0] if len(values) == 1 else values
@@ -156,185 +198,239 @@ class _CudaPythonDriver(_Driver):
         except Exception:  # the error name is only decoration for the message
             return str(err)
 
+    def _versions(self) -> tuple[int, int]:
+        """(the driver's CUDA version, these bindings' CUDA runtime version); 0 when unknown."""
+        versions = []
+        for call in (self.rt.cudaDriverGetVersion, self.rt.cudaRuntimeGetVersion):
+            try:
+                err, v = call()
+                versions.append(int(v) if err == self._success else 0)
+            except Exception:  # only decoration for the message
+                versions.append(0)
+        return versions[0], versions[1]
+
+    def _explain(self, err: Any) -> str:
+        """The error's name and what to do about it."""
+        name = self._error_name(err)
+        if err != self._old_driver:
+            return f"{name}: check the GPU and driver (nvidia-smi)"
+        drv, rt = self._versions()
+        if drv == 0:
+            return f"{name}: no NVIDIA driver is loaded (libcuda): install the NVIDIA driver, or use --backend onnxruntime"
+        major, minor = drv // 1000, drv % 1000 // 10
+        pin = CUDA_PYTHON_PINS.get(major, f"cuda-python>={major},<{major + 1}")
+        if rt // 1000 == major:  # same major: this driver lacks minor-version compatibility
+            pin = f"cuda-python>={major}.{minor},<{major}.{minor + 1}"
+        return (
+            f"{name}: the NVIDIA driver supports CUDA {_cuda_version(drv)}, older than the CUDA "
+            f"{_cuda_version(rt)} runtime of the installed cuda-python: pip install '{pin}' "
+            "(bindings for this driver), or update the driver"
+        )
+
     def device_count(self) -> int:
-        err, count = self.rt.cudaGetDeviceCount()
-        return int(count) if err == self._success else 0
+        """GPUs visible; 0 without a device or without any NVIDIA driver. A driver that is present
+        but too old for these bindings raises :class:`CudaError` naming
+        ``cudaErrorInsufficientDriver`` and the cuda-python to install."""
+        try:
+            err, (count,) = self._invoke("cudaGetDeviceCount", self.rt.cudaGetDeviceCount)
+        except CudaError:  # cuda-python < 12.8 raises when it cannot load libcuda: no driver, no GPU
+            return 0
+        if err == self._no_device or (err == self._old_driver and self._versions()[0] == 0):
+            return 0
+        if err != self._success:
+            raise CudaError(f"CUDA call cudaGetDeviceCount failed: {self._explain(err)}")
+        return int(count)
 
     def device_info(self, device: int) -> DeviceInfo:
-        props = self._check(self.rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+        props = self._call("cudaGetDeviceProperties", self.rt.cudaGetDeviceProperties, device)
         raw = props.name
         name = raw.split(b"\0", 1)[0].decode(errors="replace") if isinstance(raw, bytes) else str(raw)
         return DeviceInfo(device, name.strip(), f"{props.major}.{props.minor}")
 
     def push(self, device: int) -> None:
-        self._check(self.rt.cudaSetDevice(device), "cudaSetDevice")
+        self._call("cudaSetDevice", self.rt.cudaSetDevice, device)
 
     def pop(self) -> None:
         return None
 
     def stream_create(self) -> Any:
-        return self._check(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+        return self._call("cudaStreamCreateWithFlags", self.rt.cudaStreamCreateWithFlags, self.rt.cudaStreamNonBlocking)
 
     def stream_handle(self, stream: Any) -> int:
-        return int(stream)
+        return int(self._native(stream))
 
     def stream_synchronize(self, stream: Any) -> None:
-        self._check(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        self._call("cudaStreamSynchronize", self.rt.cudaStreamSynchronize, stream)
 
     def stream_wait_event(self, stream: Any, event: Any) -> None:
-        self._check(self.rt.cudaStreamWaitEvent(stream, event, 0), "cudaStreamWaitEvent")
+        self._call("cudaStreamWaitEvent", self.rt.cudaStreamWaitEvent, stream, event, 0)
 
     def stream_destroy(self, stream: Any) -> None:
-        self._check(self.rt.cudaStreamDestroy(stream), "cudaStreamDestroy")
+        self._call("cudaStreamDestroy", self.rt.cudaStreamDestroy, stream)
 
     def event_create(self, timing: bool) -> Any:
         flags = self.rt.cudaEventDefault if timing else self.rt.cudaEventDisableTiming
-        return self._check(self.rt.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
+        return self._call("cudaEventCreateWithFlags", self.rt.cudaEventCreateWithFlags, flags)
 
     def event_record(self, event: Any, stream: Any) -> None:
-        self._check(self.rt.cudaEventRecord(event, stream), "cudaEventRecord")
+        self._call("cudaEventRecord", self.rt.cudaEventRecord, event, stream)
 
     def event_synchronize(self, event: Any) -> None:
-        self._check(self.rt.cudaEventSynchronize(event), "cudaEventSynchronize")
+        self._call("cudaEventSynchronize", self.rt.cudaEventSynchronize, event)
 
     def event_query(self, event: Any) -> bool:
-        result = self.rt.cudaEventQuery(event)
-        err = result[0] if isinstance(result, tuple) else result
+        err, _ = self._invoke("cudaEventQuery", self.rt.cudaEventQuery, event)
         if err == self._not_ready:
             return False
-        self._check(result, "cudaEventQuery")
+        if err != self._success:
+            raise CudaError(f"CUDA call cudaEventQuery failed: {self._explain(err)}")
         return True
 
     def event_elapsed_ms(self, start: Any, end: Any) -> float:
-        return float(self._check(self.rt.cudaEventElapsedTime(start, end), "cudaEventElapsedTime"))
+        return float(self._call("cudaEventElapsedTime", self.rt.cudaEventElapsedTime, start, end))
 
     def event_destroy(self, event: Any) -> None:
-        self._check(self.rt.cudaEventDestroy(event), "cudaEventDestroy")
+        self._call("cudaEventDestroy", self.rt.cudaEventDestroy, event)
 
     def host_alloc(self, nbytes: int) -> tuple[np.ndarray, Any]:
-        ptr = int(self._check(self.rt.cudaMallocHost(nbytes), "cudaMallocHost"))
+        ptr = int(self._call("cudaMallocHost", self.rt.cudaMallocHost, nbytes))
         array = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_uint8)), (nbytes,))
         return array, ptr
 
     def host_free(self, handle: Any) -> None:
-        self._check(self.rt.cudaFreeHost(handle), "cudaFreeHost")
+        self._call("cudaFreeHost", self.rt.cudaFreeHost, handle)
 
     def device_alloc(self, nbytes: int) -> tuple[int, Any]:
-        ptr = int(self._check(self.rt.cudaMalloc(nbytes), "cudaMalloc"))
+        ptr = int(self._call("cudaMalloc", self.rt.cudaMalloc, nbytes))
         return ptr, ptr
 
     def device_free(self, handle: Any) -> None:
-        self._check(self.rt.cudaFree(handle), "cudaFree")
+        self._call("cudaFree", self.rt.cudaFree, handle)
 
     def htod_async(self, dst: int, src: np.ndarray, stream: Any) -> None:
         kind = self._kind.cudaMemcpyHostToDevice
-        self._check(self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, stream), "cudaMemcpyAsync(HtoD)")
+        self._call("cudaMemcpyAsync(HtoD)", self.rt.cudaMemcpyAsync, dst, src.ctypes.data, src.nbytes, kind, stream)
 
     def dtoh_async(self, dst: np.ndarray, src: int, stream: Any) -> None:
         kind = self._kind.cudaMemcpyDeviceToHost
-        self._check(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, stream), "cudaMemcpyAsync(DtoH)")
+        self._call("cudaMemcpyAsync(DtoH)", self.rt.cudaMemcpyAsync, dst.ctypes.data, src, dst.nbytes, kind, stream)
 
     def dtod_async(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
         kind = self._kind.cudaMemcpyDeviceToDevice
-        self._check(self.rt.cudaMemcpyAsync(dst, src, nbytes, kind, stream), "cudaMemcpyAsync(DtoD)")
+        self._call("cudaMemcpyAsync(DtoD)", self.rt.cudaMemcpyAsync, dst, src, nbytes, kind, stream)
 
 
 class _PycudaDriver(_Driver):
-    """pycuda's driver API on each device's primary context, pushed per call (see module doc)."""
+    """pycuda's driver API on each device's primary context, pushed per call (see module doc).
+
+    Every ``pycuda.driver.Error`` becomes a :class:`CudaError`; a failed ``cuInit`` (no device, no
+    usable driver) is kept and reported by the first call that needs CUDA.
+    """
 
     name = "pycuda"
 
     def __init__(self) -> None:
         import pycuda.driver as drv
 
-        drv.init()
         self.drv: Any = drv
         self._primary: dict[int, Any] = {}
         self._lock = threading.Lock()
+        self._init_error: Exception | None = None
+        try:
+            drv.init()
+        except drv.Error as e:
+            self._init_error = e
 
-    def _wrap(self, what: str, err: Exception) -> CudaError:
-        return CudaError(f"CUDA call {what} failed: {err}: check the GPU and driver (nvidia-smi)")
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, with pycuda's errors (and a failed ``cuInit``) raised as :class:`CudaError`."""
+        if self._init_error is not None:
+            raise CudaError(f"CUDA call {self._init_error}: check the GPU and driver (nvidia-smi)")  # "cuInit failed: …"
+        try:
+            return fn(*args)
+        except self.drv.Error as e:
+            raise CudaError(f"CUDA call {what} failed: {e}: check the GPU and driver (nvidia-smi)") from None
 
     def device_count(self) -> int:
-        try:
-            return int(self.drv.Device.count())
-        except self.drv.Error:
+        """GPUs visible; 0 when ``cuInit`` finds no device, :class:`CudaError` for other failures."""
+        if self._init_error is not None and "no CUDA-capable device" in str(self._init_error):
             return 0
+        return int(self._call("cuDeviceGetCount", self.drv.Device.count))
 
     def device_info(self, device: int) -> DeviceInfo:
-        dev = self.drv.Device(device)
-        major, minor = dev.compute_capability()
-        return DeviceInfo(device, str(dev.name()), f"{major}.{minor}")
+        dev = self._call("cuDeviceGet", self.drv.Device, device)
+        major, minor = self._call("cuDeviceComputeCapability", dev.compute_capability)
+        return DeviceInfo(device, str(self._call("cuDeviceGetName", dev.name)), f"{major}.{minor}")
 
-    def push(self, device: int) -> None:
+    def _primary_context(self, device: int) -> Any:
         with self._lock:
             ctx = self._primary.get(device)
             if ctx is None:
                 ctx = self.drv.Device(device).retain_primary_context()
                 self._primary[device] = ctx
-        ctx.push()
+        return ctx
+
+    def push(self, device: int) -> None:
+        ctx = self._call("cuDevicePrimaryCtxRetain", self._primary_context, device)
+        self._call("cuCtxPushCurrent", ctx.push)
 
     def pop(self) -> None:
-        self.drv.Context.pop()
+        self._call("cuCtxPopCurrent", self.drv.Context.pop)
 
     def stream_create(self) -> Any:
-        return self.drv.Stream()
+        return self._call("cuStreamCreate", self.drv.Stream)
 
     def stream_handle(self, stream: Any) -> int:
         return int(stream.handle)
 
     def stream_synchronize(self, stream: Any) -> None:
-        stream.synchronize()
+        self._call("cuStreamSynchronize", stream.synchronize)
 
     def stream_wait_event(self, stream: Any, event: Any) -> None:
-        stream.wait_for_event(event)
+        self._call("cuStreamWaitEvent", stream.wait_for_event, event)
 
     def stream_destroy(self, stream: Any) -> None:
         return None  # pycuda destroys the stream when the object is collected
 
     def event_create(self, timing: bool) -> Any:
-        return self.drv.Event(0 if timing else self.drv.event_flags.DISABLE_TIMING)
+        return self._call("cuEventCreate", self.drv.Event, 0 if timing else self.drv.event_flags.DISABLE_TIMING)
 
     def event_record(self, event: Any, stream: Any) -> None:
-        event.record(stream)
+        self._call("cuEventRecord", event.record, stream)
 
     def event_synchronize(self, event: Any) -> None:
-        event.synchronize()
+        self._call("cuEventSynchronize", event.synchronize)
 
     def event_query(self, event: Any) -> bool:
-        return bool(event.query())
+        return bool(self._call("cuEventQuery", event.query))
 
     def event_elapsed_ms(self, start: Any, end: Any) -> float:
-        return float(end.time_since(start))
+        return float(self._call("cuEventElapsedTime", end.time_since, start))
 
     def event_destroy(self, event: Any) -> None:
         return None
 
     def host_alloc(self, nbytes: int) -> tuple[np.ndarray, Any]:
-        array = self.drv.pagelocked_empty(nbytes, np.uint8)
+        array = self._call("cuMemHostAlloc", self.drv.pagelocked_empty, nbytes, np.uint8)
         return array, array
 
     def host_free(self, handle: Any) -> None:
-        handle.base.free()
+        self._call("cuMemFreeHost", handle.base.free)
 
     def device_alloc(self, nbytes: int) -> tuple[int, Any]:
-        try:
-            alloc = self.drv.mem_alloc(nbytes)
-        except self.drv.Error as e:
-            raise self._wrap("cuMemAlloc", e) from None
+        alloc = self._call("cuMemAlloc", self.drv.mem_alloc, nbytes)
         return int(alloc), alloc
 
     def device_free(self, handle: Any) -> None:
-        handle.free()
+        self._call("cuMemFree", handle.free)
 
     def htod_async(self, dst: int, src: np.ndarray, stream: Any) -> None:
-        self.drv.memcpy_htod_async(dst, src, stream)
+        self._call("cuMemcpyHtoDAsync", self.drv.memcpy_htod_async, dst, src, stream)
 
     def dtoh_async(self, dst: np.ndarray, src: int, stream: Any) -> None:
-        self.drv.memcpy_dtoh_async(dst, src, stream)
+        self._call("cuMemcpyDtoHAsync", self.drv.memcpy_dtoh_async, dst, src, stream)
 
     def dtod_async(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
-        self.drv.memcpy_dtod_async(dst, src, nbytes, stream)
+        self._call("cuMemcpyDtoDAsync", self.drv.memcpy_dtod_async, dst, src, nbytes, stream)
 
 
 _driver: _Driver | None = None
@@ -387,6 +483,19 @@ def device_info(device: int = 0) -> DeviceInfo:
     """Name and compute capability of ``device`` (what ``ism-edge build`` records)."""
     with device_context(device):
         return driver().device_info(device)
+
+
+def current_gpu(device: int = 0) -> DeviceInfo | None:
+    """GPU ``device`` as :func:`device_info` gives it, or None without CUDA bindings, a driver or
+    that device. A driver that is present but unusable (``cudaErrorInsufficientDriver`` from a
+    driver older than the bindings) raises :class:`CudaError` saying so, never "no GPU"."""
+    try:
+        drv = driver()
+    except MissingDependencyError:
+        return None
+    if not 0 <= device < drv.device_count():
+        return None
+    return device_info(device)
 
 
 @contextlib.contextmanager

@@ -7,8 +7,8 @@ once on activation for the engines' maximum batch; nothing is allocated per fram
 Schedule of one job (slot *s* of a ring of two pinned input/output slots)::
 
     upload stream      H2D x → in[s] ─ev_uploaded─┐
-    mapper stream      wait(ev_uploaded) M(in[s]) → x̂, recon [feedback rounds] ─ev_mapped─┐
     classifier stream  wait(ev_uploaded) C(in[s]) → logits_raw ‖ wait(ev_mapped) C(x̂) → logits_reformed ─ev_classified─┐
+    mapper stream      wait(ev_uploaded) M(in[s]) → x̂, recon [feedback rounds] ─ev_mapped─┐
     perturbation stream                       wait(ev_mapped) P(in[s], x̂) → p_score ‖ wait(ev_classified)
                                               D2H recon, logits, p (x̂ on request) → out[s] ─ev_done─
 
@@ -17,7 +17,13 @@ place (no host round trip). The compute of job k+1 waits for ``ev_done`` of job 
 intermediates are shared), but its upload does not, so job k+1's upload overlaps job k's
 compute: the runtime enqueues k+1 before it waits for k. Feedback rounds need one host decision
 per round (which samples are still above the threshold: N floats downloaded), so they make
-``enqueue`` wait for the mapper; the replaced samples are copied device to device.
+``enqueue`` wait for the mapper; C(x) is enqueued before M for that reason, so it still overlaps
+M and its rounds, and the replaced samples are copied device to device.
+
+Before anything is queued, ``enqueue`` sets the batch of all three engines and checks every
+output's shape (``get_tensor_shape``) against the buffer it is written to, so an engine with
+another class count is refused instead of writing past ``logits_*``. A batch below the
+optimization profile's minimum is padded with zero images up to it (their outputs are dropped).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ import numpy as np
 
 from ism_edge import cuda
 from ism_edge.backends import GRAPH_IO, Backend, ChainOutput, Job
-from ism_edge.errors import EngineError, EngineMismatchError, missing_dependency
+from ism_edge.backends.tensorrt.loader import tensorrt_module
+from ism_edge.errors import EngineError, EngineMismatchError
 from ism_edge.manifest import ROLES, EngineManifest
 
 if TYPE_CHECKING:
@@ -40,31 +47,28 @@ if TYPE_CHECKING:
 SLOTS = 2
 
 
-def tensorrt_module() -> Any:
-    """Import TensorRT, or raise the one-line error saying how to install it.
-
-    ``tensorrt-stubs`` makes ``import tensorrt`` succeed as an empty namespace package, so
-    TensorRT counts as installed only when the module has ``Builder``.
-    """
-    try:
-        import tensorrt as trt_mod
-    except ImportError:
-        raise missing_dependency("tensorrt", "tensorrt", "the TensorRT backend") from None
-    if not hasattr(trt_mod, "Builder"):
-        raise missing_dependency("tensorrt", "tensorrt", "the TensorRT backend")
-    return trt_mod
-
-
 def _dims(d: trt.Dims) -> tuple[int, ...]:
     return tuple(int(d[i]) for i in range(len(d)))
 
 
 class _Engine:
-    """One deserialized engine, its execution context and its I/O tensors (found by name)."""
+    """One deserialized engine, its execution context and its I/O tensors (found by name).
 
-    def __init__(self, trt_mod: Any, runtime: trt.Runtime, path: Path, role: str, manifest: EngineManifest) -> None:
+    ``out_rows``: the per-sample shape of each output's buffer (``logits``: ``(classes,)``).
+    """
+
+    def __init__(
+        self,
+        trt_mod: Any,
+        runtime: trt.Runtime,
+        path: Path,
+        role: str,
+        manifest: EngineManifest,
+        out_rows: dict[str, tuple[int, ...]],
+    ) -> None:
         self.role = role
         self.path = path
+        self._out_rows = out_rows
         fix = "rebuild the engines with 'ism-edge build' on this device"
         try:
             data = path.read_bytes()
@@ -110,12 +114,21 @@ class _Engine:
         self._chw = (c, h, w)
 
     def set_batch(self, n: int) -> None:
-        """Set every input's shape to batch ``n`` (skipped when unchanged)."""
+        """Set every input's shape to batch ``n`` and check that every output then has the shape
+        of its buffer, ``(n, *out_rows[name])`` (skipped when unchanged). Queues nothing."""
         if n == self._batch:
             return
         for name in self.inputs:
             if not self.context.set_input_shape(name, (n, *self._chw)):
                 raise EngineError(f"{self.path} ({self.role}): batch {n} is outside the engine's profile [{self.min_batch}, {self.max_batch}]")
+        for name in self.outputs:
+            got = _dims(self.context.get_tensor_shape(name))
+            want = (n, *self._out_rows[name])
+            if got != want:
+                raise EngineMismatchError(
+                    f"{self.path} ({self.role}) output {name!r} has shape {list(got)} at batch {n}, but the manifest's "
+                    f"shapes give {list(want)}: the engine directory is inconsistent; rebuild it with 'ism-edge build'"
+                )
         self._batch = n
 
     def bind(self, addresses: dict[str, int]) -> None:
@@ -194,6 +207,7 @@ class TensorRTBackend(Backend):
         self._runtime: Any = None
         self._logger: Any = None
         self._max_batch = int(manifest.batch.get("max", 1))
+        self._min_batch = 1
 
     @classmethod
     def check_available(cls) -> None:
@@ -226,11 +240,21 @@ class TensorRTBackend(Backend):
     def _allocate(self, trt_mod: Any) -> None:
         self._logger = trt_mod.Logger(trt_mod.Logger.WARNING)
         self._runtime = trt_mod.Runtime(self._logger)
+        (c, h, w), k = self.manifest.input_shape, self.manifest.num_classes
+        out_rows = {"x_hat": (c, h, w), "recon_error": (), "logits": (k,), "p_score": ()}
         for role, path in self.engine_files.items():
             if not path.is_file():
                 raise EngineError(f"{path} ({role}) is missing: rebuild the engines with 'ism-edge build'")
-            self._engines[role] = _Engine(trt_mod, self._runtime, path, role, self.manifest)
+            self._engines[role] = _Engine(trt_mod, self._runtime, path, role, self.manifest, out_rows)
         self._max_batch = min(self._max_batch, *(e.max_batch for e in self._engines.values()))
+        self._min_batch = max(e.min_batch for e in self._engines.values())
+        if self._min_batch > self._max_batch:
+            raise EngineMismatchError(
+                f"{self.directory}: the engines' batch profiles leave no batch size (min {self._min_batch} > max "
+                f"{self._max_batch}, manifest max {self.manifest.batch.get('max')}): rebuild them with 'ism-edge build'"
+            )
+        for engine in self._engines.values():  # the output shapes are checked once here, before any frame
+            engine.set_batch(self._max_batch)
         for name in ("upload", *ROLES):
             self._streams[name] = cuda.Stream()
         b, (c, h, w), k = self._max_batch, self.manifest.input_shape, self.manifest.num_classes
@@ -287,23 +311,29 @@ class TensorRTBackend(Backend):
         if slot.busy:
             raise RuntimeError("TensorRT backend: both slots are in flight; wait() for a job first")
         n = job.batch
+        rows = max(n, self._min_batch)  # a batch below the profile's minimum runs padded with zero images
         with cuda.device_context(self.device):
+            for engine in self._engines.values():  # refuses a bad batch or output shape before anything is queued
+                engine.set_batch(rows)
             t0 = time.perf_counter()
             np.copyto(slot.host_in.array[:n], x)
+            slot.host_in.array[n:rows] = 0.0
             slot.host_ms = {"upload": (time.perf_counter() - t0) * 1e3}
-            self._schedule(slot, n, want_x_hat)
+            self._schedule(slot, n, rows, want_x_hat)
         slot.busy = True
         slot.want_x_hat = want_x_hat
         self._next_slot = (index + 1) % SLOTS
         return index
 
-    def _schedule(self, slot: _Slot, n: int, want_x_hat: bool) -> None:
+    def _schedule(self, slot: _Slot, n: int, rows: int, want_x_hat: bool) -> None:
+        """Queue the job's work (``rows`` >= ``n`` images on the device, ``n`` downloaded); the
+        engines' batch is already ``rows``."""
         ev, s, d = slot.events, self._streams, self._dev
         mapper, classifier, perturbation = (self._engines[r] for r in ROLES)
 
         # Upload: overlaps the previous job's compute (no wait on its ev_done).
         ev["upload_start"].record(s["upload"])
-        slot.dev_in.copy_from(slot.host_in, s["upload"], rows=n)
+        slot.dev_in.copy_from(slot.host_in, s["upload"], rows=rows)
         ev["uploaded"].record(s["upload"])
 
         for name in ROLES:
@@ -311,20 +341,21 @@ class TensorRTBackend(Backend):
             if self._last_done is not None:
                 s[name].wait(self._last_done)
 
+        # Classifier on the raw input first: it needs only the upload, so it runs concurrently with
+        # the mapper even when the feedback rounds below make the host wait for the mapper.
+        ev["clf_start"].record(s["classifier"])
+        classifier.bind({"x": slot.dev_in.ptr, "logits": d["logits_raw"].ptr})
+        classifier.execute(s["classifier"])
+        ev["clf_raw_end"].record(s["classifier"])
+
         # Mapping network (+ feedback rounds) on its own stream.
         ev["map_start"].record(s["mapper"])
-        mapper.set_batch(n)
         mapper.bind({"x": slot.dev_in.ptr, "x_hat": d["x_hat"].ptr, "recon_error": d["recon_error"].ptr})
         mapper.execute(s["mapper"])
         slot.rounds = self._feedback(n) if self.feedback_rounds else np.zeros(n, dtype=np.int32)
         ev["mapped"].record(s["mapper"])
 
-        # Classifier on the raw input, concurrently with the mapper; then on x̂ once it exists.
-        ev["clf_start"].record(s["classifier"])
-        classifier.set_batch(n)
-        classifier.bind({"x": slot.dev_in.ptr, "logits": d["logits_raw"].ptr})
-        classifier.execute(s["classifier"])
-        ev["clf_raw_end"].record(s["classifier"])
+        # Classifier on x̂ once it exists.
         s["classifier"].wait(ev["mapped"])
         ev["clf_ref_start"].record(s["classifier"])
         classifier.bind({"x": d["x_hat"].ptr, "logits": d["logits_reformed"].ptr})
@@ -334,7 +365,6 @@ class TensorRTBackend(Backend):
         # Perturbation classifier on (x, x̂), then every download on the same stream.
         s["perturbation"].wait(ev["mapped"])
         ev["p_start"].record(s["perturbation"])
-        perturbation.set_batch(n)
         perturbation.bind({"x": slot.dev_in.ptr, "x_hat": d["x_hat"].ptr, "p_score": d["p_score"].ptr})
         perturbation.execute(s["perturbation"])
         ev["p_end"].record(s["perturbation"])
@@ -351,7 +381,8 @@ class TensorRTBackend(Backend):
         """Feedback reformation on the mapper stream: x̂ ← M(x̂) for samples still above threshold.
 
         Same rule as ``training.defense.Defense.reform``; the mapper's ``recon_error`` output on
-        input x̂ is exactly ‖x̂ − M(x̂)‖₁/(CHW). Replaced samples are copied device to device.
+        input x̂ is exactly ‖x̂ − M(x̂)‖₁/(CHW). Replaced samples are copied device to device. Only
+        the first ``n`` samples count (padding rows beyond them are re-mapped but never decided on).
         """
         assert self._h_residual is not None
         mapper, stream, d = self._engines["mapper"], self._streams["mapper"], self._dev
