@@ -105,6 +105,10 @@ def check_compatible(
     if manifest.backend == "onnxruntime":
         built = manifest.versions.get("onnxruntime")
         running = onnxruntime_version()
+        if running is None:  # the base install carries no ONNX Runtime build: the user picks one
+            from ism_edge.backends.onnxruntime.runner import _onnxruntime
+
+            _onnxruntime()
         if built is None:
             raise EngineMismatchError(f"engine {directory}: its manifest records no ONNX Runtime version: {fix}")
         if running is None or _major_minor(built) != _major_minor(running):

@@ -92,6 +92,18 @@ def test_engine_from_another_onnxruntime_version_is_refused(engine_copy: Path) -
     check_compatible(patch, engine_copy)  # a patch release reads the same optimized model
 
 
+def test_a_runtime_install_without_onnxruntime_names_the_extra(engine_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The base install carries no ONNX Runtime build: the message says which extra to add, not 'rebuild'."""
+    from ism_edge import compat
+    from ism_edge.errors import MissingDependencyError
+
+    m = load_manifest(engine_copy)
+    monkeypatch.setattr(compat, "onnxruntime_version", lambda: None)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    with pytest.raises(MissingDependencyError, match=r"ism-edge\[onnxruntime\]"):
+        compat.check_compatible(m, engine_copy)
+
+
 def test_engine_for_another_gpu_or_tensorrt_is_refused(engine_copy: Path) -> None:
     from ism_edge.compat import check_compatible
 

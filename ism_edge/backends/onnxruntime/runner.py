@@ -30,7 +30,7 @@ def _onnxruntime() -> Any:
     except ImportError:
         raise MissingDependencyError(
             "the ONNX Runtime backend needs the Python module 'onnxruntime', which is not installed: "
-            "pip install onnxruntime (or onnxruntime-gpu)"
+            "pip install 'ism-edge[onnxruntime]' (CPU) or 'ism-edge[onnxruntime-gpu]' (CUDA), not both"
         ) from None
     return onnxruntime
 
