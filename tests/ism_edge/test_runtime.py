@@ -43,8 +43,9 @@ def _torch_reference(bundle_dir: Path, images: np.ndarray, thresholds: dict[str,
         "jsd": out.jsd.numpy(),
         "p_score": out.p_score.numpy(),
         "flagged": out.flagged.numpy(),
-        "label": out.logits_reformed.argmax(1).numpy(),
-        "confidence": torch.softmax(out.logits_reformed / bundle.temperatures["deploy"], 1).max(1).values.numpy(),
+        # The defense's own labels: C(x̂) for flagged inputs, C(x) for the others (label_source "auto").
+        "label": out.logits.argmax(1).numpy(),
+        "confidence": torch.softmax(out.logits / bundle.temperatures["deploy"], 1).max(1).values.numpy(),
         "x_hat": out.x_hat.permute(0, 2, 3, 1).numpy(),
         "residual_after": (out.x_hat - again).abs().flatten(1).mean(1).numpy(),
     }
