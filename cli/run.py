@@ -88,7 +88,7 @@ def run(
     fps: Annotated[float | None, typer.Option(help="Frame rate of the output video (default: the source's, else 30).", min=0.1)] = None,
     realtime: Annotated[bool, typer.Option("--realtime", help="Play a video file at its frame rate, like a live camera: frames the defense cannot keep up with are dropped and counted.")] = False,
     queue_size: Annotated[int, typer.Option(help="Frames buffered from a live source (the oldest is dropped beyond it).", min=1)] = 2,
-    stall_timeout: Annotated[float, typer.Option(help="Seconds without a frame before the source counts as stalled.", min=0.01)] = 10.0,
+    stall_timeout: Annotated[float, typer.Option(help="Seconds without a frame before the source counts as stalled (a live source is then reopened like a lost one).", min=0.01)] = 10.0,
     reconnect: Annotated[int, typer.Option(help="Reconnection attempts (exponential backoff) when a live source is lost.", min=0)] = 5,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: one per core).", min=1)] = None,
     rebuild_on_mismatch: Annotated[bool, typer.Option(help="If the engines were built for another runtime version or GPU, recompile their stored ONNX here first.")] = False,
@@ -136,7 +136,7 @@ def run(
 
     runtime = load_runtime(engine_dir, options, rebuild_on_mismatch=rebuild_on_mismatch)
     with runtime:
-        source = open_source(source_uri)
+        source = open_source(source_uri, read_timeout=stall_timeout)
         if realtime:
             source = _paced(source)
         sinks: list[FrameSink] = []

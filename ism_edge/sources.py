@@ -14,9 +14,11 @@ Inputs, as in jetson-utils' ``videoSource``:
 
 Live sources (cameras, streams) go through a bounded queue that drops the *oldest* frame when
 full, so latency never grows; the drops are counted. Files and folders are read without drops
-(the reader waits for the consumer). A live source that stops delivering is reopened with
-exponential backoff; when every attempt fails, or when no frame arrives within the stall
-timeout, the consumer gets a one-line :class:`~ism_edge.errors.SourceError`.
+(the reader waits for the consumer). A live source that stops delivering — its connection
+closed, or a network stream silent for its read timeout (``read_timeout``, give it the stall
+timeout) — is reopened with exponential backoff; when every attempt fails, or when a read never
+returns (no frame within the stall timeout, and none in a second one granted to reconnect), the
+consumer gets a one-line :class:`~ism_edge.errors.SourceError`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from ism_edge.errors import SourceError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "rtp")
 SCHEMES = ("camera", "v4l2", "csi", "file", *NETWORK_SCHEMES)
+READ_TIMEOUT = 10.0  # s a network read waits for data before the stream counts as lost (ReaderOptions' stall timeout)
+OPEN_TIMEOUT = 10.0  # s at least that opening a network stream may take
 
 T = TypeVar("T")
 
@@ -170,10 +174,19 @@ def opencv_has_gstreamer() -> bool:
 
 
 class CaptureSource(FrameSource):
-    """Cameras, streams and video files through ``cv2.VideoCapture``."""
+    """Cameras, streams and video files through ``cv2.VideoCapture``.
 
-    def __init__(self, uri: SourceURI, *, capture: Callable[..., Any] | None = None) -> None:
+    ``read_timeout``: seconds a network stream's read waits for data before it gives up and
+    :meth:`read` returns ``None`` (a lost source, which the reader reopens); a stalled stream
+    would otherwise block the read for FFmpeg's 30 s. Opening may take at least
+    :data:`OPEN_TIMEOUT`. Fixed when the stream is opened (OpenCV takes it only then).
+    """
+
+    def __init__(self, uri: SourceURI, *, capture: Callable[..., Any] | None = None, read_timeout: float = READ_TIMEOUT) -> None:
         super().__init__(uri)
+        if read_timeout <= 0:
+            raise ValueError(f"read_timeout must be > 0 seconds, got {read_timeout}")
+        self.read_timeout = read_timeout
         self._factory = capture or cv2.VideoCapture
         self._cap: Any = None
         self._fps: float | None = None
@@ -196,7 +209,8 @@ class CaptureSource(FrameSource):
                 )
             return (csi_pipeline(int(loc)), cv2.CAP_GSTREAMER)
         if kind == "network":
-            return (loc, cv2.CAP_FFMPEG)
+            open_ms, read_ms = int(1e3 * max(self.read_timeout, OPEN_TIMEOUT)), max(int(1e3 * self.read_timeout), 1)
+            return (loc, cv2.CAP_FFMPEG, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, open_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, read_ms])
         return (loc,)
 
     def open(self) -> None:
@@ -351,8 +365,8 @@ class Captured:
 @dataclass(frozen=True)
 class ReaderOptions:
     """``queue_size`` frames kept (live sources drop the oldest beyond it; ``drop`` overrides
-    the per-source default), ``stall_timeout`` seconds without a frame before giving up,
-    ``reconnect_attempts`` tries to reopen a lost live source with delays starting at
+    the per-source default), ``stall_timeout`` seconds without a frame before a source counts as
+    stalled (a live one then gets as long again to be reopened), ``reconnect_attempts`` tries to reopen a lost live source with delays starting at
     ``reconnect_delay`` s and doubling up to ``reconnect_max_delay`` s."""
 
     queue_size: int = 2
@@ -444,26 +458,34 @@ class FrameReader:
         """The next frame, or ``None`` at the end of the source (or once ``stop`` is set).
 
         Raises :class:`SourceError` when a live source is lost for good, or when no frame comes
-        within ``timeout`` seconds (default: the stall timeout; the clock restarts after a
-        reconnection attempt).
+        within ``timeout`` seconds (default: the stall timeout; the clock restarts while the
+        source is being reopened). A live source that may be reopened gets a second ``timeout``
+        first: its read gives up after its read timeout and the reader reopens it.
         """
         if self._finished:
             return None
         wait = self.options.stall_timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
+        grace = not self.source.finite and self.options.reconnect_attempts > 0
+        reconnects = self.reconnects
         while True:
             remaining = deadline - time.monotonic()
-            step = min(remaining, 0.1) if stop is not None else remaining
+            step = min(remaining, 0.1)
             try:
                 item = self.queue.get(timeout=max(step, 0.0))
                 break
             except queue.Empty:
                 if stop is not None and stop.is_set():
                     return None
-                if self.reconnecting:
+                if self.reconnecting or self.reconnects != reconnects:
+                    reconnects = self.reconnects
                     deadline = time.monotonic() + wait
                     continue
                 if time.monotonic() >= deadline:
+                    if grace:  # the read may be about to time out: give the reader the time to reopen the source
+                        grace = False
+                        deadline = time.monotonic() + wait
+                        continue
                     raise SourceError(
                         f"{self.source.uri} delivered no frame for {wait:g} s (stalled): check the camera or stream, "
                         "or raise --stall-timeout"

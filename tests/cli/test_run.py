@@ -30,6 +30,7 @@ from tests.ism_edge.conftest import (  # noqa: E402
     video_frames,
     write_video,
 )
+from tests.ism_edge.streams import MjpegServer  # noqa: E402
 
 runner = CliRunner()
 
@@ -324,3 +325,17 @@ def test_too_many_threads_are_refused_before_anything_runs(engine_dir: Path, sam
     r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "--headless", "--threads", "5000", "--log", str(log)])
     assert r.exit_code == 2 and "threads must be between 1 and" in r.stderr and "Traceback" not in r.stderr
     assert not log.exists()
+
+
+def test_a_stalled_stream_is_reconnected_and_the_run_goes_on(engine_dir: Path, tmp_path: Path) -> None:
+    """A loopback HTTP camera sends 5 frames per connection, then stalls with its socket open:
+    after --stall-timeout the run reconnects (as the docs say) instead of ending with an error."""
+    log, summary = tmp_path / "v.jsonl", tmp_path / "summary.json"
+    with MjpegServer(frames=5) as server:
+        r = runner.invoke(app, ["run", str(engine_dir), server.url, "--headless", "--stall-timeout", "1", "--queue-size", "64",
+                                "--max-frames", "8", "--log", str(log), "--summary-json", str(summary)])  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(summary.read_text())
+    assert s["frames"] == 8 == len(log_records(log)) and s["reconnects"] == 1 and s["stopped"] == "max-frames"
+    assert server.connections == 2
+
