@@ -47,6 +47,41 @@ def load_runtime(engine_dir: Path, options: RuntimeOptions, *, rebuild_on_mismat
     return DefenseRuntime(engine_dir, options)
 
 
+def _ready_runtime(engine_dir: Path, options: RuntimeOptions, *, rebuild_on_mismatch: bool) -> DefenseRuntime:
+    """Load the engines and judge one grey frame, so that every buffer exists before a source or
+    output is opened; engines whose batch buffers do not fit in memory are a one-line error."""
+    import numpy as np
+
+    from ism_edge.errors import EngineError
+
+    runtime: DefenseRuntime | None = None
+    try:
+        runtime = load_runtime(engine_dir, options, rebuild_on_mismatch=rebuild_on_mismatch)
+        _, h, w = runtime.input_shape
+        runtime.process(np.full((h, w, 3), 128, np.uint8))
+    except MemoryError:
+        max_batch = _max_batch(engine_dir, runtime)
+        if runtime is not None:
+            runtime.close()
+        raise EngineError(
+            f"out of memory loading the engines of {engine_dir}: they take batches of up to {max_batch} inputs "
+            "(the MAX of 'ism-edge build --batch MIN,OPT,MAX'), and the buffers for that many do not fit; "
+            f"rebuild them with a smaller MAX: ism-edge build {engine_dir} --out NEW_DIR --batch 1,8,64"
+        ) from None
+    return runtime
+
+
+def _max_batch(engine_dir: Path, runtime: DefenseRuntime | None) -> str:
+    """The engines' largest batch, for an error message (``?`` when the manifest cannot say)."""
+    from ism_edge.manifest import load_manifest
+
+    try:
+        manifest = runtime.manifest if runtime is not None else load_manifest(engine_dir, verify_files=False)
+        return f"{int(manifest.batch['max']):,}"
+    except Exception:  # noqa: BLE001 - only for the message
+        return "?"
+
+
 def print_summary(summary: RunSummary) -> None:
     """The run's summary on stderr, one fact per line."""
     from rich.console import Console
@@ -134,8 +169,11 @@ def run(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
 
-    runtime = load_runtime(engine_dir, options, rebuild_on_mismatch=rebuild_on_mismatch)
+    runtime = _ready_runtime(engine_dir, options, rebuild_on_mismatch=rebuild_on_mismatch)
     with runtime:
+        typer.echo(f"engines: {engine_dir} — {runtime.describe()}", err=True)
+        for line in _threshold_lines(runtime.manifest.calibration, mode, grid):
+            typer.echo(line, err=True)
         source = open_source(source_uri, read_timeout=stall_timeout)
         if realtime:
             source = _paced(source)
@@ -155,11 +193,7 @@ def run(
             source,
             ReaderOptions(queue_size=queue_size, stall_timeout=stall_timeout, reconnect_attempts=reconnect),
         )
-        typer.echo(f"engines: {engine_dir} — {runtime.describe()}", err=True)
-        for line in _threshold_lines(runtime.manifest.calibration, mode, grid):
-            typer.echo(line, err=True)
         typer.echo(f"input: {source_uri}" + (f" → {out_uri.text}" if out_uri else "") + f"; log: {log}", err=True)
-        runtime.warmup()
         status = _status_printer() if sys.stderr.isatty() else None
         summary = run_pipeline(
             runtime, reader, log=log_out, sinks=sinks, purified=purified_out,

@@ -244,14 +244,15 @@ def run_pipeline(
             last, in_flight = in_flight, None
             if last is not None:
                 finish(*last)
-    except IsmEdgeError as e:
+    except (IsmEdgeError, MemoryError) as e:
         last, in_flight = in_flight, None
         if last is not None and not isinstance(e, OutputError):  # after a failed write, write nothing more
-            with contextlib.suppress(IsmEdgeError):
+            with contextlib.suppress(IsmEdgeError, MemoryError):
                 finish(*last)
+        err = e if isinstance(e, IsmEdgeError) else _out_of_memory(reader, summary.frames)
         summary.stopped = "error"
-        summary.error = str(e)
-        summary.failure = e
+        summary.error = str(err)
+        summary.failure = err
     finally:
         for closable in (*sinks, purified, log):
             if closable is None:
@@ -275,6 +276,13 @@ def run_pipeline(
         if first_capture is not None and last_verdict is not None and last_verdict > first_capture:
             summary.fps = summary.frames / (last_verdict - first_capture)
     return summary
+
+
+def _out_of_memory(reader: FrameReader, frames: int) -> IsmEdgeError:
+    return IsmEdgeError(
+        f"out of memory after {frames} frames of {reader.source.uri}: free memory, or judge smaller inputs "
+        "(fewer tiles: --mode resize or a smaller --tile-grid; fewer frames held: a smaller --queue-size)"
+    )
 
 
 def _written(log: VerdictLog | None, sinks: Sequence[FrameSink], purified: ImageFolderOutput | None) -> list[dict[str, Any]]:

@@ -71,6 +71,23 @@ def test_bad_frames_are_counted_and_logged_as_skips(runtime: DefenseRuntime, tmp
     assert "label" in records[0] and "label" in records[3]
 
 
+def test_running_out_of_memory_mid_run_is_a_clear_failure(runtime: DefenseRuntime, sample_video: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MemoryError (huge frames, many tiles) ends the run like any failure: one line, outputs closed, summary complete."""
+    submit, calls = runtime.submit, []
+
+    def failing_submit(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 4:
+            raise MemoryError
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "submit", failing_submit)
+    summary = run_pipeline(runtime, FrameReader(open_source(sample_video)), log=VerdictLog(tmp_path / "v.jsonl"))
+    assert summary.stopped == "error" and "out of memory after 3 frames" in (summary.error or "")
+    assert "--batch-size" not in (summary.error or "") and summary.frames == len(read_log(tmp_path / "v.jsonl")) == 3
+
+
 def test_a_stall_ends_the_run_with_the_error_after_writing_everything(runtime: DefenseRuntime, tmp_path: Path) -> None:
     frames = [np.full((40, 60, 3), i * 20, np.uint8) for i in range(3)]
     source = ScriptedSource([*frames, "block"], live=True)
