@@ -125,12 +125,24 @@ class FrameSource(abc.ABC):
     """One opened input; :meth:`read` returns the next BGR ``H×W×3`` uint8 frame or ``None``.
 
     ``None`` means the end of a file or folder, or a lost live source (the reader then
-    reconnects). ``skipped`` counts unreadable items that were passed over.
+    reconnects). ``name`` is the file the last frame came from (image folders), else ``None``.
+    ``skipped`` counts unreadable items that were passed over; :meth:`take_skips` says which.
     """
 
     def __init__(self, uri: SourceURI) -> None:
         self.uri = uri
         self.skipped = 0
+        self.name: str | None = None
+        self._skips: list[tuple[str, str]] = []
+
+    def _skip(self, name: str, reason: str) -> None:
+        self.skipped += 1
+        self._skips.append((name, reason))
+
+    def take_skips(self) -> list[tuple[str, str]]:
+        """(name, reason) of each item passed over since the last call, in order."""
+        skips, self._skips = self._skips, []
+        return skips
 
     @property
     def live(self) -> bool:
@@ -278,8 +290,9 @@ class ImageFolderSource(FrameSource):
             self._next += 1
             image = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if image is not None:
+                self.name = path.name
                 return np.asarray(image)
-            self.skipped += 1
+            self._skip(path.name, f"{path.name} cannot be read as an image (empty, truncated or not {path.suffix[1:]})")
         return None
 
 
@@ -354,12 +367,24 @@ class DropOldestQueue(Generic[T]):
 
 @dataclass(frozen=True)
 class Captured:
-    """A frame as read: its index in the stream, the BGR image and when it was read."""
+    """A frame as read: its index in the stream, the BGR image, when it was read, and the file it
+    came from (image folders)."""
 
     index: int
     image: np.ndarray
     t_capture: float  # time.perf_counter() when read
     wall_time: float  # time.time() when read
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An item of the source that could not be read (an image folder's broken file), in its place."""
+
+    index: int
+    name: str
+    reason: str
+    wall_time: float
 
 
 @dataclass(frozen=True)
@@ -413,7 +438,7 @@ class FrameReader:
         self.options = options or ReaderOptions()
         drop = source.live if self.options.drop is None else self.options.drop
         self.drop = drop
-        self.queue: DropOldestQueue[Captured | _End | SourceError] = DropOldestQueue(self.options.queue_size)
+        self.queue: DropOldestQueue[Captured | Skipped | _End | SourceError] = DropOldestQueue(self.options.queue_size)
         self.reconnects = 0
         self.reconnecting = False
         self.frames_read = 0
@@ -447,15 +472,15 @@ class FrameReader:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
-    def __iter__(self) -> Iterator[Captured]:
+    def __iter__(self) -> Iterator[Captured | Skipped]:
         while True:
             item = self.get()
             if item is None:
                 return
             yield item
 
-    def get(self, timeout: float | None = None, stop: threading.Event | None = None) -> Captured | None:
-        """The next frame, or ``None`` at the end of the source (or once ``stop`` is set).
+    def get(self, timeout: float | None = None, stop: threading.Event | None = None) -> Captured | Skipped | None:
+        """The next frame (or :class:`Skipped` item), or ``None`` at the end of the source (or once ``stop`` is set).
 
         Raises :class:`SourceError` when a live source is lost for good, or when no frame comes
         within ``timeout`` seconds (default: the stall timeout; the clock restarts while the
@@ -498,7 +523,7 @@ class FrameReader:
             raise item
         return item
 
-    def _emit(self, item: Captured | _End | SourceError) -> bool:
+    def _emit(self, item: Captured | Skipped | _End | SourceError) -> bool:
         """Queue an item: drop-oldest for live sources, wait for room otherwise."""
         if self.drop:
             self.queue.put(item)
@@ -510,6 +535,10 @@ class FrameReader:
         try:
             while not self._stop.is_set():
                 frame = self.source.read()
+                for name, reason in self.source.take_skips():
+                    if not self._emit(Skipped(index, name, reason, time.time())):
+                        return
+                    index += 1
                 if frame is None:
                     if self.source.finite:
                         self._emit(_END)
@@ -518,7 +547,7 @@ class FrameReader:
                         return
                     continue
                 self.frames_read += 1
-                if not self._emit(Captured(index, frame, time.perf_counter(), time.time())):
+                if not self._emit(Captured(index, frame, time.perf_counter(), time.time(), self.source.name)):
                     return
                 index += 1
         except Exception as e:  # a decoder crash must reach the consumer as one clear line

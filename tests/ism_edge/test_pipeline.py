@@ -71,6 +71,18 @@ def test_bad_frames_are_counted_and_logged_as_skips(runtime: DefenseRuntime, tmp
     assert "label" in records[0] and "label" in records[3]
 
 
+def test_an_image_folder_log_names_every_file_and_every_skipped_one(runtime: DefenseRuntime, image_folder: Path, tmp_path: Path) -> None:
+    (image_folder / "broken.png").write_bytes(b"not a png")  # sorts first
+    (image_folder / "zz_empty.jpg").write_bytes(b"")  # sorts last
+    summary = run_pipeline(runtime, FrameReader(open_source(image_folder)), log=VerdictLog(tmp_path / "v.jsonl"))
+    records = read_log(tmp_path / "v.jsonl")
+    names = sorted(p.name for p in image_folder.iterdir())
+    assert [r["file"] for r in records] == names and [r["frame"] for r in records] == list(range(6))
+    assert [r.get("skipped", False) for r in records] == [True, False, False, False, False, True]
+    assert "broken.png" in records[0]["error"] and "label" in records[1] and "label" not in records[0]
+    assert summary.frames == 4 and summary.skipped == 2 and summary.failure is None
+
+
 def test_running_out_of_memory_mid_run_is_a_clear_failure(runtime: DefenseRuntime, sample_video: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A MemoryError (huge frames, many tiles) ends the run like any failure: one line, outputs closed, summary complete."""

@@ -12,10 +12,12 @@ import pytest
 
 from ism_edge.errors import SourceError
 from ism_edge.sources import (
+    Captured,
     CaptureSource,
     DropOldestQueue,
     FrameReader,
     ReaderOptions,
+    Skipped,
     open_source,
     opencv_has_gstreamer,
     parse_source,
@@ -97,9 +99,13 @@ def test_an_image_folder_skips_unreadable_files(image_folder: Path) -> None:
     (image_folder / "broken.png").write_bytes(b"not a png")
     (image_folder / "notes.txt").write_text("ignored")
     with FrameReader(open_source(image_folder)) as reader:
-        shapes = [f.image.shape for f in reader]
-    assert len(shapes) == 4 and len(set(shapes)) == 4
+        items = list(reader)
+    frames = [i for i in items if isinstance(i, Captured)]
+    assert len(frames) == 4 and len({f.image.shape for f in frames}) == 4
     assert reader.skipped == 1
+    # in name order, each named, the unreadable one in its place
+    assert [(i.index, i.name) for i in items] == list(enumerate(sorted(p.name for p in image_folder.glob("*.[jp][pn]g"))))
+    assert isinstance(items[0], Skipped) and "broken.png" in items[0].reason
 
 
 @pytest.mark.parametrize("name", ["missing.mp4", "missing_folder/", "missing.jpg"])
