@@ -47,6 +47,41 @@ def load_runtime(engine_dir: Path, options: RuntimeOptions, *, rebuild_on_mismat
     return DefenseRuntime(engine_dir, options)
 
 
+def _ready_runtime(engine_dir: Path, options: RuntimeOptions, *, rebuild_on_mismatch: bool) -> DefenseRuntime:
+    """Load the engines and judge one grey frame, so that every buffer exists before a source or
+    output is opened; engines whose batch buffers do not fit in memory are a one-line error."""
+    import numpy as np
+
+    from ism_edge.errors import EngineError
+
+    runtime: DefenseRuntime | None = None
+    try:
+        runtime = load_runtime(engine_dir, options, rebuild_on_mismatch=rebuild_on_mismatch)
+        _, h, w = runtime.input_shape
+        runtime.process(np.full((h, w, 3), 128, np.uint8))
+    except MemoryError:
+        max_batch = _max_batch(engine_dir, runtime)
+        if runtime is not None:
+            runtime.close()
+        raise EngineError(
+            f"out of memory loading the engines of {engine_dir}: they take batches of up to {max_batch} inputs "
+            "(the MAX of 'ism-edge build --batch MIN,OPT,MAX'), and the buffers for that many do not fit; "
+            f"rebuild them with a smaller MAX: ism-edge build {engine_dir} --out NEW_DIR --batch 1,8,64"
+        ) from None
+    return runtime
+
+
+def _max_batch(engine_dir: Path, runtime: DefenseRuntime | None) -> str:
+    """The engines' largest batch, for an error message (``?`` when the manifest cannot say)."""
+    from ism_edge.manifest import load_manifest
+
+    try:
+        manifest = runtime.manifest if runtime is not None else load_manifest(engine_dir, verify_files=False)
+        return f"{int(manifest.batch['max']):,}"
+    except Exception:  # noqa: BLE001 - only for the message
+        return "?"
+
+
 def print_summary(summary: RunSummary) -> None:
     """The run's summary on stderr, one fact per line."""
     from rich.console import Console
@@ -88,7 +123,7 @@ def run(
     fps: Annotated[float | None, typer.Option(help="Frame rate of the output video (default: the source's, else 30).", min=0.1)] = None,
     realtime: Annotated[bool, typer.Option("--realtime", help="Play a video file at its frame rate, like a live camera: frames the defense cannot keep up with are dropped and counted.")] = False,
     queue_size: Annotated[int, typer.Option(help="Frames buffered from a live source (the oldest is dropped beyond it).", min=1)] = 2,
-    stall_timeout: Annotated[float, typer.Option(help="Seconds without a frame before the source counts as stalled.", min=0.01)] = 10.0,
+    stall_timeout: Annotated[float, typer.Option(help="Seconds without a frame before the source counts as stalled (a live source is then reopened like a lost one).", min=0.01)] = 10.0,
     reconnect: Annotated[int, typer.Option(help="Reconnection attempts (exponential backoff) when a live source is lost.", min=0)] = 5,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: one per core).", min=1)] = None,
     rebuild_on_mismatch: Annotated[bool, typer.Option(help="If the engines were built for another runtime version or GPU, recompile their stored ONNX here first.")] = False,
@@ -134,9 +169,12 @@ def run(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
 
-    runtime = load_runtime(engine_dir, options, rebuild_on_mismatch=rebuild_on_mismatch)
+    runtime = _ready_runtime(engine_dir, options, rebuild_on_mismatch=rebuild_on_mismatch)
     with runtime:
-        source = open_source(source_uri)
+        typer.echo(f"engines: {engine_dir} — {runtime.describe()}", err=True)
+        for line in _threshold_lines(runtime.manifest.calibration, mode, grid):
+            typer.echo(line, err=True)
+        source = open_source(source_uri, read_timeout=stall_timeout)
         if realtime:
             source = _paced(source)
         sinks: list[FrameSink] = []
@@ -155,11 +193,7 @@ def run(
             source,
             ReaderOptions(queue_size=queue_size, stall_timeout=stall_timeout, reconnect_attempts=reconnect),
         )
-        typer.echo(f"engines: {engine_dir} — {runtime.describe()}", err=True)
-        for line in _threshold_lines(runtime.manifest.calibration, mode, grid):
-            typer.echo(line, err=True)
         typer.echo(f"input: {source_uri}" + (f" → {out_uri.text}" if out_uri else "") + f"; log: {log}", err=True)
-        runtime.warmup()
         status = _status_printer() if sys.stderr.isatty() else None
         summary = run_pipeline(
             runtime, reader, log=log_out, sinks=sinks, purified=purified_out,

@@ -31,7 +31,7 @@ from ism_edge.errors import FrameError, IsmEdgeError
 from ism_edge.outputs import FrameSink, ImageFolderOutput, OutputError, VerdictLog
 from ism_edge.render import annotate
 from ism_edge.runtime import DefenseRuntime, Pending
-from ism_edge.sources import Captured, FrameReader
+from ism_edge.sources import Captured, FrameReader, Skipped
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def run_pipeline(
         now = time.perf_counter()
         latency = (now - item.t_capture) * 1e3
         if log is not None:
-            log.write({"frame": item.index, "time": round(item.wall_time, 6), "latency_ms": round(latency, 3), **verdict.to_json()})
+            log.write({**_where(item), "latency_ms": round(latency, 3), **verdict.to_json()})
         rate = fps.tick(now)
         if visual:
             image = annotate(item.image, verdict, fps=rate)
@@ -220,6 +220,14 @@ def run_pipeline(
                 if item is None:
                     summary.stopped = "interrupted" if stop.is_set() else "end"
                     break
+                if isinstance(item, Skipped):  # an unreadable file of a folder: logged in its place
+                    previous, in_flight = in_flight, None
+                    if previous is not None:
+                        finish(*previous)
+                    summary.skipped += 1
+                    if log is not None:
+                        log.write({**_where(item), "skipped": True, "error": item.reason})
+                    continue
                 taken += 1
                 if first_capture is None:
                     first_capture = item.t_capture
@@ -231,7 +239,7 @@ def run_pipeline(
                         finish(*previous)  # keep the log in frame order
                     summary.skipped += 1
                     if log is not None:
-                        log.write({"frame": item.index, "time": round(item.wall_time, 6), "skipped": True, "error": str(e)})
+                        log.write({**_where(item), "skipped": True, "error": str(e)})
                     continue
                 previous, in_flight = in_flight, (item, pending)
                 if previous is not None:
@@ -244,14 +252,15 @@ def run_pipeline(
             last, in_flight = in_flight, None
             if last is not None:
                 finish(*last)
-    except IsmEdgeError as e:
+    except (IsmEdgeError, MemoryError) as e:
         last, in_flight = in_flight, None
         if last is not None and not isinstance(e, OutputError):  # after a failed write, write nothing more
-            with contextlib.suppress(IsmEdgeError):
+            with contextlib.suppress(IsmEdgeError, MemoryError):
                 finish(*last)
+        err = e if isinstance(e, IsmEdgeError) else _out_of_memory(reader, summary.frames)
         summary.stopped = "error"
-        summary.error = str(e)
-        summary.failure = e
+        summary.error = str(err)
+        summary.failure = err
     finally:
         for closable in (*sinks, purified, log):
             if closable is None:
@@ -265,7 +274,6 @@ def run_pipeline(
         summary.outputs = _written(log, sinks, purified)
         summary.signal = signal.Signals(received[0]).name if received else None
         summary.dropped = reader.dropped
-        summary.skipped += reader.skipped
         summary.reconnects = reader.reconnects
         summary.seconds = time.perf_counter() - started
         summary.labels = dict(labels)
@@ -275,6 +283,22 @@ def run_pipeline(
         if first_capture is not None and last_verdict is not None and last_verdict > first_capture:
             summary.fps = summary.frames / (last_verdict - first_capture)
     return summary
+
+
+def _where(item: Captured | Skipped) -> dict[str, Any]:
+    """The head of a log line: the frame's index, its file (image folders) and when it was read."""
+    head: dict[str, Any] = {"frame": item.index}
+    if item.name is not None:
+        head["file"] = item.name
+    head["time"] = round(item.wall_time, 6)
+    return head
+
+
+def _out_of_memory(reader: FrameReader, frames: int) -> IsmEdgeError:
+    return IsmEdgeError(
+        f"out of memory after {frames} frames of {reader.source.uri}: free memory, or judge smaller inputs "
+        "(fewer tiles: --mode resize or a smaller --tile-grid; fewer frames held: a smaller --queue-size)"
+    )
 
 
 def _written(log: VerdictLog | None, sinks: Sequence[FrameSink], purified: ImageFolderOutput | None) -> list[dict[str, Any]]:

@@ -14,9 +14,11 @@ Inputs, as in jetson-utils' ``videoSource``:
 
 Live sources (cameras, streams) go through a bounded queue that drops the *oldest* frame when
 full, so latency never grows; the drops are counted. Files and folders are read without drops
-(the reader waits for the consumer). A live source that stops delivering is reopened with
-exponential backoff; when every attempt fails, or when no frame arrives within the stall
-timeout, the consumer gets a one-line :class:`~ism_edge.errors.SourceError`.
+(the reader waits for the consumer). A live source that stops delivering — its connection
+closed, or a network stream silent for its read timeout (``read_timeout``, give it the stall
+timeout) — is reopened with exponential backoff; when every attempt fails, or when a read never
+returns (no frame within the stall timeout, and none in a second one granted to reconnect), the
+consumer gets a one-line :class:`~ism_edge.errors.SourceError`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from ism_edge.errors import SourceError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "rtp")
 SCHEMES = ("camera", "v4l2", "csi", "file", *NETWORK_SCHEMES)
+READ_TIMEOUT = 10.0  # s a network read waits for data before the stream counts as lost (ReaderOptions' stall timeout)
+OPEN_TIMEOUT = 10.0  # s at least that opening a network stream may take
 
 T = TypeVar("T")
 
@@ -121,12 +125,24 @@ class FrameSource(abc.ABC):
     """One opened input; :meth:`read` returns the next BGR ``H×W×3`` uint8 frame or ``None``.
 
     ``None`` means the end of a file or folder, or a lost live source (the reader then
-    reconnects). ``skipped`` counts unreadable items that were passed over.
+    reconnects). ``name`` is the file the last frame came from (image folders), else ``None``.
+    ``skipped`` counts unreadable items that were passed over; :meth:`take_skips` says which.
     """
 
     def __init__(self, uri: SourceURI) -> None:
         self.uri = uri
         self.skipped = 0
+        self.name: str | None = None
+        self._skips: list[tuple[str, str]] = []
+
+    def _skip(self, name: str, reason: str) -> None:
+        self.skipped += 1
+        self._skips.append((name, reason))
+
+    def take_skips(self) -> list[tuple[str, str]]:
+        """(name, reason) of each item passed over since the last call, in order."""
+        skips, self._skips = self._skips, []
+        return skips
 
     @property
     def live(self) -> bool:
@@ -170,10 +186,19 @@ def opencv_has_gstreamer() -> bool:
 
 
 class CaptureSource(FrameSource):
-    """Cameras, streams and video files through ``cv2.VideoCapture``."""
+    """Cameras, streams and video files through ``cv2.VideoCapture``.
 
-    def __init__(self, uri: SourceURI, *, capture: Callable[..., Any] | None = None) -> None:
+    ``read_timeout``: seconds a network stream's read waits for data before it gives up and
+    :meth:`read` returns ``None`` (a lost source, which the reader reopens); a stalled stream
+    would otherwise block the read for FFmpeg's 30 s. Opening may take at least
+    :data:`OPEN_TIMEOUT`. Fixed when the stream is opened (OpenCV takes it only then).
+    """
+
+    def __init__(self, uri: SourceURI, *, capture: Callable[..., Any] | None = None, read_timeout: float = READ_TIMEOUT) -> None:
         super().__init__(uri)
+        if read_timeout <= 0:
+            raise ValueError(f"read_timeout must be > 0 seconds, got {read_timeout}")
+        self.read_timeout = read_timeout
         self._factory = capture or cv2.VideoCapture
         self._cap: Any = None
         self._fps: float | None = None
@@ -196,7 +221,8 @@ class CaptureSource(FrameSource):
                 )
             return (csi_pipeline(int(loc)), cv2.CAP_GSTREAMER)
         if kind == "network":
-            return (loc, cv2.CAP_FFMPEG)
+            open_ms, read_ms = int(1e3 * max(self.read_timeout, OPEN_TIMEOUT)), max(int(1e3 * self.read_timeout), 1)
+            return (loc, cv2.CAP_FFMPEG, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, open_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, read_ms])
         return (loc,)
 
     def open(self) -> None:
@@ -264,8 +290,9 @@ class ImageFolderSource(FrameSource):
             self._next += 1
             image = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if image is not None:
+                self.name = path.name
                 return np.asarray(image)
-            self.skipped += 1
+            self._skip(path.name, f"{path.name} cannot be read as an image (empty, truncated or not {path.suffix[1:]})")
         return None
 
 
@@ -340,19 +367,31 @@ class DropOldestQueue(Generic[T]):
 
 @dataclass(frozen=True)
 class Captured:
-    """A frame as read: its index in the stream, the BGR image and when it was read."""
+    """A frame as read: its index in the stream, the BGR image, when it was read, and the file it
+    came from (image folders)."""
 
     index: int
     image: np.ndarray
     t_capture: float  # time.perf_counter() when read
     wall_time: float  # time.time() when read
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An item of the source that could not be read (an image folder's broken file), in its place."""
+
+    index: int
+    name: str
+    reason: str
+    wall_time: float
 
 
 @dataclass(frozen=True)
 class ReaderOptions:
     """``queue_size`` frames kept (live sources drop the oldest beyond it; ``drop`` overrides
-    the per-source default), ``stall_timeout`` seconds without a frame before giving up,
-    ``reconnect_attempts`` tries to reopen a lost live source with delays starting at
+    the per-source default), ``stall_timeout`` seconds without a frame before a source counts as
+    stalled (a live one then gets as long again to be reopened), ``reconnect_attempts`` tries to reopen a lost live source with delays starting at
     ``reconnect_delay`` s and doubling up to ``reconnect_max_delay`` s."""
 
     queue_size: int = 2
@@ -399,7 +438,7 @@ class FrameReader:
         self.options = options or ReaderOptions()
         drop = source.live if self.options.drop is None else self.options.drop
         self.drop = drop
-        self.queue: DropOldestQueue[Captured | _End | SourceError] = DropOldestQueue(self.options.queue_size)
+        self.queue: DropOldestQueue[Captured | Skipped | _End | SourceError] = DropOldestQueue(self.options.queue_size)
         self.reconnects = 0
         self.reconnecting = False
         self.frames_read = 0
@@ -433,37 +472,45 @@ class FrameReader:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
-    def __iter__(self) -> Iterator[Captured]:
+    def __iter__(self) -> Iterator[Captured | Skipped]:
         while True:
             item = self.get()
             if item is None:
                 return
             yield item
 
-    def get(self, timeout: float | None = None, stop: threading.Event | None = None) -> Captured | None:
-        """The next frame, or ``None`` at the end of the source (or once ``stop`` is set).
+    def get(self, timeout: float | None = None, stop: threading.Event | None = None) -> Captured | Skipped | None:
+        """The next frame (or :class:`Skipped` item), or ``None`` at the end of the source (or once ``stop`` is set).
 
         Raises :class:`SourceError` when a live source is lost for good, or when no frame comes
-        within ``timeout`` seconds (default: the stall timeout; the clock restarts after a
-        reconnection attempt).
+        within ``timeout`` seconds (default: the stall timeout; the clock restarts while the
+        source is being reopened). A live source that may be reopened gets a second ``timeout``
+        first: its read gives up after its read timeout and the reader reopens it.
         """
         if self._finished:
             return None
         wait = self.options.stall_timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
+        grace = not self.source.finite and self.options.reconnect_attempts > 0
+        reconnects = self.reconnects
         while True:
             remaining = deadline - time.monotonic()
-            step = min(remaining, 0.1) if stop is not None else remaining
+            step = min(remaining, 0.1)
             try:
                 item = self.queue.get(timeout=max(step, 0.0))
                 break
             except queue.Empty:
                 if stop is not None and stop.is_set():
                     return None
-                if self.reconnecting:
+                if self.reconnecting or self.reconnects != reconnects:
+                    reconnects = self.reconnects
                     deadline = time.monotonic() + wait
                     continue
                 if time.monotonic() >= deadline:
+                    if grace:  # the read may be about to time out: give the reader the time to reopen the source
+                        grace = False
+                        deadline = time.monotonic() + wait
+                        continue
                     raise SourceError(
                         f"{self.source.uri} delivered no frame for {wait:g} s (stalled): check the camera or stream, "
                         "or raise --stall-timeout"
@@ -476,7 +523,7 @@ class FrameReader:
             raise item
         return item
 
-    def _emit(self, item: Captured | _End | SourceError) -> bool:
+    def _emit(self, item: Captured | Skipped | _End | SourceError) -> bool:
         """Queue an item: drop-oldest for live sources, wait for room otherwise."""
         if self.drop:
             self.queue.put(item)
@@ -488,6 +535,10 @@ class FrameReader:
         try:
             while not self._stop.is_set():
                 frame = self.source.read()
+                for name, reason in self.source.take_skips():
+                    if not self._emit(Skipped(index, name, reason, time.time())):
+                        return
+                    index += 1
                 if frame is None:
                     if self.source.finite:
                         self._emit(_END)
@@ -496,7 +547,7 @@ class FrameReader:
                         return
                     continue
                 self.frames_read += 1
-                if not self._emit(Captured(index, frame, time.perf_counter(), time.time())):
+                if not self._emit(Captured(index, frame, time.perf_counter(), time.time(), self.source.name)):
                     return
                 index += 1
         except Exception as e:  # a decoder crash must reach the consumer as one clear line

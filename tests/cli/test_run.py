@@ -30,6 +30,7 @@ from tests.ism_edge.conftest import (  # noqa: E402
     video_frames,
     write_video,
 )
+from tests.ism_edge.streams import MjpegServer  # noqa: E402
 
 runner = CliRunner()
 
@@ -324,3 +325,29 @@ def test_too_many_threads_are_refused_before_anything_runs(engine_dir: Path, sam
     r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "--headless", "--threads", "5000", "--log", str(log)])
     assert r.exit_code == 2 and "threads must be between 1 and" in r.stderr and "Traceback" not in r.stderr
     assert not log.exists()
+
+
+def test_a_stalled_stream_is_reconnected_and_the_run_goes_on(engine_dir: Path, tmp_path: Path) -> None:
+    """A loopback HTTP camera sends 5 frames per connection, then stalls with its socket open:
+    after --stall-timeout the run reconnects (as the docs say) instead of ending with an error."""
+    log, summary = tmp_path / "v.jsonl", tmp_path / "summary.json"
+    with MjpegServer(frames=5) as server:
+        r = runner.invoke(app, ["run", str(engine_dir), server.url, "--headless", "--stall-timeout", "1", "--queue-size", "64",
+                                "--max-frames", "8", "--log", str(log), "--summary-json", str(summary)])  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(summary.read_text())
+    assert s["frames"] == 8 == len(log_records(log)) and s["reconnects"] == 1 and s["stopped"] == "max-frames"
+    assert server.connections == 2
+
+
+def test_engines_too_big_for_memory_name_the_real_option_and_create_nothing(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+    """Engines built with 'ism-edge build --batch 1,8,1000000000000' cannot allocate their batch
+    buffers: the error names build's --batch (run has no --batch-size) and no output exists yet."""
+    engines = tmp_path / "engines"
+    shutil.copytree(engine_dir, engines)
+    edit_manifest(engines, batch={"min": 1, "opt": 8, "max": 10**12})
+    log, out, purified = tmp_path / "v.jsonl", tmp_path / "out.mp4", tmp_path / "purified"
+    line = one_error_line(runner.invoke(app, ["run", str(engines), str(sample_video), str(out), "--log", str(log),
+                                              "--purified", str(purified)]))  # fmt: skip
+    assert "--batch-size" not in line and "ism-edge build" in line and "--batch" in line and str(engines) in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]

@@ -71,6 +71,35 @@ def test_bad_frames_are_counted_and_logged_as_skips(runtime: DefenseRuntime, tmp
     assert "label" in records[0] and "label" in records[3]
 
 
+def test_an_image_folder_log_names_every_file_and_every_skipped_one(runtime: DefenseRuntime, image_folder: Path, tmp_path: Path) -> None:
+    (image_folder / "broken.png").write_bytes(b"not a png")  # sorts first
+    (image_folder / "zz_empty.jpg").write_bytes(b"")  # sorts last
+    summary = run_pipeline(runtime, FrameReader(open_source(image_folder)), log=VerdictLog(tmp_path / "v.jsonl"))
+    records = read_log(tmp_path / "v.jsonl")
+    names = sorted(p.name for p in image_folder.iterdir())
+    assert [r["file"] for r in records] == names and [r["frame"] for r in records] == list(range(6))
+    assert [r.get("skipped", False) for r in records] == [True, False, False, False, False, True]
+    assert "broken.png" in records[0]["error"] and "label" in records[1] and "label" not in records[0]
+    assert summary.frames == 4 and summary.skipped == 2 and summary.failure is None
+
+
+def test_running_out_of_memory_mid_run_is_a_clear_failure(runtime: DefenseRuntime, sample_video: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MemoryError (huge frames, many tiles) ends the run like any failure: one line, outputs closed, summary complete."""
+    submit, calls = runtime.submit, []
+
+    def failing_submit(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 4:
+            raise MemoryError
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "submit", failing_submit)
+    summary = run_pipeline(runtime, FrameReader(open_source(sample_video)), log=VerdictLog(tmp_path / "v.jsonl"))
+    assert summary.stopped == "error" and "out of memory after 3 frames" in (summary.error or "")
+    assert "--batch-size" not in (summary.error or "") and summary.frames == len(read_log(tmp_path / "v.jsonl")) == 3
+
+
 def test_a_stall_ends_the_run_with_the_error_after_writing_everything(runtime: DefenseRuntime, tmp_path: Path) -> None:
     frames = [np.full((40, 60, 3), i * 20, np.uint8) for i in range(3)]
     source = ScriptedSource([*frames, "block"], live=True)

@@ -12,15 +12,18 @@ import pytest
 
 from ism_edge.errors import SourceError
 from ism_edge.sources import (
+    Captured,
     CaptureSource,
     DropOldestQueue,
     FrameReader,
     ReaderOptions,
+    Skipped,
     open_source,
     opencv_has_gstreamer,
     parse_source,
 )
 from tests.ism_edge.conftest import ScriptedSource
+from tests.ism_edge.streams import MjpegServer
 
 FRAME = np.zeros((24, 32, 3), np.uint8)
 
@@ -96,9 +99,13 @@ def test_an_image_folder_skips_unreadable_files(image_folder: Path) -> None:
     (image_folder / "broken.png").write_bytes(b"not a png")
     (image_folder / "notes.txt").write_text("ignored")
     with FrameReader(open_source(image_folder)) as reader:
-        shapes = [f.image.shape for f in reader]
-    assert len(shapes) == 4 and len(set(shapes)) == 4
+        items = list(reader)
+    frames = [i for i in items if isinstance(i, Captured)]
+    assert len(frames) == 4 and len({f.image.shape for f in frames}) == 4
     assert reader.skipped == 1
+    # in name order, each named, the unreadable one in its place
+    assert [(i.index, i.name) for i in items] == list(enumerate(sorted(p.name for p in image_folder.glob("*.[jp][pn]g"))))
+    assert isinstance(items[0], Skipped) and "broken.png" in items[0].reason
 
 
 @pytest.mark.parametrize("name", ["missing.mp4", "missing_folder/", "missing.jpg"])
@@ -155,6 +162,36 @@ def test_a_stalled_source_is_a_clear_error_not_a_hang() -> None:
         reader.stop()
 
 
+def test_a_stalled_stream_is_reconnected_like_a_lost_one() -> None:
+    """An HTTP camera that stops sending but keeps its socket open is reopened (with backoff) after
+    the stall timeout, as a closed connection is, instead of ending the run."""
+    with MjpegServer(frames=5) as server:
+        start = time.monotonic()
+        source = open_source(server.url, read_timeout=1.0)
+        opts = ReaderOptions(queue_size=64, stall_timeout=1.0, reconnect_attempts=3, reconnect_delay=0.1)
+        with FrameReader(source, opts) as reader:
+            got = [reader.get() for _ in range(8)]  # 5 from the first connection, 3 after the stall
+    assert all(g is not None for g in got) and [g.index for g in got if g] == list(range(8))
+    assert reader.reconnects == 1 and server.connections == 2 and reader.dropped == 0
+    assert time.monotonic() - start < 20
+
+
+def test_a_source_stuck_inside_a_read_is_a_clear_error_after_a_grace_period() -> None:
+    """A live source whose read never returns cannot be reopened: after the stall timeout the reader
+    gets one more to reconnect, then the consumer gets the stall error."""
+    source = ScriptedSource([FRAME, "block"])
+    reader = FrameReader(source, ReaderOptions(stall_timeout=0.3, reconnect_attempts=2)).start()
+    try:
+        assert reader.get() is not None
+        start = time.monotonic()
+        with pytest.raises(SourceError, match="no frame for 0.3 s"):
+            reader.get()
+        assert 0.55 < time.monotonic() - start < 2.0
+    finally:
+        source.release.set()
+        reader.stop()
+
+
 def test_backoff_schedule_doubles_up_to_the_cap() -> None:
     opts = ReaderOptions(reconnect_attempts=5, reconnect_delay=0.5, reconnect_max_delay=2.0)
     assert list(opts.delays()) == [0.5, 1.0, 2.0, 2.0, 2.0]
@@ -163,10 +200,13 @@ def test_backoff_schedule_doubles_up_to_the_cap() -> None:
 
 
 def test_a_lost_camera_is_reconnected() -> None:
-    source = ScriptedSource([FRAME, None, FRAME, FRAME], opens=[False, True])
+    source = ScriptedSource([FRAME, None, FRAME, FRAME, "block"], opens=[False, True])  # block: no second loss
     opts = ReaderOptions(reconnect_attempts=3, reconnect_delay=0.01, stall_timeout=2.0)
-    with FrameReader(source, opts) as reader:
-        got = [reader.get(), reader.get(), reader.get()]
+    try:
+        with FrameReader(source, opts) as reader:
+            got = [reader.get(), reader.get(), reader.get()]
+    finally:
+        source.release.set()
     assert all(g is not None for g in got)
     assert reader.reconnects == 1 and source.open_calls == 2
 
