@@ -24,7 +24,7 @@ import numpy as np
 
 from ism_edge.backends import GRAPH_IO
 from ism_edge.cuda import DeviceInfo, _Driver
-from ism_edge.manifest import ROLES, EngineFile, EngineManifest
+from ism_edge.manifest import ROLES, EngineFile, EngineManifest, TensorSpec
 
 CHW = (3, 4, 4)
 CLASSES = 10
@@ -318,7 +318,8 @@ def engine_directory(directory: Path, threshold: float = 0.05, **specs: PlanSpec
     for role in ROLES:
         spec = specs.get(role, PlanSpec(role))
         spec.write(directory / f"{role}.plan")
-        files[role] = EngineFile(role, f"{role}.plan", f"onnx/{role}.fp16.onnx", "0" * 64, (), ())
+        inputs, outputs = (tuple(TensorSpec(n, (-1,)) for n in names) for names in GRAPH_IO[role])
+        files[role] = EngineFile(role, f"{role}.plan", f"onnx/{role}.fp16.onnx", "0" * 64, inputs, outputs)
     return EngineManifest(
         backend="tensorrt", precision="fp16", input_shape=CHW, class_names=tuple(f"c{i}" for i in range(CLASSES)),
         thresholds={"recon_error": threshold, "jsd": 1.0, "p_score": 0.5}, temperatures={"deploy": 1.0, "detector": 1.0},

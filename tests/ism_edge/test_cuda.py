@@ -218,7 +218,9 @@ def test_every_pycuda_call_returns_what_the_backend_expects(monkeypatch: pytest.
 def test_missing_bindings_name_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cuda, "_driver", None)
     monkeypatch.setitem(sys.modules, "pycuda", None)
-    monkeypatch.setitem(sys.modules, "cuda", None)
+    # Submodules an earlier test imported stay cached under their full names: hide them too.
+    for name in [m for m in sys.modules if m == "cuda" or m.startswith("cuda.")] + ["cuda"]:
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delenv("ISM_EDGE_CUDA", raising=False)
     with pytest.raises(MissingDependencyError, match=r"'cuda-python'.*pip install 'ism-edge\[tensorrt\]'"):
         cuda.driver()

@@ -62,7 +62,8 @@ def _targets(bundle: DefenseBundle) -> list[tuple[str, nn.Module, str]]:
     defense = Defense(bundle).eval()
     if defense.mapper is not None and bundle.defense.reformer:
         scale = 1.0 / bundle.temperatures["train"] if is_distilled(bundle) else 1.0
-        out.append(("defense label C(M(x))", _Scaled(defense, scale), "defense"))
+        what = "C(M(x)) if flagged, else C(x)" if defense.label_source == "auto" else "C(M(x))"
+        out.append((f"defense label {what}", _Scaled(defense, scale), "defense"))
     return out
 
 
