@@ -141,9 +141,12 @@ def bench(
     from ism_edge._io import atomic_write_json
     from ism_edge.bench import BenchConfig, default_threads, engine_columns, load_engine_dirs
     from ism_edge.bench.frames import load_photos
+    from ism_edge.runtime import max_threads
 
     size = parse_size(frame_size)
     grid = tile_grid_for(mode, tile_grid)
+    if threads is not None and threads > max_threads():
+        raise typer.BadParameter(f"--threads {threads} is more than the {max_threads()} threads this machine's cores can use")
     engines = load_engine_dirs(engine_dirs, bundle)
     n_threads = threads or default_threads()
     photos = load_photos(images)

@@ -96,8 +96,11 @@ def calibrate(
     grid = tile_grid_for(mode, tile_grid)
     if max_frames is not None and max_frames < min_frames(fpr):
         raise typer.BadParameter(f"--max-frames {max_frames} is below the {min_frames(fpr)} frames a {fpr:.2%} FPR needs")
-    options = RuntimeOptions(backend=backend.value, device=device, mode=mode.value, color_order="BGR", tile_grid=grid,
-                             feedback_rounds=0, threads=threads)
+    try:
+        options = RuntimeOptions(backend=backend.value, device=device, mode=mode.value, color_order="BGR",
+                                 tile_grid=grid, feedback_rounds=0, threads=threads)
+    except ValueError as e:  # e.g. --threads beyond what the cores can use
+        raise typer.BadParameter(str(e)) from None
     console = Console(stderr=True, highlight=False)
     with DefenseRuntime(engine_dir, options) as runtime:
         previous = runtime.thresholds
