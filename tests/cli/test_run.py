@@ -341,13 +341,14 @@ def test_a_stalled_stream_is_reconnected_and_the_run_goes_on(engine_dir: Path, t
 
 
 def test_engines_too_big_for_memory_name_the_real_option_and_create_nothing(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
-    """Engines built with 'ism-edge build --batch 1,8,1000000000000' cannot allocate their batch
-    buffers: the error names build's --batch (run has no --batch-size) and no output exists yet."""
+    """A manifest whose batch profile no machine can allocate ('--batch 1,8,1000000000000') is refused
+    when it is read: the error names the field and 'ism-edge build' (run has no --batch-size) and no
+    output exists yet."""
     engines = tmp_path / "engines"
     shutil.copytree(engine_dir, engines)
     edit_manifest(engines, batch={"min": 1, "opt": 8, "max": 10**12})
     log, out, purified = tmp_path / "v.jsonl", tmp_path / "out.mp4", tmp_path / "purified"
     line = one_error_line(runner.invoke(app, ["run", str(engines), str(sample_video), str(out), "--log", str(log),
                                               "--purified", str(purified)]))  # fmt: skip
-    assert "--batch-size" not in line and "ism-edge build" in line and "--batch" in line and str(engines) in line
+    assert "--batch-size" not in line and "ism-edge build" in line and "batch.max" in line and str(engines) in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]

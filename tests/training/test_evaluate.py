@@ -51,11 +51,12 @@ def _check(result: dict, name: str) -> dict:
 
 def test_schema(result: dict) -> None:
     assert result["n"] == N and result["name"] == "full" and result["dataset"] == "cifar10"
-    assert set(result["clean"]) == {"accuracy", "classifier_accuracy", "undefended_accuracy", "fpr"}
+    assert set(result["clean"]) == {"accuracy", "accuracy_other", "classifier_accuracy", "undefended_accuracy", "fpr"}
+    assert result["label_source"] == "auto"  # the other label source is reported beside it
     assert set(result["clean"]["fpr"]) == {"recon_error", "jsd", "p_score", "any"}
     assert len(result["cells"]) == 3 * 2 * len(EPS)  # threats × attacks × ε
     for c in result["cells"] + result["sanity_cells"]:
-        assert {"threat", "attack", "eps", "source_accuracy", "classifier_accuracy", "accuracy",
+        assert {"threat", "attack", "eps", "source_accuracy", "classifier_accuracy", "accuracy", "accuracy_other",
                 "detection_rate", "defended_accuracy", "detected_by", "n", "attack_options"} <= set(c)
         assert c["n"] == N
         assert c["defended_accuracy"] >= max(c["accuracy"], c["detection_rate"]) - 1e-12
