@@ -282,7 +282,9 @@ def test_sigterm_during_a_build_is_interrupted_and_leaves_nothing(untrained_bund
     proc, _partial = _build_until_partial(untrained_bundle_dir, tmp_path / "engines")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    # 130, or -SIGINT when the interrupt reached the interpreter's top after the cleanup (Python then
+    # ends itself with SIGINT, which a shell reports as 130 too); seen once in ~10 runs.
+    assert proc.returncode in (130, -signal.SIGINT), stderr
     assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr, stderr
     assert list(tmp_path.iterdir()) == []
 
