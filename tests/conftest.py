@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,3 +61,16 @@ def trained_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     req = TrainRequest(data=[CIFAR_TRAIN], out=out, preset="small", recipe=RecipeConfig(**TRAINED_RECIPE), device="cpu")
     train_bundle(req, echo=lambda _m: None)
     return out
+
+
+def set_field(path: str, value: object) -> Callable[[dict[str, Any]], None]:
+    """A manifest edit that sets the dotted ``path`` (e.g. ``thresholds.jsd``) to ``value``."""
+
+    def edit(raw: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node = raw
+        for key in parents:
+            node = node[key]
+        node[last] = value
+
+    return edit

@@ -16,6 +16,7 @@ from ism_edge import DefenseRuntime
 from ism_edge._io import sha256_file
 from ism_edge.errors import EngineError
 from ism_edge.manifest import load_manifest
+from tests.conftest import set_field
 
 
 def _edit(directory: Path, edit: Callable[[dict[str, Any]], object]) -> None:
@@ -77,15 +78,7 @@ def test_a_recorded_source_outside_the_directory_is_refused(engine_copy: Path) -
     assert "parity.sources key '../../etc/passwd' must be a plain file name" in _refused(engine_copy)
 
 
-def _set(path: str, value: object) -> Callable[[dict[str, Any]], None]:
-    def edit(raw: dict[str, Any]) -> None:
-        *parents, last = path.split(".")
-        node = raw
-        for key in parents:
-            node = node[key]
-        node[last] = value
-
-    return edit
+_set = set_field
 
 
 @pytest.mark.parametrize(("edit", "field"), [

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import set_field
+
 torch = pytest.importorskip("torch")
 
 from ism_edge._io import sha256_file  # noqa: E402
@@ -59,15 +61,7 @@ def test_a_weight_symlink_out_of_the_bundle_is_refused(bundle: Path, tmp_path: P
     assert f"{bundle / 'mapper.safetensors'} leads outside {bundle}" in message and "mapper weights" in message
 
 
-def _set(path: str, value: object) -> Callable[[dict[str, Any]], None]:
-    def edit(raw: dict[str, Any]) -> None:
-        *parents, last = path.split(".")
-        node = raw
-        for key in parents:
-            node = node[key]
-        node[last] = value
-
-    return edit
+_set = set_field
 
 
 @pytest.mark.parametrize(("edit", "field"), [
