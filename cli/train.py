@@ -45,6 +45,7 @@ def train(
     exact_only: Annotated[bool, typer.Option(help="Keep only exact-pixel images (CIFAR *_jpegfill .npz files).")] = False,
     limit: Annotated[int | None, typer.Option(help="Use at most this many training images (stratified).")] = None,
     init_from: Annotated[Path | None, typer.Option(help="Share the undefended and adversarial stages of this bundle instead of training them (same preset, data and classifier options): baselines for a comparison.")] = None,
+    weights_dtype: Annotated[str | None, typer.Option(help="Store the bundle's weights as float32 or float16 (half the size, for shipping; training runs in float32 either way). Default: keep the existing bundle's, float32 for a new one.")] = None,
     num_classes: Annotated[int | None, typer.Option(help="Declare the number of classes: labels outside 0..N-1 are refused. Needed for .npz labels that leave classes without images.", min=2)] = None,
     classes: Annotated[str | None, typer.Option(help="Declare the class names, comma-separated, in label order (implies --num-classes).")] = None,
     baseline: Annotated[str, typer.Option(help="What to train: full (the defense), none (undefended classifier), magnet (MagNet: plain autoencoder + reconstruction/JSD detectors), adv-only (adversarial training alone), distill-only (defensive distillation alone). Baselines set --adv-ratio/--distill themselves.")] = "full",
@@ -60,7 +61,7 @@ def train(
     keep_freed_memory()
     from dataclasses import replace
 
-    from training.bundle import BASELINES
+    from training.bundle import BASELINES, WEIGHTS_DTYPES
     from training.data import declared_classes
     from training.recipe import STAGES, RecipeConfig, TrainRequest, train_bundle
 
@@ -70,6 +71,8 @@ def train(
     baseline = baseline.strip().lower()
     if baseline not in BASELINES:
         raise typer.BadParameter(f"--baseline must be one of {', '.join(BASELINES)}; got {baseline!r}")
+    if weights_dtype is not None and weights_dtype not in WEIGHTS_DTYPES:
+        raise typer.BadParameter(f"--weights-dtype must be one of {', '.join(WEIGHTS_DTYPES)}; got {weights_dtype!r}")
     chosen = list(STAGES) if stages.strip().lower() == "all" else parse_list(stages, STAGES, "--stages")
     ec = epochs_classifier if epochs_classifier is not None else epochs
     em = epochs_mapper if epochs_mapper is not None else epochs
@@ -90,7 +93,7 @@ def train(
         raise typer.BadParameter(str(e)) from None
     req = TrainRequest(data=data, out=out, preset=preset, recipe=recipe, stages=chosen, device=device, resume=resume,
                        data_kind=kind, init_from=init_from, attribute=attribute, exact_only=exact_only, limit=limit,
-                       model_overrides={} if sparsity_k is None else {"sparsity_k": sparsity_k})
+                       model_overrides={} if sparsity_k is None else {"sparsity_k": sparsity_k}, weights_dtype=weights_dtype)
     names = None if classes is None else [c.strip() for c in classes.split(",")]
     with declared_classes(num_classes, names):  # the recipe loads the data itself
         bundle = train_bundle(req)

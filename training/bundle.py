@@ -54,6 +54,9 @@ OPTIONAL = ("discriminator", "teacher", "undefended")
 DEFAULT_TEMPERATURES = {"train": 20.0, "deploy": 1.0, "detector": 10.0}
 SCORES = ("recon_error", "jsd", "p_score")
 BASELINES = ("none", "magnet", "adv-only", "distill-only", "full")
+#: How a bundle stores its floating-point weights: float16 halves a shipped bundle; the networks
+#: are built and trained in float32 either way (loading casts up).
+WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 #: Largest layer sizes a bundle's model config may ask for (the presets stay far below).
 MAX_WIDTH = 4096
 MAX_DENSE = 65536
@@ -172,6 +175,7 @@ class DefenseBundle:
     provenance: dict[str, Any] = field(default_factory=dict)
     stages: dict[str, Any] = field(default_factory=dict)  # per-stage metrics and status
     defense: DefenseSpec = field(default_factory=DefenseSpec)  # which parts are deployed
+    weights_dtype: str = "float32"  # how save() stores floating-point tensors (WEIGHTS_DTYPES)
 
     @classmethod
     def create(cls, cfg: ModelConfig, class_names: tuple[str, ...] | list[str], preset: str = "custom") -> DefenseBundle:
@@ -223,6 +227,7 @@ class DefenseBundle:
             "target_fpr": self.target_fpr,
             "feedback_rounds": self.feedback_rounds,
             "label_source": self.label_source,
+            "weights_dtype": self.weights_dtype,
             "defense": self.defense.to_dict(),
             "calibration": self.calibration,
             "stages": self.stages,
@@ -237,10 +242,16 @@ class DefenseBundle:
 
         directory = Path(directory)
         manifest = self.manifest()
+        dtype = WEIGHTS_DTYPES[self.weights_dtype]
         with atomic_directory(directory) as tmp:
             for name, net in self.networks.items():
                 fname = f"{name}.safetensors"
-                state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+                state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+                         for k, v in net.state_dict().items()}
+                overflow = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+                if overflow is not None:
+                    raise ValueError(f"{name}.{overflow} has values that {self.weights_dtype} cannot hold: "
+                                     "save the bundle with weights_dtype='float32'")
                 save_file(state, str(tmp / fname), metadata={"network": name, "format": BUNDLE_FORMAT})
                 manifest["weights"][name] = {"file": fname, "sha256": sha256_file(tmp / fname)}
             atomic_write_json(tmp / "manifest.json", manifest)
@@ -279,7 +290,8 @@ class DefenseBundle:
         for name, entry in weights.items():
             if name not in NETWORKS:
                 continue
-            state = _read_weights(directory, entry["file"], name, entry["sha256"], expected[name], map_location)
+            state = _read_weights(directory, entry["file"], name, entry["sha256"], expected[name], map_location,
+                                  WEIGHTS_DTYPES[fields_["weights_dtype"]])
             net = NETWORKS[name](cfg)  # type: ignore[call-arg]
             try:
                 net.load_state_dict(state)
@@ -308,6 +320,7 @@ def _bundle_fields(raw: dict[str, Any]) -> dict[str, Any]:
         "target_fpr": check.number(raw.get("target_fpr", 0.01), "target_fpr", 0.0, 0.5, lo_open=True),
         "feedback_rounds": check.integer(raw.get("feedback_rounds", 0), "feedback_rounds", 0, MAX_FEEDBACK_ROUNDS),
         "label_source": check.choice(raw.get("label_source", "auto"), "label_source", LABEL_SOURCES),
+        "weights_dtype": check.choice(raw.get("weights_dtype", "float32"), "weights_dtype", tuple(WEIGHTS_DTYPES)),
         "calibration": check.obj(raw.get("calibration", {}), "calibration"),
         "provenance": check.obj(raw.get("provenance", {}), "provenance"),
         "stages": check.obj(raw.get("stages", {}), "stages"),
@@ -337,9 +350,10 @@ def _model_config(raw: Any) -> ModelConfig:
 
 
 def _read_weights(directory: Path, file: str, name: str, digest: str, expected: dict[str, tuple[int, ...]],
-                  map_location: str) -> dict[str, torch.Tensor]:
+                  map_location: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The tensors of one weight file, refused unless it lies inside the bundle, matches its hash,
-    holds exactly the tensors and shapes ``expected`` and every value is finite."""
+    holds exactly the tensors and shapes ``expected``, stores floating-point values as ``dtype``
+    (the manifest's ``weights_dtype``) and every value is finite; returned as float32."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -371,8 +385,14 @@ def _read_weights(directory: Path, file: str, name: str, digest: str, expected: 
     except (SafetensorError, RuntimeError, OSError) as e:
         raise BundleError(f"{path} cannot be loaded into the {name} network: {_first_line(e)}") from None
     for k, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not t.is_floating_point():
+            continue
+        if t.dtype != dtype:
+            raise BundleError(f"{path}: tensor {k!r} is {str(t.dtype).removeprefix('torch.')}, the manifest's "
+                              f"weights_dtype says {str(dtype).removeprefix('torch.')}: retrain or copy the bundle again")
+        if not bool(torch.isfinite(t).all()):
             raise BundleError(f"{path}: tensor {k!r} holds NaN or infinite values: retrain or copy the bundle again")
+        state[k] = t.float()
     return state
 
 

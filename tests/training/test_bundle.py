@@ -28,6 +28,49 @@ def test_round_trip_preserves_weights_and_outputs(untrained_bundle_dir: Path, tm
     assert torch.equal(o1.x_hat, o2.x_hat) and torch.equal(o1.flagged, o2.flagged)
 
 
+def test_float16_weights_halve_the_files_and_load_as_float32(untrained_bundle_dir: Path, tmp_path: Path) -> None:
+    b = DefenseBundle.load(untrained_bundle_dir)
+    b.weights_dtype = "float16"
+    b.save(tmp_path / "half")
+    for f in (tmp_path / "half").glob("*.safetensors"):
+        assert f.stat().st_size < 0.6 * (untrained_bundle_dir / f.name).stat().st_size
+    b2 = DefenseBundle.load(tmp_path / "half")
+    assert b2.weights_dtype == "float16"
+    for name, net in b.networks.items():
+        for (k, v), v2 in zip(net.state_dict().items(), b2.networks[name].state_dict().values(), strict=True):
+            assert v2.dtype == v.dtype, k
+            if v.is_floating_point():
+                assert torch.equal(v2, v.half().float()), k
+    b2.save(tmp_path / "again")  # a re-save keeps float16 (e.g. --stages calibrate on a shipped bundle)
+    assert json.loads((tmp_path / "again" / "manifest.json").read_text())["weights_dtype"] == "float16"
+
+
+def test_weights_of_another_dtype_than_the_manifest_says_are_refused(untrained_bundle_dir: Path, tmp_path: Path) -> None:
+    b = DefenseBundle.load(untrained_bundle_dir)
+    b.weights_dtype = "float16"
+    b.save(tmp_path / "half")
+    mf = tmp_path / "half" / "manifest.json"
+    m = json.loads(mf.read_text())
+    m["weights_dtype"] = "float32"
+    mf.write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"classifier.safetensors: tensor '.*' is float16, the manifest's weights_dtype says float32"):
+        DefenseBundle.load(tmp_path / "half")
+    m["weights_dtype"] = "int8"
+    mf.write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="weights_dtype"):
+        DefenseBundle.load(tmp_path / "half")
+
+
+def test_weights_too_large_for_float16_are_not_saved(untrained_bundle_dir: Path, tmp_path: Path) -> None:
+    b = DefenseBundle.load(untrained_bundle_dir)
+    b.weights_dtype = "float16"
+    with torch.no_grad():
+        next(b.mapper.parameters()).view(-1)[0] = 1e6
+    with pytest.raises(ValueError, match="float16 cannot hold"):
+        b.save(tmp_path / "half")
+    assert not (tmp_path / "half").exists()
+
+
 def test_manifest_records_provenance_and_versions(untrained_bundle_dir: Path) -> None:
     m = json.loads((untrained_bundle_dir / "manifest.json").read_text())
     assert m["format"] == "ism-edge-bundle" and "torch" in m["versions"]

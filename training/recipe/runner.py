@@ -65,6 +65,7 @@ class TrainRequest:
     limit: int | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
     init_from: Path | None = None  # a bundle whose undefended/adversarial stages this one shares
+    weights_dtype: str | None = None  # how the bundle stores its weights; None keeps the existing bundle's (float32 if new)
 
 
 class Checkpointer:
@@ -370,6 +371,8 @@ class RecipeRunner:
         size = model_preset(self.req.preset).image_size
         train, calib = self._load_data(size)
         b = self._initial_bundle(train)
+        if self.req.weights_dtype is not None:
+            b.weights_dtype = self.req.weights_dtype
         self._completed: list[str] = []
         self._adv_pool: torch.Tensor | None = None
         state: dict[str, Any] = {}
