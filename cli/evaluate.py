@@ -31,6 +31,8 @@ def evaluate(
     square_queries: Annotated[int, typer.Option(help="Query budget per image of the Square attack.")] = 1000,
     sanity: Annotated[bool, typer.Option(help="Run the extra cells of the sanity checks (ε = 0, ε = 1, twice the steps).")] = True,
     crosscheck: Annotated[bool, typer.Option(help="Also run ART's PGD, APGD-CE and APGD-DLR on the same models (needs adversarial-robustness-toolbox).")] = False,
+    crosscheck_n: Annotated[int | None, typer.Option(help="Images of the cross-check (a subset of the evaluated ones; default: as --n, 0 = all).", min=0)] = None,
+    crosscheck_eps: Annotated[str | None, typer.Option(help="ε of the cross-check, comma-separated (default: as --eps).")] = None,
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 200,
     out: Annotated[Path | None, typer.Option(help="Directory for results.json/.md/.csv and accuracy_vs_eps.png (default: BUNDLE-eval for one bundle, ./ism-edge-eval for several).")] = None,
     split: Annotated[str, typer.Option(help="Split of a CIFAR-10/CelebA directory: test, train, valid, all.")] = "test",
@@ -46,6 +48,7 @@ def evaluate(
     Markdown table, CSV, JSON and a plot of accuracy vs ε."""
     keep_freed_memory()
     import sys
+    from dataclasses import replace
 
     from ism_edge._io import atomic_write_bytes, atomic_write_json
     from ism_edge.errors import IsmEdgeError
@@ -69,8 +72,12 @@ def evaluate(
                          n=None if n == 0 else n, batch_size=batch_size, pgd_steps=pgd_steps,
                          pgd_restarts=pgd_restarts, adaptive_steps=adaptive_steps, adaptive_restarts=adaptive_restarts,
                          adaptive_bpda=adaptive_bpda, square_queries=square_queries, sanity=sanity, seed=seed)
+        check_cfg = replace(cfg, n=cfg.n if crosscheck_n is None else (crosscheck_n or None),
+                            eps=cfg.eps if crosscheck_eps is None else tuple(parse_eps(crosscheck_eps)))
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    if cfg.n is not None and (check_cfg.n is None or check_cfg.n > cfg.n):
+        raise typer.BadParameter(f"--crosscheck-n must not exceed --n ({cfg.n})")
     if crosscheck:
         from training.evaluation.crosscheck import ART_PACKAGE, art_version
 
@@ -101,7 +108,7 @@ def evaluate(
             if crosscheck:
                 from training.evaluation.crosscheck import crosscheck as run_crosscheck
 
-                checks.append(run_crosscheck(b, arrays, cfg, device=dev, progress=progress, name=name))
+                checks.append(run_crosscheck(b, arrays, check_cfg, device=dev, progress=progress, name=name))
     title = f"{', '.join(names)}: {results[0]['n']} images"
     console.print(rich_table(results, title=title))
     out_dir = out or (bundles[0].with_name(bundles[0].name + "-eval") if len(bundles) == 1 else Path("ism-edge-eval"))

@@ -121,16 +121,26 @@ def test_crosscheck_with_art(tmp_path: Path, trained_bundle_dir: Path) -> None:
     pytest.importorskip("art", reason="the ART cross-check needs adversarial-robustness-toolbox")
     out = tmp_path / "eval"
     r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), "--data", str(CIFAR_TEST), "--n", "8",
-                            "--eps", "0.1", "--attacks", "fgsm", "--threat", "known", "--pgd-steps", "3",
-                            "--adaptive-steps", "2", "--no-sanity", "--crosscheck", "--out", str(out), "--device", "cpu"])
+                            "--eps", "0.1,0.2", "--attacks", "fgsm", "--threat", "known", "--pgd-steps", "3",
+                            "--adaptive-steps", "2", "--no-sanity", "--crosscheck", "--crosscheck-n", "6",
+                            "--crosscheck-eps", "0.1", "--out", str(out), "--device", "cpu"])
     assert r.exit_code == 0, r.output + r.stderr
-    (check,) = json.loads((out / "results.json").read_text())["crosscheck"]
+    res = json.loads((out / "results.json").read_text())
+    (check,) = res["crosscheck"]
+    assert res["bundles"][0]["n"] == 8 and check["n"] == 6 and {row["eps"] for row in check["rows"]} == {0.1}
     # Adversarially robust distillation leaves the student's logits on the teacher's scale (T = 1): no logits/T.
     assert [row["target"] for row in check["rows"]] == ["undefended C", "deployed C",
                                                         "defense label C(M(x)) if flagged, else C(x)"]
     for row in check["rows"]:
         assert {"ours_pgd", "art_pgd", "art_apgd_ce", "art_apgd_dlr"} <= set(row)
     assert "ART PGD %" in (out / "crosscheck.md").read_text()
+
+
+def test_crosscheck_cannot_take_more_images_than_the_evaluation(tmp_path: Path, trained_bundle_dir: Path) -> None:
+    r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), "--data", str(CIFAR_TEST), "--n", "8",
+                            "--crosscheck-n", "9", "--out", str(tmp_path / "eval")])
+    assert r.exit_code == 2 and "--crosscheck-n must not exceed --n (8)" in r.output + r.stderr
+    assert not (tmp_path / "eval").exists()
 
 
 def test_data_option_takes_several_values(untrained_bundle_dir: Path) -> None:
