@@ -35,12 +35,20 @@ import numpy as np
 
 from ism_edge._io import atomic_directory, sha256_file
 from ism_edge.errors import BundleError, EngineError, missing_dependency
-from ism_edge.manifest import MANIFEST_NAME, ROLES, EngineFile, EngineManifest, load_manifest
+from ism_edge.manifest import (
+    BACKENDS,
+    DEFAULT_DETECTOR_TEMPERATURE,
+    MANIFEST_NAME,
+    ROLES,
+    EngineFile,
+    EngineManifest,
+    load_manifest,
+)
 
 if TYPE_CHECKING:
     from training.bundle import DefenseBundle
 
-BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt")
+BACKEND_CHOICES = ("auto", *BACKENDS)
 PRECISION_CHOICES = ("fp32", "fp16", "int8")
 DEFAULT_BATCH = (1, 8, 64)
 DEFAULT_WORKSPACE_MB = 1024
@@ -419,7 +427,7 @@ def build_engines(
                 class_names=tuple(bundle.class_names),
                 thresholds={s: float(bundle.thresholds[s]) for s in parity.SCORES},
                 temperatures={"deploy": float(bundle.temperatures.get("deploy", 1.0)),
-                              "detector": float(bundle.temperatures.get("detector", 10.0))},
+                              "detector": float(bundle.temperatures.get("detector", DEFAULT_DETECTOR_TEMPERATURE))},
                 target_fpr=float(bundle.target_fpr),
                 batch={"min": batch[0], "opt": batch[1], "max": batch[2]},
                 engines={role: _engine_file(role, engines[role], sources[role], tmp, input_shape, cfg.num_classes) for role in ROLES},

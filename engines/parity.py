@@ -41,13 +41,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ism_edge.errors import ParityError
+from ism_edge.manifest import DEFAULT_DETECTOR_TEMPERATURE, SCORE_NAMES
 from ism_edge.scores import jsd
 
 if TYPE_CHECKING:
     from training.bundle import DefenseBundle
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-SCORES = ("recon_error", "jsd", "p_score")
+SCORES = SCORE_NAMES
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def defense_outputs(
     logits_ref = run_batched(run["classifier"], {"x": x_hat}, batch)["logits"]
     scores = {
         "recon_error": recon,
-        "jsd": jsd(logits_raw, logits_ref, float(temperatures.get("detector", 10.0))),
+        "jsd": jsd(logits_raw, logits_ref, float(temperatures.get("detector", DEFAULT_DETECTOR_TEMPERATURE))),
         "p_score": run_batched(run["perturbation"], {"x": x, "x_hat": x_hat}, batch)["p_score"],
     }
     if all(s in thresholds for s in SCORES):

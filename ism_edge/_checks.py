@@ -17,6 +17,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+
+def cuda_index(device: str) -> int | None:
+    """The GPU a device string names: N for ``cuda:N``, 0 for ``cuda`` and ``auto``, None otherwise."""
+    if device in ("cuda", "auto"):
+        return 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    return None
+
 #: Largest manifest read (a built engine manifest with its parity report is ~20 KB).
 MAX_JSON_BYTES = 4 << 20
 #: Deepest nesting of objects and lists in a manifest (ours nest 6 levels).

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ism_edge import _checks as check
 from ism_edge import preprocess, scores
 from ism_edge.backends import STAGES, Backend, ChainOutput, Job, select_backend
 from ism_edge.errors import EngineError, FrameError
@@ -164,7 +165,7 @@ def _check_compatible(manifest: EngineManifest, directory: Path, device: str) ->
         from ism_edge.compat import check_compatible  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return
-    gpu = int(device[5:]) if device.startswith("cuda:") and device[5:].isdigit() else 0
+    gpu = check.cuda_index(device) or 0
     check_compatible(manifest, directory, gpu=gpu)
 
 

@@ -32,11 +32,13 @@ from ism_edge import _checks as check
 from ism_edge._io import atomic_directory, atomic_write_json, sha256_file
 from ism_edge.errors import BundleError
 from ism_edge.manifest import (
+    DEFAULT_DETECTOR_TEMPERATURE,
     LABEL_SOURCES,
     MAX_CLASSES,
     MAX_FEEDBACK_ROUNDS,
     MAX_SIDE,
     MAX_THRESHOLD,
+    SCORE_NAMES,
     TEMPERATURE_RANGE,
 )
 from training.models import (
@@ -51,8 +53,8 @@ BUNDLE_FORMAT = "ism-edge-bundle"
 BUNDLE_FORMAT_VERSION = 1
 REQUIRED = ("classifier", "mapper", "perturbation")  # of the full defense; see DefenseSpec.required_networks
 OPTIONAL = ("discriminator", "teacher", "undefended")
-DEFAULT_TEMPERATURES = {"train": 20.0, "deploy": 1.0, "detector": 10.0}
-SCORES = ("recon_error", "jsd", "p_score")
+DEFAULT_TEMPERATURES = {"train": 20.0, "deploy": 1.0, "detector": DEFAULT_DETECTOR_TEMPERATURE}
+SCORES = SCORE_NAMES
 BASELINES = ("none", "magnet", "adv-only", "distill-only", "full")
 #: How a bundle stores its floating-point weights: float16 halves a shipped bundle; the networks
 #: are built and trained in float32 either way (loading casts up).

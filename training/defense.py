@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ism_edge.manifest import DEFAULT_DETECTOR_TEMPERATURE
 from training.bundle import DefenseBundle, DefenseSpec
 from training.models import js_divergence, reconstruction_error
 
@@ -53,7 +54,7 @@ class Defense(nn.Module):
         self.classifier = bundle.classifier
         self.mapper = bundle.networks.get("mapper") if self.spec.needs_mapper else None
         self.perturbation = bundle.networks.get("perturbation") if self.spec.needs_perturbation else None
-        self.t_detector = float(bundle.temperatures.get("detector", 10.0))
+        self.t_detector = float(bundle.temperatures.get("detector", DEFAULT_DETECTOR_TEMPERATURE))
         self.detectors = self.spec.detectors
         self.thresholds = {s: float(bundle.thresholds[s]) for s in self.detectors if s in bundle.thresholds}
         self.feedback_rounds = bundle.feedback_rounds if feedback_rounds is None else feedback_rounds

@@ -31,9 +31,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ism_edge.errors import EngineError, IsmEdgeError
-from ism_edge.manifest import EngineManifest
+from ism_edge.manifest import BACKENDS, EngineManifest
 
-BACKEND_NAMES = ("tensorrt", "onnxruntime")
+BACKEND_NAMES = BACKENDS
 
 #: Graph I/O of each role (the contract of :mod:`ism_edge.manifest`).
 GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

@@ -65,3 +65,10 @@ def test_the_next_atomic_write_cleans_up(tmp_path: Path, dead_pid: int) -> None:
         assert tmp.name.startswith(f".engines.{_owner()}.") and tmp.name.endswith(".partial")
         (tmp / "manifest.json").write_text("{}")
     assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
+
+
+def test_cuda_index_reads_the_device_strings_every_backend_takes() -> None:
+    from ism_edge._checks import cuda_index
+
+    assert [cuda_index(d) for d in ("cuda", "auto", "cuda:0", "cuda:3", "cpu", "cuda:", "cuda:x", "gpu")] == [
+        0, 0, 0, 3, None, None, None, None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from ism_edge.manifest import DEFAULT_DETECTOR_TEMPERATURE
 from training.bundle import BASELINES
 
 STAGES = ("undefended", "adversarial", "distill", "mapper", "finetune", "perturbation", "calibrate")
@@ -102,7 +103,7 @@ class RecipeConfig:
     distill: bool = True
     distill_method: str = "ard"
     distill_init: str = "teacher"
-    detector_temperature: float = 10.0
+    detector_temperature: float = DEFAULT_DETECTOR_TEMPERATURE
     label_source: str = "auto"
     # Mapping network loss weights (SPEC §2 stage 3).
     map_l1: float = 1e-4  # L1 penalty on the sparse code

@@ -17,6 +17,7 @@ from rich.progress import Progress
 from torch import nn
 
 from training.attacks import make_attack
+from training.bundle import SCORES
 from training.data import ImageArrays
 from training.data.torch_utils import iterate_batches, to_tensor
 from training.defense import Defense
@@ -410,7 +411,7 @@ def defense_scores(defense: Defense, data: ImageArrays, device: torch.device, ba
 
 
 def calibrate_thresholds(scores: dict[str, np.ndarray], target_fpr: float,
-                         detectors: tuple[str, ...] = ("recon_error", "jsd", "p_score"),
+                         detectors: tuple[str, ...] = SCORES,
                          groups: list[np.ndarray] | None = None) -> dict[str, float]:
     """Per-detector threshold = the (1 − target_fpr) quantile of its score on clean data.
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ism_edge import _checks as check
 from ism_edge._io import sha256_file
 from ism_edge.backends import GRAPH_IO, Backend, ChainOutput, Job
 from ism_edge.errors import EngineError, EngineMismatchError, MissingDependencyError
@@ -65,7 +66,7 @@ class OnnxRuntimeBackend(Backend):
         spinning: bool | None = None,
     ) -> None:
         super().__init__(directory, manifest, feedback_rounds=feedback_rounds)
-        if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
+        if device not in DEVICES and check.cuda_index(device) is None:
             raise ValueError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}")
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -99,7 +100,7 @@ class OnnxRuntimeBackend(Backend):
                 f"device {self.device!r} needs ONNX Runtime's CUDAExecutionProvider, but this onnxruntime "
                 f"has only {', '.join(available)}: pip install onnxruntime-gpu, or use --device cpu"
             )
-        device_id = int(self.device[5:]) if self.device.startswith("cuda:") else 0
+        device_id = check.cuda_index(self.device) or 0
         return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
 
     def _activate_impl(self) -> None:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ism_edge import _checks as check
 from ism_edge import cuda
 from ism_edge.backends import GRAPH_IO, Backend, ChainOutput, Job
 from ism_edge.backends.tensorrt.loader import tensorrt_module
@@ -190,12 +191,10 @@ class TensorRTBackend(Backend):
         threads: int | None = None,
     ) -> None:
         super().__init__(directory, manifest, feedback_rounds=feedback_rounds)
-        if device in ("auto", "cuda"):
-            self.device = 0
-        elif device.startswith("cuda:") and device[5:].isdigit():
-            self.device = int(device[5:])
-        else:
+        gpu = check.cuda_index(device)
+        if gpu is None:
             raise ValueError(f"the TensorRT backend runs on a GPU: device must be auto, cuda or cuda:N, got {device!r}")
+        self.device = gpu
         self.engine_files = {role: self.directory / manifest.engines[role].file for role in ROLES}
         self._engines: dict[str, _Engine] = {}
         self._streams: dict[str, cuda.Stream] = {}
