@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cli._common import cli_errors, keep_freed_memory, parse_eps, parse_list
+from cli.choices import DataKind
 
 
 def _names(baselines: list[str], dirs: list[Path]) -> list[str]:
@@ -36,7 +37,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 200,
     out: Annotated[Path | None, typer.Option(help="Directory for results.json/.md/.csv and accuracy_vs_eps.png (default: BUNDLE-eval for one bundle, ./ism-edge-eval for several).")] = None,
     split: Annotated[str, typer.Option(help="Split of a CIFAR-10/CelebA directory: test, train, valid, all.")] = "test",
-    kind: Annotated[str, typer.Option(help="Dataset layout: auto, cifar10-pickle, cifar10-binary, npz, celeba, folder.")] = "auto",
+    kind: Annotated[DataKind, typer.Option(help="Dataset layout (auto: from the path).")] = "auto",
     attribute: Annotated[str, typer.Option(help="CelebA binary attribute (must match the bundle's).")] = "Smiling",
     exact_only: Annotated[bool, typer.Option(help="Keep only exact-pixel images (CIFAR *_jpegfill .npz files).")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",

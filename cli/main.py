@@ -11,9 +11,9 @@ app = typer.Typer(
     cls=OneLineErrors,
     name="ism-edge",
     help="Train, compile and run the instance-sparsity adversarial defense on edge devices.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("train")(train.train)
 app.command("evaluate")(evaluate.evaluate)
@@ -24,14 +24,18 @@ app.command("calibrate")(calibrate.calibrate)
 app.command("bench")(bench.bench)
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
 ) -> None:
     if version:
         from ism_edge import __version__
 
         typer.echo(f"ism-edge {__version__}")
+        raise typer.Exit()
+    if ctx.invoked_subcommand is None:  # plain `ism-edge`: the overview, as --help gives it
+        typer.echo(ctx.get_help())
         raise typer.Exit()
 
 

@@ -8,13 +8,14 @@ from typing import Annotated
 import typer
 
 from cli._common import cli_errors, keep_freed_memory, parse_eps, parse_list
+from cli.choices import Baseline, DataKind, Preset
 
 
 @cli_errors
 def train(
     data: Annotated[list[Path], typer.Option("--data", help="Dataset path(s): CIFAR-10 directory (pickle or binary batches), .npz file(s) (several = parts), CelebA root, or an image folder. Repeat or list several after one --data.")],
     out: Annotated[Path, typer.Option("--out", help="Bundle directory to write (atomically, after every stage).")],
-    preset: Annotated[str, typer.Option(help="Model sizes: paper (Tables 1-2, 32x32), medium (the shipped CIFAR-10 defense, CPU hours), small (CPU minutes), celeba64, celeba128.")] = "small",
+    preset: Annotated[Preset, typer.Option(help="Model sizes: paper (Tables 1-2, 32x32), medium (the shipped CIFAR-10 defense, CPU hours), small (CPU minutes), celeba64, celeba128.")] = "small",
     epochs: Annotated[int | None, typer.Option(help="Epochs for every stage (perturbation classifier: half, at least 1).")] = None,
     epochs_classifier: Annotated[int | None, typer.Option(help="Epochs of each classifier stage (undefended, adversarial, distill).")] = None,
     epochs_mapper: Annotated[int | None, typer.Option(help="Epochs of the mapping-network stage.")] = None,
@@ -40,7 +41,7 @@ def train(
     sparsity_k: Annotated[int | None, typer.Option(help="Latent entries kept per instance by the mapping network (default: the preset's).")] = None,
     target_fpr: Annotated[float, typer.Option(help="False-positive rate each detector is calibrated for.")] = 0.01,
     feedback_rounds: Annotated[int, typer.Option(help="Feedback-reformation rounds stored in the bundle (0 = off).", min=0, max=100)] = 0,
-    kind: Annotated[str, typer.Option(help="Dataset layout: auto, cifar10-pickle, cifar10-binary, npz, celeba, folder.")] = "auto",
+    kind: Annotated[DataKind, typer.Option(help="Dataset layout (auto: from the path).")] = "auto",
     attribute: Annotated[str, typer.Option(help="CelebA binary attribute to classify.")] = "Smiling",
     exact_only: Annotated[bool, typer.Option(help="Keep only exact-pixel images (CIFAR *_jpegfill .npz files).")] = False,
     limit: Annotated[int | None, typer.Option(help="Use at most this many training images (stratified).")] = None,
@@ -48,7 +49,7 @@ def train(
     weights_dtype: Annotated[str | None, typer.Option(help="Store the bundle's weights as float32 or float16 (half the size, for shipping; training runs in float32 either way). Default: keep the existing bundle's, float32 for a new one.")] = None,
     num_classes: Annotated[int | None, typer.Option(help="Declare the number of classes: labels outside 0..N-1 are refused. Needed for .npz labels that leave classes without images.", min=2)] = None,
     classes: Annotated[str | None, typer.Option(help="Declare the class names, comma-separated, in label order (implies --num-classes).")] = None,
-    baseline: Annotated[str, typer.Option(help="What to train: full (the defense), none (undefended classifier), magnet (MagNet: plain autoencoder + reconstruction/JSD detectors), adv-only (adversarial training alone), distill-only (defensive distillation alone). Baselines set --adv-ratio/--distill themselves.")] = "full",
+    baseline: Annotated[Baseline, typer.Option(help="What to train: full (the defense), none (undefended classifier), magnet (MagNet: plain autoencoder + reconstruction/JSD detectors), adv-only (adversarial training alone), distill-only (defensive distillation alone). Baselines set --adv-ratio/--distill themselves.")] = "full",
 ) -> None:
     """Train the full defense (SPEC §2) and write a defense bundle.
 
@@ -61,16 +62,13 @@ def train(
     keep_freed_memory()
     from dataclasses import replace
 
-    from training.bundle import BASELINES, WEIGHTS_DTYPES
+    from training.bundle import WEIGHTS_DTYPES
     from training.data import declared_classes
     from training.recipe import STAGES, RecipeConfig, TrainRequest, train_bundle
 
     eps = parse_eps(adv_eps)
     if len(eps) != 2:
         raise typer.BadParameter("--adv-eps takes LOW,HIGH")
-    baseline = baseline.strip().lower()
-    if baseline not in BASELINES:
-        raise typer.BadParameter(f"--baseline must be one of {', '.join(BASELINES)}; got {baseline!r}")
     if weights_dtype is not None and weights_dtype not in WEIGHTS_DTYPES:
         raise typer.BadParameter(f"--weights-dtype must be one of {', '.join(WEIGHTS_DTYPES)}; got {weights_dtype!r}")
     chosen = list(STAGES) if stages.strip().lower() == "all" else parse_list(stages, STAGES, "--stages")

@@ -75,7 +75,7 @@ def test_evaluate_writes_table_and_json(tmp_path: Path, trained_bundle_dir: Path
 
 def test_baseline_option_is_checked(tmp_path: Path) -> None:
     r = runner.invoke(app, ["train", "--data", str(CIFAR_TRAIN), "--out", str(tmp_path / "b"), "--baseline", "nope"])
-    assert r.exit_code == 2 and "--baseline must be one of none, magnet" in r.output + r.stderr
+    assert r.exit_code == 2 and "'nope' is not one of 'full', 'none', 'magnet'" in r.output + r.stderr
     assert not (tmp_path / "b").exists()
 
 
