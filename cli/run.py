@@ -256,9 +256,9 @@ def _threshold_lines(cal: dict[str, Any], mode: Mode, grid: tuple[int, int] | No
 
 
 def _paced(source: FrameSource) -> FrameSource:
-    """``--realtime``: the video file's frames released on its clock (ism_edge.bench.stream.PacedSource)."""
-    from ism_edge.bench.stream import PacedSource
+    """``--realtime``: the video file's frames released on its clock (ism_edge.sources.PacedSource)."""
     from ism_edge.errors import SourceError
+    from ism_edge.sources import PacedSource
 
     if source.live or source.uri.kind != "video":
         source.close()
