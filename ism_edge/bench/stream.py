@@ -3,7 +3,7 @@
 A :class:`~ism_edge.sources.PacedSource` delivers a video file's frames at its frame rate
 (decoded ahead, released on schedule) and counts as *live*, so the reader thread keeps only the
 newest frames and counts the ones it drops, exactly as with a camera. :func:`run_stream_bench` runs
-:func:`ism_edge.pipeline.run_pipeline` on it for a fixed time (verdicts logged to a JSON-lines
+:func:`ism_edge.camera_loop.run_camera_loop` on it for a fixed time (verdicts logged to a JSON-lines
 file, no window or video output) and reports sustained FPS, end-to-end latency (capture →
 verdict) p50/p99, dropped frames, and the same per time window, so a latency that grows over
 the run is visible.
@@ -79,8 +79,8 @@ def run_stream_bench(
 ) -> dict[str, Any]:
     """Run the camera loop on a paced ``video`` (default: a 10 s clip of :func:`camera_frames`
     at ``frame_size`` and ``fps``, looped) for ``seconds`` and return the report (JSON-ready)."""
+    from ism_edge.camera_loop import run_camera_loop
     from ism_edge.outputs import VerdictLog
-    from ism_edge.pipeline import run_pipeline
     from ism_edge.runtime import DefenseRuntime
     from ism_edge.sources import FrameReader, ReaderOptions
 
@@ -103,7 +103,7 @@ def run_stream_bench(
             cpu0, wall0 = time.process_time(), time.perf_counter()
             timer.start()
             try:
-                summary = run_pipeline(runtime, reader, log=log, stop=stop)
+                summary = run_camera_loop(runtime, reader, log=log, stop=stop)
             finally:
                 timer.cancel()
             cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0

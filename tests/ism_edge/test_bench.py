@@ -24,9 +24,9 @@ from ism_edge.bench.flops import CHAIN_MULTIPLICITY, ChainFlops, chain_flops, gr
 from ism_edge.bench.frames import camera_frames, load_photos, write_video
 from ism_edge.bench.peak import PeakProbe, gemm_peak
 from ism_edge.bench.stream import latency_trend, latency_windows, run_stream_bench
+from ism_edge.camera_loop import run_camera_loop
 from ism_edge.errors import EngineError
 from ism_edge.outputs import VerdictLog
-from ism_edge.pipeline import run_pipeline
 from ism_edge.sources import FrameReader, ReaderOptions
 from tests.conftest import ROOT
 from tests.ism_edge.conftest import ScriptedSource
@@ -267,7 +267,7 @@ def test_a_live_frame_is_answered_before_the_next_capture(engine_dir: Path, tmp_
     log = tmp_path / "v.jsonl"
     stop = threading.Event()
     with DefenseRuntime(engine_dir) as rt:
-        worker = threading.Thread(target=run_pipeline, args=(rt, FrameReader(source, ReaderOptions(stall_timeout=30))),
+        worker = threading.Thread(target=run_camera_loop, args=(rt, FrameReader(source, ReaderOptions(stall_timeout=30))),
                                   kwargs={"log": VerdictLog(log), "stop": stop})  # fmt: skip
         worker.start()
         try:
