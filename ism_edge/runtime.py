@@ -58,29 +58,32 @@ def max_threads() -> int:
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """How a :class:`DefenseRuntime` runs an engine directory.
+    """How a :class:`DefenseRuntime` runs an engine directory."""
 
-    ``backend``: ``"tensorrt"``, ``"onnxruntime"`` or ``None``/``"auto"`` (TensorRT when usable).
-    ``device``: ``"auto"``, ``"cpu"`` (ONNX Runtime only), ``"cuda"`` or ``"cuda:N"``.
-    ``mode``: ``"resize"`` (whole frame → one model input) or ``"tile"`` (model-size tiles,
-    batched, per-tile scores → heat map); ``tile_grid=(rows, cols)`` resizes the frame to that
-    exact grid first, ``None`` tiles at native resolution. ``color_order`` of the frames you pass
-    (``"BGR"``: OpenCV, ROS ``bgr8``; ``"RGB"``: PIL). ``feedback_rounds``: ``None`` uses the
-    manifest's. ``purified``: attach the reformed image to every verdict. ``threads``: ONNX
-    Runtime intra-op threads, and the threads that preprocess the frames of a batch (default: one
-    per core; at most :func:`max_threads`); ``spinning``: whether ONNX Runtime's idle threads spin (``None``: off,
-    which measured faster for the chain; docs/performance.md). ``verify``: check engine file hashes when loading.
-    """
-
+    #: ``"tensorrt"``, ``"onnxruntime"``, or ``None``/``"auto"``: TensorRT when it is usable here.
     backend: str | None = None
+    #: ``"auto"``, ``"cpu"`` (ONNX Runtime only), ``"cuda"`` or ``"cuda:N"``.
     device: str = "auto"
+    #: ``"resize"``: the whole frame becomes one model input; ``"tile"``: model-size tiles, judged
+    #: as one batch, with per-tile scores (a heat map).
     mode: str = "resize"
+    #: Channel order of the frames passed in: ``"BGR"`` (OpenCV, ROS ``bgr8``) or ``"RGB"`` (PIL).
     color_order: str = "BGR"
+    #: Tile mode: ``(rows, cols)`` resizes the frame to exactly that grid of tiles first;
+    #: ``None`` tiles it at its native resolution.
     tile_grid: tuple[int, int] | None = None
+    #: Most feedback reformation rounds (x̂ ← M(x̂) while the reconstruction error is above its
+    #: threshold); ``None``: the manifest's.
     feedback_rounds: int | None = None
+    #: Attach the reformed (purified) image to every verdict.
     purified: bool = False
+    #: ONNX Runtime intra-op threads, and the threads that preprocess the frames of a batch;
+    #: ``None``: one per core. At most :func:`max_threads`.
     threads: int | None = None
+    #: Whether ONNX Runtime's idle threads spin waiting for work; ``None``: off, which is faster
+    #: for the chain's three sessions (docs/performance.md, "Session options").
     spinning: bool | None = None
+    #: Check the engine files' SHA-256 hashes against the manifest when loading.
     verify: bool = True
 
     def __post_init__(self) -> None:
