@@ -152,9 +152,8 @@ def keep_freed_memory() -> None:
     PyTorch's CPU allocator frees every intermediate tensor; glibc gives blocks above its
     (dynamic) mmap threshold back to the kernel and trims the heap top, so each attack or training
     step page-faults the same memory in again. A fixed 32 MiB mmap threshold and a 1 GiB trim
-    threshold keep it: on 2 cores, `ism-edge evaluate` (200 images, three threat models) went from
-    17.1 to 13.4 s with 2.7 M → 0.14 M page faults, and the demo's training from 25.4 to 22.7 s,
-    with identical results; resident memory grew by ~50 MB. A no-op off glibc.
+    threshold keep it, for identical results in less time at the cost of a larger resident set
+    (measured in docs/evaluation.md, "Cost"). A no-op off glibc.
     """
     import ctypes
     import ctypes.util

@@ -13,9 +13,9 @@ import typer
 from cli._common import Backend, Mode, cli_errors, tile_grid_for
 
 if TYPE_CHECKING:
+    from ism_edge.camera_loop import RunSummary
     from ism_edge.errors import IsmEdgeError
     from ism_edge.outputs import OutputPath, OutputURI
-    from ism_edge.pipeline import RunSummary
     from ism_edge.runtime import DefenseRuntime, RuntimeOptions
     from ism_edge.sources import FrameSource, SourceURI
 
@@ -138,6 +138,7 @@ def run(
     """
     import cv2.utils.logging as cv_logging
 
+    from ism_edge.camera_loop import RunOptions, run_camera_loop
     from ism_edge.outputs import (
         FrameSink,
         ImageFolderOutput,
@@ -147,7 +148,6 @@ def run(
         opencv_has_gui,
         parse_output,
     )
-    from ism_edge.pipeline import RunOptions, run_pipeline
     from ism_edge.runtime import RuntimeOptions
     from ism_edge.sources import FrameReader, ReaderOptions, open_source
 
@@ -195,7 +195,7 @@ def run(
         )
         typer.echo(f"input: {source_uri}" + (f" → {out_uri.text}" if out_uri else "") + f"; log: {log}", err=True)
         status = _status_printer() if sys.stderr.isatty() else None
-        summary = run_pipeline(
+        summary = run_camera_loop(
             runtime, reader, log=log_out, sinks=sinks, purified=purified_out,
             options=RunOptions(max_frames=max_frames), status=status,
         )  # fmt: skip
@@ -256,9 +256,9 @@ def _threshold_lines(cal: dict[str, Any], mode: Mode, grid: tuple[int, int] | No
 
 
 def _paced(source: FrameSource) -> FrameSource:
-    """``--realtime``: the video file's frames released on its clock (ism_edge.bench.stream.PacedSource)."""
-    from ism_edge.bench.stream import PacedSource
+    """``--realtime``: the video file's frames released on its clock (ism_edge.sources.PacedSource)."""
     from ism_edge.errors import SourceError
+    from ism_edge.sources import PacedSource
 
     if source.live or source.uri.kind != "video":
         source.close()

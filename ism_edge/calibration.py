@@ -2,8 +2,8 @@
 
 A bundle's thresholds are the (1 − target FPR) quantile of each detector's score on held-out
 training images (MagNet's rule, ``training.recipe.stages.calibrate_thresholds``). A camera does not
-see those images: with the shipped CIFAR-10 bundle, 80 of 300 frames of a clean pan over the sample
-photographs are flagged (docs/runtime.md). Calibration applies the same rule to the scores of
+see those images, so on clean camera frames the detectors flag far more than the target FPR
+(docs/runtime.md, "ism-edge calibrate"). Calibration applies the same rule to the scores of
 frames the user vouches are clean, taken *per frame* as the runtime reports them — in tile mode the
 maximum over the frame's tiles — so ``fpr`` is the share of clean frames each detector flags, in the
 mode the deployment runs. The detectors are scored without feedback rounds, as training calibrates.

@@ -58,29 +58,32 @@ def max_threads() -> int:
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """How a :class:`DefenseRuntime` runs an engine directory.
+    """How a :class:`DefenseRuntime` runs an engine directory."""
 
-    ``backend``: ``"tensorrt"``, ``"onnxruntime"`` or ``None``/``"auto"`` (TensorRT when usable).
-    ``device``: ``"auto"``, ``"cpu"`` (ONNX Runtime only), ``"cuda"`` or ``"cuda:N"``.
-    ``mode``: ``"resize"`` (whole frame → one model input) or ``"tile"`` (model-size tiles,
-    batched, per-tile scores → heat map); ``tile_grid=(rows, cols)`` resizes the frame to that
-    exact grid first, ``None`` tiles at native resolution. ``color_order`` of the frames you pass
-    (``"BGR"``: OpenCV, ROS ``bgr8``; ``"RGB"``: PIL). ``feedback_rounds``: ``None`` uses the
-    manifest's. ``purified``: attach the reformed image to every verdict. ``threads``: ONNX
-    Runtime intra-op threads, and the threads that preprocess the frames of a batch (default: one
-    per core; at most :func:`max_threads`); ``spinning``: whether ONNX Runtime's idle threads spin (``None``: off,
-    which measured faster for the chain; docs/performance.md). ``verify``: check engine file hashes when loading.
-    """
-
+    #: ``"tensorrt"``, ``"onnxruntime"``, or ``None``/``"auto"``: TensorRT when it is usable here.
     backend: str | None = None
+    #: ``"auto"``, ``"cpu"`` (ONNX Runtime only), ``"cuda"`` or ``"cuda:N"``.
     device: str = "auto"
+    #: ``"resize"``: the whole frame becomes one model input; ``"tile"``: model-size tiles, judged
+    #: as one batch, with per-tile scores (a heat map).
     mode: str = "resize"
+    #: Channel order of the frames passed in: ``"BGR"`` (OpenCV, ROS ``bgr8``) or ``"RGB"`` (PIL).
     color_order: str = "BGR"
+    #: Tile mode: ``(rows, cols)`` resizes the frame to exactly that grid of tiles first;
+    #: ``None`` tiles it at its native resolution.
     tile_grid: tuple[int, int] | None = None
+    #: Most feedback reformation rounds (x̂ ← M(x̂) while the reconstruction error is above its
+    #: threshold); ``None``: the manifest's.
     feedback_rounds: int | None = None
+    #: Attach the reformed (purified) image to every verdict.
     purified: bool = False
+    #: ONNX Runtime intra-op threads, and the threads that preprocess the frames of a batch;
+    #: ``None``: one per core. At most :func:`max_threads`.
     threads: int | None = None
+    #: Whether ONNX Runtime's idle threads spin waiting for work; ``None``: off, which is faster
+    #: for the chain's three sessions (docs/performance.md, "Session options").
     spinning: bool | None = None
+    #: Check the engine files' SHA-256 hashes against the manifest when loading.
     verify: bool = True
 
     def __post_init__(self) -> None:
@@ -347,74 +350,82 @@ class DefenseRuntime:
 
     # -- verdicts ----------------------------------------------------------------------------------
     def _verdicts(self, pending: Pending) -> list[Verdict]:
+        """One verdict per frame of ``pending``, from the chain outputs of its jobs."""
         t0 = time.perf_counter()
         parts = [pending.outputs[i] for i in range(len(pending.jobs))]
         out = ChainOutput.concatenate(parts)
-        m = self.manifest
-        decided = decide(out, m)
-        per_sample, flags, probs = decided.scores, decided.flags, decided.probs
-        thresholds = self.thresholds
+        decided = decide(out, self.manifest)
         host_ms = (time.perf_counter() - t0) * 1e3
-
-        job_rows: list[tuple[int, int]] = []
-        row = 0
-        for job in pending.jobs:
-            job_rows.append((row, row + job.batch))
-            row += job.batch
-
         verdicts = []
         for meta in pending.frames:
+            timings = _frame_timings(meta, pending.jobs, parts, host_ms)
             t1 = time.perf_counter()
-            timings = {"preprocess": meta.preprocess_ms, **{s: 0.0 for s in STAGES}}
-            for (lo, hi), part in zip(job_rows, parts, strict=True):
-                if lo < meta.stop and meta.start < hi:
-                    for k, v in part.timings_ms.items():
-                        timings[k] = timings.get(k, 0.0) + v
-            timings["detectors"] += host_ms
-            sl = slice(meta.start, meta.stop)
-            frame_scores = {k: float(per_sample[k][sl].max()) for k in SCORE_NAMES}
-            mean_probs = probs[sl].mean(axis=0)
-            label_index = int(mean_probs.argmax())
-            flagged_by = tuple(k for k in SCORE_NAMES if frame_scores[k] > thresholds[k])
-            tiles = None
-            image = None
-            if meta.layout is not None:
-                tile_labels = probs[sl].argmax(axis=1)
-                tile_scores = {k: tuple(float(v) for v in per_sample[k][sl]) for k in SCORE_NAMES}
-                tiles = TileScores(
-                    rows=meta.layout.rows,
-                    cols=meta.layout.cols,
-                    boxes=meta.layout.boxes,
-                    scores=tile_scores,
-                    flagged=tuple(bool(f) for f in flags[sl]),
-                    labels=tuple(m.class_names[int(i)] for i in tile_labels),
-                    severity=tuple(
-                        severity({k: tile_scores[k][j] for k in SCORE_NAMES}, thresholds) for j in range(meta.stop - meta.start)
-                    ),
-                )
-            if pending.purified and out.x_hat is not None:
-                kw = {"color_order": self.options.color_order, "model_order": m.color_order}
-                if meta.layout is not None:
-                    image = preprocess.stitch_tiles(out.x_hat[sl], meta.layout, **kw)
-                else:
-                    image = preprocess.from_model_output(out.x_hat[meta.start], **kw)
+            image = self._purified_image(out, meta) if pending.purified else None
             timings["download"] += (time.perf_counter() - t1) * 1e3 if image is not None else 0.0
             timings["total"] = (time.perf_counter() - pending.started) * 1e3
-            verdicts.append(
-                Verdict(
-                    label=m.class_names[label_index],
-                    label_index=label_index,
-                    confidence=float(mean_probs[label_index]),
-                    scores=frame_scores,
-                    thresholds=thresholds,
-                    flagged=bool(flagged_by),
-                    flagged_by=flagged_by,
-                    timings_ms=timings,
-                    feedback_rounds=int(out.rounds[sl].max()),
-                    mode=self.options.mode,
-                    frame_size=(int(meta.frame_size[0]), int(meta.frame_size[1])),
-                    tiles=tiles,
-                    purified=image,
-                )
-            )
+            verdicts.append(self._frame_verdict(meta, out, decided, timings, image))
         return verdicts
+
+    def _frame_verdict(self, meta: _FrameMeta, out: ChainOutput, decided: Decisions, timings: dict[str, float],
+                       image: np.ndarray | None) -> Verdict:
+        """A frame's verdict: its highest score per detector, and the label of its mean probabilities."""
+        sl = slice(meta.start, meta.stop)
+        frame_scores = {k: float(decided.scores[k][sl].max()) for k in SCORE_NAMES}
+        mean_probs = decided.probs[sl].mean(axis=0)
+        label_index = int(mean_probs.argmax())
+        flagged_by = tuple(k for k in SCORE_NAMES if frame_scores[k] > self.thresholds[k])
+        return Verdict(
+            label=self.manifest.class_names[label_index],
+            label_index=label_index,
+            confidence=float(mean_probs[label_index]),
+            scores=frame_scores,
+            thresholds=self.thresholds,
+            flagged=bool(flagged_by),
+            flagged_by=flagged_by,
+            timings_ms=timings,
+            feedback_rounds=int(out.rounds[sl].max()),
+            mode=self.options.mode,
+            frame_size=(int(meta.frame_size[0]), int(meta.frame_size[1])),
+            tiles=None if meta.layout is None else self._tile_scores(meta, meta.layout, decided),
+            purified=image,
+        )
+
+    def _tile_scores(self, meta: _FrameMeta, layout: preprocess.TileLayout, decided: Decisions) -> TileScores:
+        """Tile mode: each tile's box, scores, flag, label and severity (the heat map)."""
+        sl = slice(meta.start, meta.stop)
+        tile_scores = {k: tuple(float(v) for v in decided.scores[k][sl]) for k in SCORE_NAMES}
+        return TileScores(
+            rows=layout.rows,
+            cols=layout.cols,
+            boxes=layout.boxes,
+            scores=tile_scores,
+            flagged=tuple(bool(f) for f in decided.flags[sl]),
+            labels=tuple(self.manifest.class_names[int(i)] for i in decided.labels[sl]),
+            severity=tuple(
+                severity({k: tile_scores[k][j] for k in SCORE_NAMES}, self.thresholds) for j in range(meta.stop - meta.start)
+            ),
+        )
+
+    def _purified_image(self, out: ChainOutput, meta: _FrameMeta) -> np.ndarray | None:
+        """The frame's reformed image x̂ in the caller's colour order (tiles stitched back), if the chain returned it."""
+        if out.x_hat is None:
+            return None
+        kw = {"color_order": self.options.color_order, "model_order": self.manifest.color_order}
+        if meta.layout is not None:
+            return preprocess.stitch_tiles(out.x_hat[meta.start:meta.stop], meta.layout, **kw)
+        return preprocess.from_model_output(out.x_hat[meta.start], **kw)
+
+
+def _frame_timings(meta: _FrameMeta, jobs: Sequence[Job], parts: Sequence[ChainOutput], host_ms: float) -> dict[str, float]:
+    """A frame's stage times in ms: its preprocessing, the device stages of every job that held
+    one of its rows, and the host's decision time (charged to ``detectors``)."""
+    timings = {"preprocess": meta.preprocess_ms, **{s: 0.0 for s in STAGES}}
+    lo = 0
+    for job, part in zip(jobs, parts, strict=True):
+        hi = lo + job.batch
+        if lo < meta.stop and meta.start < hi:
+            for k, v in part.timings_ms.items():
+                timings[k] = timings.get(k, 0.0) + v
+        lo = hi
+    timings["detectors"] += host_ms
+    return timings

@@ -308,6 +308,65 @@ def open_source(uri: SourceURI | str | int, **kwargs: Any) -> FrameSource:
     return source
 
 
+class PacedSource(FrameSource):
+    """A video file played at its frame rate like a camera (``ism-edge run --realtime``, ``bench --camera-rate``).
+
+    Wraps an (opened or not) file source so its frames arrive at ``fps`` and counts as *live*, so
+    the reader keeps only the newest frames and counts the ones it drops, as with a camera.
+
+    Frame *i* is released at ``t0 + i / fps`` (``t0``: the first read); a consumer that falls
+    behind gets the overdue frames at once and the reader's drop-oldest queue discards what it
+    cannot keep. ``fps`` defaults to the file's. With ``loop`` the file restarts at its end, so a
+    short clip can feed a long run.
+    """
+
+    def __init__(self, inner: FrameSource, fps: float | None = None, *, loop: bool = False) -> None:
+        super().__init__(SourceURI("video", inner.uri.location, f"paced:{inner.uri.text}"))
+        self.inner = inner
+        self._requested_fps = fps
+        self.loop = loop
+        self._t0: float | None = None
+        self._next = 0
+
+    @property
+    def live(self) -> bool:
+        return True
+
+    @property
+    def finite(self) -> bool:
+        return not self.loop  # the end of the file ends the run instead of a reconnection
+
+    @property
+    def fps(self) -> float | None:
+        return self._requested_fps or self.inner.fps
+
+    def open(self) -> None:
+        self.inner.open()
+        if self.fps is None:
+            raise SourceError(f"{self.inner.uri} reports no frame rate: give one (fps=...) to pace it like a camera")
+        self._t0 = None
+        self._next = 0
+
+    def read(self) -> np.ndarray | None:
+        frame = self.inner.read()
+        if frame is None and self.loop:
+            self.inner.open()
+            frame = self.inner.read()
+        if frame is None:
+            return None
+        now = time.perf_counter()
+        if self._t0 is None:
+            self._t0 = now
+        due = self._t0 + self._next / float(self.fps or 1.0)
+        self._next += 1
+        if due > now:
+            time.sleep(due - now)
+        return frame
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 # -- the queue ------------------------------------------------------------------------------------
 
 

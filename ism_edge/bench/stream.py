@@ -1,9 +1,9 @@
 """Camera-rate benchmark: ``ism-edge run``'s loop on a video that behaves like a live camera.
 
-:class:`PacedSource` delivers a video file's frames at its frame rate (decoded ahead, released
-on schedule) and counts as *live*, so the reader thread keeps only the newest frames and counts
-the ones it drops, exactly as with a camera. :func:`run_stream_bench` runs
-:func:`ism_edge.pipeline.run_pipeline` on it for a fixed time (verdicts logged to a JSON-lines
+A :class:`~ism_edge.sources.PacedSource` delivers a video file's frames at its frame rate
+(decoded ahead, released on schedule) and counts as *live*, so the reader thread keeps only the
+newest frames and counts the ones it drops, exactly as with a camera. :func:`run_stream_bench` runs
+:func:`ism_edge.camera_loop.run_camera_loop` on it for a fixed time (verdicts logged to a JSON-lines
 file, no window or video output) and reports sustained FPS, end-to-end latency (capture →
 verdict) p50/p99, dropped frames, and the same per time window, so a latency that grows over
 the run is visible.
@@ -20,65 +20,7 @@ from typing import Any
 import numpy as np
 
 from ism_edge.bench.frames import DEFAULT_FRAME_SIZE, write_video
-from ism_edge.sources import FrameSource, SourceURI, open_source
-
-
-class PacedSource(FrameSource):
-    """Wrap an (opened or not) file source so its frames arrive at ``fps`` like a camera's.
-
-    Frame *i* is released at ``t0 + i / fps`` (``t0``: the first read); a consumer that falls
-    behind gets the overdue frames at once and the reader's drop-oldest queue discards what it
-    cannot keep. ``fps`` defaults to the file's. With ``loop`` the file restarts at its end, so a
-    short clip can feed a long run.
-    """
-
-    def __init__(self, inner: FrameSource, fps: float | None = None, *, loop: bool = False) -> None:
-        super().__init__(SourceURI("video", inner.uri.location, f"paced:{inner.uri.text}"))
-        self.inner = inner
-        self._requested_fps = fps
-        self.loop = loop
-        self._t0: float | None = None
-        self._next = 0
-
-    @property
-    def live(self) -> bool:
-        return True
-
-    @property
-    def finite(self) -> bool:
-        return not self.loop  # the end of the file ends the run instead of a reconnection
-
-    @property
-    def fps(self) -> float | None:
-        return self._requested_fps or self.inner.fps
-
-    def open(self) -> None:
-        self.inner.open()
-        if self.fps is None:
-            from ism_edge.errors import SourceError
-
-            raise SourceError(f"{self.inner.uri} reports no frame rate: give one (fps=...) to pace it like a camera")
-        self._t0 = None
-        self._next = 0
-
-    def read(self) -> np.ndarray | None:
-        frame = self.inner.read()
-        if frame is None and self.loop:
-            self.inner.open()
-            frame = self.inner.read()
-        if frame is None:
-            return None
-        now = time.perf_counter()
-        if self._t0 is None:
-            self._t0 = now
-        due = self._t0 + self._next / float(self.fps or 1.0)
-        self._next += 1
-        if due > now:
-            time.sleep(due - now)
-        return frame
-
-    def close(self) -> None:
-        self.inner.close()
+from ism_edge.sources import PacedSource, open_source
 
 
 def latency_windows(timeline: list[tuple[float, float]], window_s: float) -> list[dict[str, Any]]:
@@ -137,8 +79,8 @@ def run_stream_bench(
 ) -> dict[str, Any]:
     """Run the camera loop on a paced ``video`` (default: a 10 s clip of :func:`camera_frames`
     at ``frame_size`` and ``fps``, looped) for ``seconds`` and return the report (JSON-ready)."""
+    from ism_edge.camera_loop import run_camera_loop
     from ism_edge.outputs import VerdictLog
-    from ism_edge.pipeline import run_pipeline
     from ism_edge.runtime import DefenseRuntime
     from ism_edge.sources import FrameReader, ReaderOptions
 
@@ -161,7 +103,7 @@ def run_stream_bench(
             cpu0, wall0 = time.process_time(), time.perf_counter()
             timer.start()
             try:
-                summary = run_pipeline(runtime, reader, log=log, stop=stop)
+                summary = run_camera_loop(runtime, reader, log=log, stop=stop)
             finally:
                 timer.cancel()
             cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0

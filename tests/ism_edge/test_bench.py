@@ -23,10 +23,10 @@ from ism_edge.bench.chain import BENCH_STAGES, BenchConfig, run_chain_bench
 from ism_edge.bench.flops import CHAIN_MULTIPLICITY, ChainFlops, chain_flops, graph_macs
 from ism_edge.bench.frames import camera_frames, load_photos, write_video
 from ism_edge.bench.peak import PeakProbe, gemm_peak
-from ism_edge.bench.stream import PacedSource, latency_trend, latency_windows, run_stream_bench
+from ism_edge.bench.stream import latency_trend, latency_windows, run_stream_bench
+from ism_edge.camera_loop import run_camera_loop
 from ism_edge.errors import EngineError
 from ism_edge.outputs import VerdictLog
-from ism_edge.pipeline import run_pipeline
 from ism_edge.sources import FrameReader, ReaderOptions
 from tests.conftest import ROOT
 from tests.ism_edge.conftest import ScriptedSource
@@ -267,7 +267,7 @@ def test_a_live_frame_is_answered_before_the_next_capture(engine_dir: Path, tmp_
     log = tmp_path / "v.jsonl"
     stop = threading.Event()
     with DefenseRuntime(engine_dir) as rt:
-        worker = threading.Thread(target=run_pipeline, args=(rt, FrameReader(source, ReaderOptions(stall_timeout=30))),
+        worker = threading.Thread(target=run_camera_loop, args=(rt, FrameReader(source, ReaderOptions(stall_timeout=30))),
                                   kwargs={"log": VerdictLog(log), "stop": stop})  # fmt: skip
         worker.start()
         try:
@@ -283,25 +283,6 @@ def test_a_live_frame_is_answered_before_the_next_capture(engine_dir: Path, tmp_
 
 
 # -- camera rate -------------------------------------------------------------------------------------------
-
-
-def test_paced_source_is_live_loops_and_never_runs_early() -> None:
-    frames = [np.full((4, 4, 3), i, np.uint8) for i in range(3)]
-    paced = PacedSource(ScriptedSource(list(frames), live=False), fps=50.0, loop=False)
-    assert paced.live and paced.fps == 50.0
-    t0 = time.perf_counter()
-    got = [paced.read() for _ in range(4)]
-    assert [int(g[0, 0, 0]) for g in got[:3]] == [0, 1, 2] and got[3] is None
-    assert time.perf_counter() - t0 >= 2 / 50.0  # frame 2 is released 2 periods after frame 0
-
-    class Rewinding(ScriptedSource):
-        def open(self) -> None:
-            super().open()
-            self.reads = list(frames)
-
-    looping = PacedSource(Rewinding([], live=False), fps=1000.0, loop=True)
-    looping.open()
-    assert [int(looping.read()[0, 0, 0]) for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
 
 
 def test_latency_windows_and_trend() -> None:

@@ -19,7 +19,7 @@ after_import = sorted(m for m in {heavy!r} if m in sys.modules)
 import numpy as np
 from ism_edge import DefenseRuntime
 from ism_edge.outputs import VerdictLog, VideoFileOutput
-from ism_edge.pipeline import run_pipeline
+from ism_edge.camera_loop import run_camera_loop
 from ism_edge.sources import FrameReader, open_source
 import ism_edge.backends.tensorrt, ism_edge.cuda  # importable without TensorRT or a GPU
 
@@ -28,7 +28,7 @@ with DefenseRuntime({engine_dir!r}) as rt:
     batch = rt.process_batch([np.full((64, 48, 3), 200, np.uint8)] * 3)
 with DefenseRuntime({engine_dir!r}, mode="tile") as rt:
     tiled = rt.process(np.zeros((100, 70, 3), np.uint8))
-    summary = run_pipeline(
+    summary = run_camera_loop(
         rt, FrameReader(open_source({video!r})), log=VerdictLog({log!r}), sinks=[VideoFileOutput({out!r}, fps=10)]
     )
 print(json.dumps({{

@@ -16,6 +16,7 @@ from ism_edge.sources import (
     CaptureSource,
     DropOldestQueue,
     FrameReader,
+    PacedSource,
     ReaderOptions,
     Skipped,
     open_source,
@@ -238,3 +239,22 @@ def test_a_crashing_decoder_reaches_the_consumer_as_one_line() -> None:
         assert reader.get() is not None
         with pytest.raises(SourceError, match="reading failed .*decoder exploded"):
             reader.get()
+
+
+def test_paced_source_is_live_loops_and_never_runs_early() -> None:
+    frames = [np.full((4, 4, 3), i, np.uint8) for i in range(3)]
+    paced = PacedSource(ScriptedSource(list(frames), live=False), fps=50.0, loop=False)
+    assert paced.live and paced.fps == 50.0
+    t0 = time.perf_counter()
+    got = [paced.read() for _ in range(4)]
+    assert [int(g[0, 0, 0]) for g in got[:3]] == [0, 1, 2] and got[3] is None
+    assert time.perf_counter() - t0 >= 2 / 50.0  # frame 2 is released 2 periods after frame 0
+
+    class Rewinding(ScriptedSource):
+        def open(self) -> None:
+            super().open()
+            self.reads = list(frames)
+
+    looping = PacedSource(Rewinding([], live=False), fps=1000.0, loop=True)
+    looping.open()
+    assert [int(looping.read()[0, 0, 0]) for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]

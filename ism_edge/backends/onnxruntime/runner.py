@@ -47,8 +47,8 @@ class OnnxRuntimeBackend(Backend):
     ``device``: ``"auto"`` (CUDA provider when onnxruntime-gpu has it, else CPU), ``"cpu"``,
     ``"cuda"`` or ``"cuda:N"``. ``threads``: intra-op threads (``None``: ONNX Runtime's default,
     one per core). ``spinning``: whether idle intra-op threads spin waiting for work (lower
-    latency per operator, but they burn their core; ``None``: off, measured faster for this chain of
-    three sessions — docs/performance.md). Runs the directory's ONNX Runtime models, or the ONNX sources of a TensorRT
+    latency per operator, but they burn their core; ``None``: off, faster for this chain of three
+    sessions — docs/performance.md, "Session options"). Runs the directory's ONNX Runtime models, or the ONNX sources of a TensorRT
     engine directory.
     """
 
@@ -118,8 +118,7 @@ class OnnxRuntimeBackend(Backend):
         if self.threads is not None:
             opts.intra_op_num_threads = self.threads
         # Off unless asked: the chain's three sessions each own a thread pool, and spinning idle
-        # threads of one steal the cores the next needs (on 2 cores: ~1.7x slower chain, 188 %
-        # CPU instead of 8 % at 30 fps; docs/performance.md).
+        # threads of one steal the cores the next needs (docs/performance.md, "Session options").
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         recorded = self.manifest.parity.get("sources", {}) if isinstance(self.manifest.parity, dict) else {}
         for role, path in self.model_files.items():

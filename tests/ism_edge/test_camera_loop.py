@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from ism_edge import DefenseRuntime
+from ism_edge.camera_loop import RunOptions, graceful_interrupt, run_camera_loop
 from ism_edge.errors import SourceError
 from ism_edge.outputs import ImageFolderOutput, VerdictLog, VideoFileOutput
-from ism_edge.pipeline import RunOptions, graceful_interrupt, run_pipeline
 from ism_edge.sources import FrameReader, ReaderOptions, open_source
 from tests.ism_edge.conftest import ScriptedSource, count_video_frames
 
@@ -31,7 +31,7 @@ def read_log(path: Path) -> list[dict]:
 
 def test_every_frame_is_logged_and_drawn(runtime: DefenseRuntime, sample_video: Path, tmp_path: Path) -> None:
     log, video = tmp_path / "v.jsonl", tmp_path / "annotated.mp4"
-    summary = run_pipeline(
+    summary = run_camera_loop(
         runtime, FrameReader(open_source(sample_video)), log=VerdictLog(log), sinks=[VideoFileOutput(video, fps=10)],
         purified=ImageFolderOutput(tmp_path / "purified"),
     )  # fmt: skip
@@ -51,7 +51,7 @@ def test_every_frame_is_logged_and_drawn(runtime: DefenseRuntime, sample_video: 
 
 
 def test_max_frames(runtime: DefenseRuntime, sample_video: Path, tmp_path: Path) -> None:
-    summary = run_pipeline(
+    summary = run_camera_loop(
         runtime, FrameReader(open_source(sample_video)), log=VerdictLog(tmp_path / "v.jsonl"), options=RunOptions(max_frames=5)
     )
     assert summary.stopped == "max-frames" and summary.frames == 5
@@ -62,7 +62,7 @@ def test_bad_frames_are_counted_and_logged_as_skips(runtime: DefenseRuntime, tmp
     good = np.full((40, 60, 3), 90, np.uint8)
     nan = np.full((40, 60, 3), np.nan, np.float32)
     source = ScriptedSource([good, nan, np.zeros((40, 60, 5), np.uint8), good], live=False)
-    summary = run_pipeline(runtime, FrameReader(source), log=VerdictLog(tmp_path / "v.jsonl"))
+    summary = run_camera_loop(runtime, FrameReader(source), log=VerdictLog(tmp_path / "v.jsonl"))
     records = read_log(tmp_path / "v.jsonl")
     assert summary.frames == 2 and summary.skipped == 2 and summary.failure is None
     assert [r["frame"] for r in records] == [0, 1, 2, 3]
@@ -74,7 +74,7 @@ def test_bad_frames_are_counted_and_logged_as_skips(runtime: DefenseRuntime, tmp
 def test_an_image_folder_log_names_every_file_and_every_skipped_one(runtime: DefenseRuntime, image_folder: Path, tmp_path: Path) -> None:
     (image_folder / "broken.png").write_bytes(b"not a png")  # sorts first
     (image_folder / "zz_empty.jpg").write_bytes(b"")  # sorts last
-    summary = run_pipeline(runtime, FrameReader(open_source(image_folder)), log=VerdictLog(tmp_path / "v.jsonl"))
+    summary = run_camera_loop(runtime, FrameReader(open_source(image_folder)), log=VerdictLog(tmp_path / "v.jsonl"))
     records = read_log(tmp_path / "v.jsonl")
     names = sorted(p.name for p in image_folder.iterdir())
     assert [r["file"] for r in records] == names and [r["frame"] for r in records] == list(range(6))
@@ -95,7 +95,7 @@ def test_running_out_of_memory_mid_run_is_a_clear_failure(runtime: DefenseRuntim
         return submit(*args, **kwargs)
 
     monkeypatch.setattr(runtime, "submit", failing_submit)
-    summary = run_pipeline(runtime, FrameReader(open_source(sample_video)), log=VerdictLog(tmp_path / "v.jsonl"))
+    summary = run_camera_loop(runtime, FrameReader(open_source(sample_video)), log=VerdictLog(tmp_path / "v.jsonl"))
     assert summary.stopped == "error" and "out of memory after 3 frames" in (summary.error or "")
     assert "--batch-size" not in (summary.error or "") and summary.frames == len(read_log(tmp_path / "v.jsonl")) == 3
 
@@ -105,7 +105,7 @@ def test_a_stall_ends_the_run_with_the_error_after_writing_everything(runtime: D
     source = ScriptedSource([*frames, "block"], live=True)
     video = tmp_path / "out.avi"
     try:
-        summary = run_pipeline(
+        summary = run_camera_loop(
             runtime, FrameReader(source, ReaderOptions(stall_timeout=0.3)), log=VerdictLog(tmp_path / "v.jsonl"),
             sinks=[VideoFileOutput(video, fps=5)],
         )  # fmt: skip
@@ -129,7 +129,7 @@ def test_ctrl_c_stops_gracefully_and_keeps_the_log(runtime: DefenseRuntime, tmp_
             return super().read()
 
     previous = signal.getsignal(signal.SIGINT)
-    summary = run_pipeline(runtime, FrameReader(Interrupting(frames, live=False)), log=VerdictLog(tmp_path / "v.jsonl"))
+    summary = run_camera_loop(runtime, FrameReader(Interrupting(frames, live=False)), log=VerdictLog(tmp_path / "v.jsonl"))
     records = read_log(tmp_path / "v.jsonl")
     assert summary.stopped == "interrupted" and summary.failure is None
     assert 1 <= summary.frames == len(records) < 200
@@ -154,7 +154,7 @@ def test_sigterm_and_sighup_stop_gracefully_like_ctrl_c(runtime: DefenseRuntime,
 
     previous = signal.signal(signum, record)
     try:
-        summary = run_pipeline(runtime, FrameReader(Terminating(frames, live=False)), log=VerdictLog(tmp_path / "v.jsonl"))
+        summary = run_camera_loop(runtime, FrameReader(Terminating(frames, live=False)), log=VerdictLog(tmp_path / "v.jsonl"))
         assert not fallback and signal.getsignal(signum) is record  # the run handled it, then restored the handler
     finally:
         signal.signal(signum, previous)
@@ -175,5 +175,5 @@ def test_a_second_ctrl_c_interrupts_at_once() -> None:
 def test_stop_event_from_another_thread(runtime: DefenseRuntime, sample_video: Path) -> None:
     stop = threading.Event()
     stop.set()
-    summary = run_pipeline(runtime, FrameReader(open_source(sample_video)), stop=stop)
+    summary = run_camera_loop(runtime, FrameReader(open_source(sample_video)), stop=stop)
     assert summary.stopped == "interrupted" and summary.frames == 0
