@@ -1,0 +1,22 @@
+"""Fixtures for the examples' tests: the ROS 2 package on sys.path, and a real engine directory."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.ism_edge.conftest import shared_engine_dir
+
+# The ament_python package's source, importable without colcon (its ROS-free modules).
+ROS2_PACKAGE = ROOT / "examples" / "ros2" / "ism_edge_ros"
+if str(ROS2_PACKAGE) not in sys.path:
+    sys.path.insert(0, str(ROS2_PACKAGE))
+
+
+@pytest.fixture(scope="session")
+def engine_dir(untrained_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ONNX Runtime engine directory of the untrained `small` bundle, shared with tests/ism_edge."""
+    return shared_engine_dir(untrained_bundle_dir, tmp_path_factory)
