@@ -13,7 +13,7 @@ from launch_ros.parameter_descriptions import ParameterValue
 
 def generate_launch_description() -> LaunchDescription:
     arguments = [
-        # engine_dir has no default, so launching without it stops with "engine_dir not provided".
+        # engine_dir has no default: launching without engine_dir:=... is an error naming it.
         DeclareLaunchArgument(name, description=text)
         if name == "engine_dir"
         else DeclareLaunchArgument(name, default_value=str(default), description=text)
