@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.examples.fake_ros import ROS2_PACKAGE
 from tests.ism_edge.conftest import shared_engine_dir
 
-# The ament_python package's source, importable without colcon (its ROS-free modules).
-ROS2_PACKAGE = ROOT / "examples" / "ros2" / "ism_edge_ros"
+# The ament_python package's source, importable without colcon.
 if str(ROS2_PACKAGE) not in sys.path:
     sys.path.insert(0, str(ROS2_PACKAGE))
 

@@ -16,6 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from tests.conftest import ROOT
+
+ROS2_PACKAGE = ROOT / "examples" / "ros2" / "ism_edge_ros"
+
 
 class Message:
     """A message class: keyword fields, attribute access, unknown fields refused (as rclpy does)."""
@@ -216,4 +220,23 @@ def modules() -> dict[str, ModuleType]:
     for name in ("sensor_msgs", "std_msgs", "vision_msgs", "diagnostic_msgs"):
         out[name] = module(name, msg=out[f"{name}.msg"])
     rclpy.node, rclpy.qos, rclpy.logging = out["rclpy.node"], out["rclpy.qos"], out["rclpy.logging"]
+    return out
+
+
+def launch_modules(recorded: type) -> dict[str, ModuleType]:
+    """``sys.modules`` entries for the ``launch``/``launch_ros`` names the launch file uses, each
+    class replaced by ``recorded`` (which keeps its constructor's arguments)."""
+    names = {
+        "launch": ["LaunchDescription"],
+        "launch.actions": ["DeclareLaunchArgument"],
+        "launch.substitutions": ["LaunchConfiguration"],
+        "launch_ros.actions": ["Node"],
+        "launch_ros.parameter_descriptions": ["ParameterValue"],
+    }
+    out: dict[str, ModuleType] = {}
+    for module_name, classes in names.items():
+        out[module_name] = ModuleType(module_name)
+        for cls in classes:
+            setattr(out[module_name], cls, type(cls, (recorded,), {}))
+    out["launch_ros"] = ModuleType("launch_ros")
     return out

@@ -10,6 +10,7 @@ source on sys.path.)
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import sys
 import threading
@@ -168,7 +169,12 @@ def test_images_waiting_behind_a_newer_one_are_dropped_and_the_newest_is_process
 
 def test_a_worker_thread_serves_the_subscription_and_stops(runtime, photo):
     core, verdicts, _, _ = make_core(runtime)
-    worker = threading.Thread(target=lambda: [core.process_next(timeout=0.05) for _ in iter(lambda: core.stopped, True)])
+
+    def serve() -> None:  # the node's worker loop
+        while not core.stopped:
+            core.process_next(timeout=0.05)
+
+    worker = threading.Thread(target=serve)
     worker.start()
     core.receive(fake_ros.image_msg(photo))
     assert verdicts.event.wait(30)
@@ -181,8 +187,8 @@ def test_diagnostics_report_counts_latency_and_warn_on_silence_and_rejections(ru
     clock = Clock()
     core, _, _, _ = make_core(runtime, clock=clock)
     header = fake_ros.Header(stamp=fake_ros.Time(sec=5, nanosec=0), frame_id="")
-    for flagged_run in range(2):
-        core.receive(fake_ros.image_msg(photo, frame_id=str(flagged_run)))
+    for i in range(2):
+        core.receive(fake_ros.image_msg(photo, frame_id=str(i)))
         clock.now += 0.010  # 10 ms from receipt to verdict
         core.process_next(timeout=0)
     clock.now += 1.0
@@ -268,3 +274,26 @@ def test_node_main_exits_2_with_one_line_for_a_bad_engine_dir(node_module, tmp_p
     (line,) = fake_ros.LOGGERS["ism_edge_defense"].at("fatal")
     assert words in line and "\n" not in line
     assert not sys.modules["rclpy"].ok()
+
+
+def test_launch_file_declares_every_parameter_and_requires_engine_dir(monkeypatch):
+    class Recorded:
+        def __init__(self, *args, **kwargs):
+            self.args, self.kwargs = args, kwargs
+
+    for name, module in fake_ros.launch_modules(Recorded).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    path = fake_ros.ROS2_PACKAGE / "launch" / "defense.launch.py"
+    spec = importlib.util.spec_from_file_location("defense_launch", path)
+    launch_file = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch_file)
+
+    description = launch_file.generate_launch_description()
+    *arguments, node = description.args[0]
+    assert [a.args[0] for a in arguments] == list(PARAMETERS)
+    defaults = {a.args[0]: a.kwargs.get("default_value") for a in arguments}
+    assert defaults["engine_dir"] is None and defaults["verify"] == "True" and defaults["threads"] == "0"
+    assert node.kwargs["package"] == "ism_edge_ros" and node.kwargs["executable"] == "defense_node"
+    (parameters,) = node.kwargs["parameters"]
+    assert set(parameters) == set(PARAMETERS)
+    assert all(v.kwargs["value_type"] is type(PARAMETERS[k][0]) and v.args[0].args == (k,) for k, v in parameters.items())
