@@ -27,7 +27,7 @@ typecheck: $(VENV)/.installed
 	$(PY) -m engines.typecheck engines/tensorrt_build.py ism_edge/backends/tensorrt ism_edge/cuda.py
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check ism_edge training engines cli tests
+	$(PY) -m ruff check ism_edge training engines cli tests examples
 
 test: $(VENV)/.installed
 	$(MAKE) --no-print-directory typecheck
