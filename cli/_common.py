@@ -200,3 +200,12 @@ def parse_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 def eprint(*args: Any) -> None:
     print(*args, file=sys.stderr)
+
+
+def table_console(*, stderr: bool = False) -> Any:
+    """A rich console for tables: on a terminal its width, elsewhere (a pipe, a log file, CI) wide
+    enough that no column is squashed to "defe…"."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr, highlight=False)
+    return console if console.is_terminal else Console(stderr=stderr, highlight=False, width=200)

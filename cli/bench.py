@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli._common import Mode, cli_errors, parse_grid, tile_grid_for
+from cli._common import Mode, cli_errors, parse_grid, table_console, tile_grid_for
 
 
 def parse_batches(text: str) -> tuple[int, ...]:
@@ -34,11 +34,7 @@ def _num(v: float | None, fmt: str) -> str:
 
 
 def _console() -> Any:
-    """A console on stdout, wide enough for the tables when stdout is not a terminal."""
-    from rich.console import Console
-
-    console = Console(highlight=False)
-    return console if console.is_terminal else Console(highlight=False, width=200)
+    return table_console()
 
 
 def print_chain_report(report: dict[str, Any]) -> None:

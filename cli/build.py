@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli._common import Backend, cli_errors, sigterm_interrupts
+from cli._common import Backend, cli_errors, sigterm_interrupts, table_console
 
 
 class Precision(str, Enum):
@@ -52,9 +52,7 @@ def print_parity(report: dict[str, Any]) -> None:
     A report read back from an edited manifest (a rebuild) may be malformed: it is then skipped
     with a note, since the rebuilt engines come from hash-verified graphs either way.
     """
-    from rich.console import Console
-
-    console = Console(highlight=False)
+    console = table_console()
     try:
         _print_parity(console, report)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli._common import Backend, Mode, cli_errors, tile_grid_for
+from cli._common import Backend, Mode, cli_errors, table_console, tile_grid_for
 from cli.run import input_uri
 
 if TYPE_CHECKING:
@@ -36,10 +36,9 @@ def _frames(source: FrameSource, max_frames: int | None, seconds: float | None) 
 def print_calibration(cal: Calibration, *, written: bool) -> None:
     """Before/after thresholds and false-positive rates on the calibration frames, as a table."""
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = table_console()
     grid = f", grid {cal.tile_grid[0]}x{cal.tile_grid[1]}" if cal.tile_grid else ""
     table = Table(title=f"{cal.frames} clean frames of {cal.source} ({cal.mode} mode{grid}), target FPR "
                         f"{cal.target_fpr:.2%} per detector", title_justify="left", box=box.SIMPLE)

@@ -100,16 +100,18 @@ def evaluate(
     names = _names([b.defense.baseline for b in loaded], list(bundles))
     results = []
     checks = []
+    # No progress bar is drawn into a pipe or a log: a line per finished cell instead.
+    echo = None if console.is_terminal else (lambda line: typer.echo(line, err=True))
     with make_progress() as progress:
         for path, b, name in zip(bundles, loaded, names, strict=True):
-            r = evaluate_bundle(b, arrays, cfg, device=dev, progress=progress, name=name)
+            r = evaluate_bundle(b, arrays, cfg, device=dev, progress=progress, name=name, echo=echo)
             r["bundle"] = {"path": str(path.resolve()), "sha256": bundle_hash(path), "preset": b.preset,
                            "baseline": b.defense.baseline}
             results.append(r)
             if crosscheck:
                 from training.evaluation.crosscheck import crosscheck as run_crosscheck
 
-                checks.append(run_crosscheck(b, arrays, check_cfg, device=dev, progress=progress, name=name))
+                checks.append(run_crosscheck(b, arrays, check_cfg, device=dev, progress=progress, name=name, echo=echo))
     title = f"{', '.join(names)}: {results[0]['n']} images"
     console.print(rich_table(results, title=title))
     out_dir = out or (bundles[0].with_name(bundles[0].name + "-eval") if len(bundles) == 1 else Path("ism-edge-eval"))

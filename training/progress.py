@@ -19,6 +19,8 @@ from rich.progress import (
 T = TypeVar("T")
 
 console = Console(stderr=True, highlight=False)
+if not console.is_terminal:  # a pipe or a log: wide tables, not columns squashed to 80
+    console = Console(stderr=True, highlight=False, width=200)
 
 
 def make_progress() -> Progress:

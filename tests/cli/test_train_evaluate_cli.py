@@ -71,6 +71,9 @@ def test_evaluate_writes_table_and_json(tmp_path: Path, trained_bundle_dir: Path
     (b,) = res["bundles"]
     assert b["n"] == 40 and len(b["cells"]) == 1 and b["bundle"]["sha256"] and not b["sanity_cells"]
     assert "| full | known | fgsm | 8/255 |" in (out / "results.md").read_text()
+    # Not a terminal: no progress bar, but a line per finished cell, and the table at full width.
+    assert "evaluate full: batch 1/1 known fgsm ε=0.0314: " in r.stderr and " correct, " in r.stderr
+    assert "defe…" not in r.stderr
 
 
 def test_baseline_option_is_checked(tmp_path: Path) -> None:
@@ -134,6 +137,7 @@ def test_crosscheck_with_art(tmp_path: Path, trained_bundle_dir: Path) -> None:
     for row in check["rows"]:
         assert {"ours_pgd", "art_pgd", "art_apgd_ce", "art_apgd_dlr"} <= set(row)
     assert "ART PGD %" in (out / "crosscheck.md").read_text()
+    assert "cross-check full: undefended C ε=0.1: ours_pgd " in r.stderr
 
 
 def test_crosscheck_cannot_take_more_images_than_the_evaluation(tmp_path: Path, trained_bundle_dir: Path) -> None:

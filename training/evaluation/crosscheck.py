@@ -14,6 +14,7 @@ than ours on the same model, our attack is broken. ART is optional
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -76,7 +77,8 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) ->
 
 
 def crosscheck(bundle: DefenseBundle, data: ImageArrays, cfg: EvalConfig, *, device: torch.device | str = "cpu",
-               progress: Progress | None = None, name: str | None = None) -> dict[str, Any]:
+               progress: Progress | None = None, name: str | None = None,
+               echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Our PGD next to ART's PGD, APGD-CE and APGD-DLR on the same ``cfg.n`` images (see module docstring).
 
     Classifier targets get ``cfg.pgd_steps`` iterations, the defense pipeline
@@ -133,6 +135,9 @@ def crosscheck(bundle: DefenseBundle, data: ImageArrays, cfg: EvalConfig, *, dev
                 assert float((x_art - x).abs().max()) <= eps + 1e-5, f"{key} left the ε-ball"
                 row[key] = _accuracy(model, x_art, y, cfg.batch_size)
             rows.append(row)
+            if echo is not None:
+                echo(f"cross-check {name or bundle.defense.baseline}: {label} ε={eps:.3g}: "
+                     + ", ".join(f"{k} {v:.1%}" for k, v in row.items() if k.startswith(("ours", "art"))))
             if progress is not None and task is not None:
                 progress.advance(task)
     if progress is not None and task is not None:

@@ -251,7 +251,8 @@ def evaluate_bundle(
 
     ``data`` is reduced to a fixed random subset of ``cfg.n`` images chosen with ``cfg.seed``, so
     every bundle evaluated with the same config sees the same inputs. ``name`` labels the
-    defense in reports (default: the bundle's baseline name).
+    defense in reports (default: the bundle's baseline name). ``echo``, when given, gets one line
+    per finished cell and batch (for logs, where no progress bar is drawn).
     """
     if not bundle.calibrated:
         raise IsmEdgeError("the bundle has no calibrated thresholds: run the 'calibrate' stage first")
@@ -269,7 +270,7 @@ def evaluate_bundle(
     label = name or bundle.defense.baseline
     task = progress.add_task(f"evaluate {label}", total=n_batches * (1 + len(cells)), metrics="") if progress else None
     t0 = time.perf_counter()
-    for x, y in iterate_batches(data, cfg.batch_size, shuffle=False, device=device):
+    for i_batch, (x, y) in enumerate(iterate_batches(data, cfg.batch_size, shuffle=False, device=device), 1):
         with torch.no_grad():
             o = defense(x)
             clean["n"] += len(y)
@@ -318,6 +319,11 @@ def evaluate_bundle(
                         a.by[k] += int((v > defense.thresholds[k]).sum())
             a.wall += time.perf_counter() - t_cell
             a.attack = repr(attack)
+            if echo is not None:
+                echo(f"evaluate {label}: batch {i_batch}/{n_batches} {cell.threat} {cell.attack} ε={cell.eps:.3g}"
+                     + (f" ×{cell.steps_factor} steps" if cell.steps_factor > 1 else "")
+                     + f": {int(correct.sum())}/{len(y)} correct, {int(o.flagged.sum())} flagged "
+                     f"({time.perf_counter() - t_cell:.0f} s; {time.perf_counter() - t0:.0f} s in all)")
             if progress is not None and task is not None:
                 progress.advance(task)
     n = max(clean["n"], 1)
