@@ -46,6 +46,7 @@ from ism_edge._io import sha256_file
 from ism_edge.errors import ParityError
 from ism_edge.manifest import (
     DEFAULT_DETECTOR_TEMPERATURE,
+    GRAPH_IO,
     MAX_THRESHOLD,
     ROLES,
     SCORE_NAMES,
@@ -102,8 +103,6 @@ def reference_outputs(bundle: DefenseBundle, x: np.ndarray, batch: int = 64) -> 
     modules = graph_modules(bundle)
 
     def torch_runner(role: str) -> Runner:
-        from engines.export import GRAPH_IO
-
         names = GRAPH_IO[role][1]
 
         def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
