@@ -218,7 +218,8 @@ def parity_of_files(
     torch_defense: Mapping[str, np.ndarray],
     batch: int,
 ) -> dict[str, Any]:
-    """Graph- and defense-level parity of three ONNX Runtime-loadable files against PyTorch."""
+    """Graph- and defense-level parity of three ONNX Runtime-loadable files against PyTorch (the
+    defense run by the runtime's backend and decision code, :func:`engines.parity.defense_outputs`)."""
     from engines import ort_build, parity
 
     tol = parity.TOLERANCES[precision]
@@ -228,10 +229,7 @@ def parity_of_files(
         feed = parity.graph_inputs(role, x, reference)
         ours = parity.run_batched(runners[role], feed, batch)
         graphs[role] = parity.graph_report(role, path.relative_to(root).as_posix(), sha256_file(path), ours, reference[role], tol)
-    ours_defense = parity.defense_outputs(
-        runners, x, thresholds=bundle.thresholds, temperatures=bundle.temperatures,
-        feedback_rounds=bundle.feedback_rounds, label_source=bundle.label_source, batch=batch,
-    )
+    ours_defense = parity.defense_outputs(files, root, bundle, x, batch=batch)
     defense = parity.compare_defense(ours_defense, torch_defense, tol, bundle.thresholds)
     ok = all(g["ok"] for g in graphs.values()) and defense["ok"]
     return {"precision": precision, "graphs": graphs, "defense": defense, "ok": ok}

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ism_edge.errors import EngineError, caused_by_interrupt, missing_dependency
-from ism_edge.manifest import ROLES, TensorSpec
+from ism_edge.manifest import GRAPH_IO, ROLES, TensorSpec
 
 if TYPE_CHECKING:
     import onnx
@@ -34,11 +34,6 @@ if TYPE_CHECKING:
 
 OPSET = 18
 BATCH_DIM = "N"
-GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "mapper": (("x",), ("x_hat", "recon_error")),
-    "classifier": (("x",), ("logits",)),
-    "perturbation": (("x", "x_hat"), ("p_score",)),
-}
 
 
 def tensor_specs(role: str, input_shape: tuple[int, int, int], num_classes: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:

@@ -5,8 +5,9 @@ Two levels, both on real images (:func:`engines.samples.real_samples`):
 * **graph**: each graph's outputs against the same PyTorch module on the same inputs (the
   perturbation graph gets PyTorch's x̂, so each graph's own error is measured): max and mean
   absolute error, and the classifier's label agreement;
-* **defense**: the deployed pipeline run on the graphs' outputs, with the JSD computed in numpy by
-  :func:`ism_edge.scores.jsd` exactly as the runtime does, against
+* **defense**: the graph files run as the runtime runs them — its own backend (ONNX Runtime on
+  the CPU, :func:`ism_edge.backends.select_backend`) and its own host half
+  (:mod:`ism_edge.decision`: feedback rounds, JSD, flags, label) — against
   :class:`training.defense.Defense`: agreement of the label and of each detector flag.
 
 Tolerances (per precision; ``scale`` is the largest |value| of that output in PyTorch, so logits
@@ -36,13 +37,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ism_edge._io import sha256_file
 from ism_edge.errors import ParityError
-from ism_edge.manifest import DEFAULT_DETECTOR_TEMPERATURE, SCORE_NAMES
-from ism_edge.scores import jsd
+from ism_edge.manifest import (
+    DEFAULT_DETECTOR_TEMPERATURE,
+    GRAPH_IO,
+    MAX_THRESHOLD,
+    ROLES,
+    SCORE_NAMES,
+    EngineFile,
+    EngineManifest,
+)
 
 if TYPE_CHECKING:
     from training.bundle import DefenseBundle
@@ -93,8 +103,6 @@ def reference_outputs(bundle: DefenseBundle, x: np.ndarray, batch: int = 64) -> 
     modules = graph_modules(bundle)
 
     def torch_runner(role: str) -> Runner:
-        from engines.export import GRAPH_IO
-
         names = GRAPH_IO[role][1]
 
         def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -154,45 +162,68 @@ def compare_outputs(ours: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray
     return report
 
 
-def defense_outputs(
-    run: Mapping[str, Runner],
-    x: np.ndarray,
-    *,
-    thresholds: Mapping[str, float],
-    temperatures: Mapping[str, float],
-    feedback_rounds: int = 0,
-    label_source: str = "auto",
-    batch: int = 64,
-) -> dict[str, np.ndarray]:
-    """The deployed defense computed from graph outputs (numpy), as the runtime computes it.
+def gate_manifest(files: Mapping[str, Path], root: Path, bundle: DefenseBundle, *, batch: int = 64) -> EngineManifest:
+    """The manifest the parity gate runs ``files`` (one graph per role, under ``root``) with.
 
-    Mirrors :class:`training.defense.Defense`: first-pass recon error, optional feedback
-    reformation x̂ ← M(x̂) while M's residual on x̂ exceeds the recon threshold, JSD between C(x)
-    and C(x̂) at the detector temperature, P on (x, x̂), flags = any score over its threshold.
+    An ONNX Runtime manifest that loads each file as it is, with the bundle's class names,
+    thresholds, temperatures, feedback rounds and label source, as ``ism-edge build`` writes them.
+    A threshold the bundle lacks (not yet calibrated) turns its detector off (the largest allowed
+    threshold), as :func:`torch_defense_outputs` does; ``bundle_sha256`` is a placeholder.
     """
-    m = run_batched(run["mapper"], {"x": x}, batch)
-    x_hat, recon = m["x_hat"], m["recon_error"]
-    thr = thresholds.get("recon_error")
-    for _ in range(feedback_rounds if thr is not None else 0):
-        again = run_batched(run["mapper"], {"x": x_hat}, batch)
-        still = again["recon_error"] > thr
-        if not still.any():
-            break
-        x_hat = np.where(still[:, None, None, None], again["x_hat"], x_hat)
-    logits_raw = run_batched(run["classifier"], {"x": x}, batch)["logits"]
-    logits_ref = run_batched(run["classifier"], {"x": x_hat}, batch)["logits"]
-    scores = {
-        "recon_error": recon,
-        "jsd": jsd(logits_raw, logits_ref, float(temperatures.get("detector", DEFAULT_DETECTOR_TEMPERATURE))),
-        "p_score": run_batched(run["perturbation"], {"x": x, "x_hat": x_hat}, batch)["p_score"],
-    }
-    if all(s in thresholds for s in SCORES):
-        flags = {s: scores[s] > thresholds[s] for s in SCORES}
-    else:
-        flags = {s: np.zeros(len(x), dtype=bool) for s in SCORES}
-    flagged = flags["recon_error"] | flags["jsd"] | flags["p_score"]
-    logits = np.where(flagged[:, None], logits_ref, logits_raw) if label_source == "auto" else logits_ref
-    return {"label": logits.argmax(axis=1), "flagged": flagged, **scores, **{f"flag_{s}": f for s, f in flags.items()}}
+    from engines.export import tensor_specs
+
+    cfg = bundle.config
+    input_shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    engines = {}
+    for role in ROLES:
+        rel = Path(files[role]).relative_to(root).as_posix()
+        ins, outs = tensor_specs(role, input_shape, cfg.num_classes)
+        engines[role] = EngineFile(role=role, file=rel, onnx=rel, sha256=sha256_file(files[role]), inputs=ins, outputs=outs)
+    return EngineManifest(
+        backend="onnxruntime",
+        precision="fp32",
+        input_shape=input_shape,
+        class_names=tuple(bundle.class_names),
+        thresholds={s: float(bundle.thresholds.get(s, MAX_THRESHOLD)) for s in SCORES},
+        temperatures={"deploy": float(bundle.temperatures.get("deploy", 1.0)),
+                      "detector": float(bundle.temperatures.get("detector", DEFAULT_DETECTOR_TEMPERATURE))},
+        target_fpr=float(bundle.target_fpr),
+        batch={"min": 1, "opt": batch, "max": batch},
+        engines=engines,
+        bundle_sha256="0" * 64,
+        feedback_rounds=int(bundle.feedback_rounds),
+        label_source=bundle.label_source,
+    )
+
+
+def runtime_defense_outputs(
+    directory: str | Path, manifest: EngineManifest, x: np.ndarray, *, backend: str = "onnxruntime", device: str = "cpu"
+) -> dict[str, np.ndarray]:
+    """The runtime's decisions on ``x`` (float32 NCHW in [0, 1]), keyed like :func:`torch_defense_outputs`.
+
+    ``directory`` runs on the runtime's own backend (:func:`ism_edge.backends.select_backend`,
+    ONNX Runtime on the CPU by default) in batches of its maximum, and the outputs are decided by
+    :func:`ism_edge.decision.decide`: the code that ships, not a copy of it.
+    """
+    from ism_edge.backends import ChainOutput, select_backend
+    from ism_edge.decision import decide
+
+    cls = select_backend(backend, manifest, directory)
+    with cls(directory, manifest, device=device) as runner:
+        out = ChainOutput.concatenate([runner.infer(np.ascontiguousarray(x[s])) for s in _batches(len(x), runner.max_batch)])
+    decided = decide(out, manifest)
+    flags = {f"flag_{s}": f for s, f in decided.detector_flags.items()}
+    return {"label": decided.labels, "flagged": decided.flags, **decided.scores, **flags}
+
+
+def defense_outputs(files: Mapping[str, Path], root: Path, bundle: DefenseBundle, x: np.ndarray, *, batch: int = 64) -> dict[str, np.ndarray]:
+    """The deployed defense on ``x`` with the graph ``files`` under ``root``, as the runtime computes it.
+
+    :func:`runtime_defense_outputs` with :func:`gate_manifest`: first-pass recon error, feedback
+    reformation, JSD between C(x) and C(x̂) at the detector temperature, P on (x, x̂), flags and
+    label — the same chain as :class:`training.defense.Defense`.
+    """
+    return runtime_defense_outputs(root, gate_manifest(files, root, bundle, batch=batch), x)
 
 
 def torch_defense_outputs(bundle: DefenseBundle, x: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:

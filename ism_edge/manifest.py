@@ -34,6 +34,12 @@ ROLES = ("mapper", "classifier", "perturbation")
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 SCORE_NAMES = ("recon_error", "jsd", "p_score")
+#: Graph inputs and outputs of each role, by name (the table above): what the backends wire.
+GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "mapper": (("x",), ("x_hat", "recon_error")),
+    "classifier": (("x",), ("logits",)),
+    "perturbation": (("x", "x_hat"), ("p_score",)),
+}
 #: Temperature of the JSD detector's softmaxes when a bundle or manifest names none (MagNet's T = 10).
 DEFAULT_DETECTOR_TEMPERATURE = 10.0
 COLOR_ORDERS = ("RGB", "BGR")
@@ -80,7 +86,11 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class EngineFile:
-    """One compiled network: ``file`` is what the backend loads, ``onnx`` the source it came from."""
+    """One compiled network: ``file`` is what the backend loads, ``onnx`` the source it came from.
+
+    ``inputs``/``outputs`` name the graph's tensors in :data:`GRAPH_IO` order; a backend refuses a
+    loaded network whose I/O names differ from them.
+    """
 
     role: str
     file: str
@@ -172,6 +182,9 @@ class EngineManifest:
             if ef.role != role:
                 raise check.FieldError(f"engines.{role}.role must be {role!r}, got {ef.role!r}")
             ef.check(f"engines.{role}")
+            for kind, specs, want in (("inputs", ef.inputs, GRAPH_IO[role][0]), ("outputs", ef.outputs, GRAPH_IO[role][1])):
+                if tuple(t.name for t in specs) != want:
+                    raise check.FieldError(f"engines.{role}.{kind} must name {list(want)}, got {[t.name for t in specs]}")
         unknown = sorted(set(self.thresholds) - set(SCORE_NAMES))
         if unknown:
             raise check.FieldError(f"thresholds has unknown scores {unknown} (expected {', '.join(SCORE_NAMES)})")

@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 
 from ism_edge import _checks as check
-from ism_edge import preprocess, scores
+from ism_edge import preprocess
 from ism_edge.backends import STAGES, Backend, ChainOutput, Job, select_backend
+from ism_edge.decision import decide
 from ism_edge.errors import EngineError, FrameError
 from ism_edge.manifest import MANIFEST_NAME, SCORE_NAMES, EngineManifest, load_manifest
 from ism_edge.verdict import TileScores, Verdict, severity
@@ -125,42 +126,6 @@ class Pending:
     collected: bool = False
 
 
-@dataclass(frozen=True)
-class Decisions:
-    """Per-sample verdict arrays of one batch: ``scores`` (float64 [N] per score name),
-    ``flags`` (bool [N]: any score above its threshold) and ``probs`` (float64 [N, K], the
-    softmax at the deploy temperature that the label and confidence come from)."""
-
-    scores: dict[str, np.ndarray]
-    flags: np.ndarray
-    probs: np.ndarray
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.asarray(self.probs.argmax(axis=1))
-
-
-def decide(out: ChainOutput, manifest: EngineManifest) -> Decisions:
-    """The host half of the chain (SPEC §2): JSD, thresholds and label probabilities.
-
-    JSD between softmax(C(x)/T_det) and softmax(C(x̂)/T_det); flagged = any score above its
-    calibrated threshold; probabilities of C(x̂) at T_deploy (with ``label_source="auto"``: of
-    C(x) for inputs that are not flagged, the paper's §VI reading).
-    """
-    per_sample = {
-        "recon_error": out.recon_error.astype(np.float64),
-        "jsd": scores.jsd(out.logits_raw, out.logits_reformed, manifest.temperatures["detector"]).astype(np.float64),
-        "p_score": out.p_score.astype(np.float64),
-    }
-    flags = np.zeros(len(out), dtype=bool)
-    for k in SCORE_NAMES:
-        flags |= per_sample[k] > manifest.thresholds[k]
-    probs = scores.softmax(out.logits_reformed, manifest.temperatures["deploy"])
-    if manifest.label_source == "auto":
-        probs = np.where(flags[:, None], probs, scores.softmax(out.logits_raw, manifest.temperatures["deploy"]))
-    return Decisions(per_sample, flags, probs)
-
-
 def _check_compatible(manifest: EngineManifest, directory: Path, device: str) -> None:
     """The engines engineer's target check (GPU, TensorRT/ORT version), when it is installed;
     ``device`` (``auto``, ``cuda``, ``cuda:N``, ``cpu``) names the GPU a TensorRT engine runs on."""
@@ -202,8 +167,8 @@ class DefenseRuntime:
             self.directory,
             self.manifest,
             feedback_rounds=self.options.feedback_rounds,
-            device=self.options.device,  # type: ignore[call-arg]
-            threads=self.options.threads,  # type: ignore[call-arg]
+            device=self.options.device,
+            threads=self.options.threads,
             **extra,
         )
         self.backend.activate()

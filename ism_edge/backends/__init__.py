@@ -3,7 +3,8 @@
 A backend runs the whole defense chain of an engine directory on a batch of model inputs
 (float32 NCHW pixels in [0, 1], the shape of ``manifest.input_shape``) and returns the raw
 network outputs; the verdict logic (JSD, thresholds, labels) lives in :mod:`ism_edge.runtime` so
-every backend gives the same verdicts. Chain (SPEC §2, identical to ``training.defense``)::
+every backend gives the same verdicts, and the feedback rule is written once in
+:mod:`ism_edge.decision` (:meth:`Backend._reform`). Chain (SPEC §2, identical to ``training.defense``)::
 
     x̂, recon_error = M(x)                 first pass; recon_error is the MagNet detector score
     x̂ ← M(x̂) for the samples whose ‖x̂ − M(x̂)‖₁/(CHW) > thresholds["recon_error"], ≤ n rounds
@@ -13,6 +14,8 @@ Like Polygraphy's ``BaseRunner`` the public methods (:meth:`Backend.activate`,
 :meth:`Backend.enqueue`, :meth:`Backend.wait`, :meth:`Backend.deactivate`) check their
 arguments and delegate to ``*_impl`` methods that subclasses override. ``enqueue`` may return
 before the work is done (TensorRT); at most :attr:`Backend.max_in_flight` jobs may be pending.
+Both backends take the same constructor arguments (:meth:`Backend.__init__`) and check each
+loaded network's I/O with :meth:`Backend._check_io` against the manifest.
 
 Selection (SPEC §5): an explicit name, else TensorRT when the engine directory holds TensorRT
 engines and TensorRT + CUDA bindings are usable, else ONNX Runtime (on the directory's ONNX
@@ -30,17 +33,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ism_edge.errors import EngineError, IsmEdgeError
-from ism_edge.manifest import BACKENDS, EngineManifest
+from ism_edge import _checks as check
+from ism_edge.decision import Remap, Replace, feedback_reformation
+from ism_edge.errors import EngineError, EngineMismatchError, IsmEdgeError
+from ism_edge.manifest import BACKENDS, GRAPH_IO, EngineManifest
 
 BACKEND_NAMES = BACKENDS
+DEVICES = ("auto", "cpu", "cuda")
 
-#: Graph I/O of each role (the contract of :mod:`ism_edge.manifest`).
-GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "mapper": (("x",), ("x_hat", "recon_error")),
-    "classifier": (("x",), ("logits",)),
-    "perturbation": (("x", "x_hat"), ("p_score",)),
-}
+#: One loaded network's tensors as a backend reports them: name -> (dtype, shape). ``dtype``
+#: spelled as in :data:`ism_edge.manifest.DTYPES` (``"float32"``); ``shape`` with ``None`` for a
+#: symbolic dimension, or ``None`` when the backend checks that tensor's shape itself.
+TensorInfo = dict[str, tuple[str, tuple[int | None, ...] | None]]
 
 STAGES = ("upload", "mapping", "classifier", "detectors", "download")
 
@@ -109,10 +113,31 @@ class Backend(abc.ABC):
     #: How many jobs may be enqueued and not yet waited for.
     max_in_flight: ClassVar[int] = 1
 
-    def __init__(self, directory: str | Path, manifest: EngineManifest, *, feedback_rounds: int | None = None) -> None:
+    #: The ``device`` values this backend accepts besides ``cuda:N``, and what to say when refused.
+    devices: ClassVar[tuple[str, ...]] = DEVICES
+    device_hint: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        manifest: EngineManifest,
+        *,
+        feedback_rounds: int | None = None,
+        device: str = "auto",
+        threads: int | None = None,
+    ) -> None:
+        """``device``: one of :attr:`devices` or ``"cuda:N"``; ``threads``: host threads (ONNX
+        Runtime's intra-op threads; ``None``: the backend's default); ``feedback_rounds``:
+        ``None`` uses the manifest's."""
         rounds = manifest.feedback_rounds if feedback_rounds is None else int(feedback_rounds)
         if rounds < 0:
             raise ValueError(f"feedback_rounds must be >= 0, got {rounds}")
+        if device not in self.devices and check.cuda_index(device) is None:
+            raise ValueError(f"device must be one of {', '.join(self.devices)} or cuda:N for the {self.name} backend{self.device_hint}, got {device!r}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.device = device
+        self.threads = threads
         self.directory = Path(directory)
         self.manifest = manifest
         self.feedback_rounds = rounds
@@ -198,6 +223,45 @@ class Backend(abc.ABC):
         return self.wait(self.enqueue(x, x_hat=x_hat))
 
     # -- for subclasses -----------------------------------------------------------------------
+    def _reform(self, n: int, remap: Remap, replace: Replace) -> np.ndarray:
+        """Feedback reformation of a batch of ``n`` (:func:`ism_edge.decision.feedback_reformation`)
+        with this backend's rounds and the manifest's ``recon_error`` threshold; rounds per sample."""
+        return feedback_reformation(self.feedback_rounds, self.manifest.thresholds["recon_error"], n, remap, replace)
+
+    def _check_io(self, role: str, path: Path, inputs: TensorInfo, outputs: TensorInfo, *, extra_outputs: bool = False) -> None:
+        """Refuse a loaded network whose I/O disagrees with the manifest (a mismatched directory).
+
+        The tensor names must be those of ``manifest.engines[role]`` (extra outputs are ignored
+        when ``extra_outputs``), every one of them of its dtype there; the image inputs must be
+        [N, C, H, W] of ``manifest.input_shape`` and the classifier's logits [N, num_classes]
+        where the backend reports those dimensions.
+        """
+        spec = self.manifest.engines[role]
+        want_in, want_out = tuple(t.name for t in spec.inputs), tuple(t.name for t in spec.outputs)
+        fix = "the engine directory is inconsistent; rebuild it with 'ism-edge build'"
+        names_ok = set(outputs) >= set(want_out) if extra_outputs else set(outputs) == set(want_out)
+        if set(inputs) != set(want_in) or not names_ok:
+            raise EngineMismatchError(
+                f"{path} ({role}) has inputs {sorted(inputs)} and outputs {sorted(outputs)}, expected "
+                f"{list(want_in)} -> {list(want_out)}: {fix}"
+            )
+        for kind, tensors, specs in (("input", inputs, spec.inputs), ("output", outputs, spec.outputs)):
+            for t in specs:
+                dtype = tensors[t.name][0]
+                if dtype != t.dtype:
+                    raise EngineMismatchError(f"{path} ({role}) {kind} {t.name!r} is {dtype}, expected {t.dtype}: {fix}")
+        c, h, w = self.manifest.input_shape
+        for name, (_, shape) in inputs.items():
+            if shape is not None and (len(shape) != 4 or any(d is not None and d != e for d, e in zip(shape[1:], (c, h, w), strict=True))):
+                raise EngineMismatchError(
+                    f"{path} ({role}) input {name!r} has shape {list(shape)}, but the manifest says [N, {c}, {h}, {w}]: {fix}"
+                )
+        logits = outputs.get("logits", ("", None))[1] if role == "classifier" else None
+        if logits and logits[-1] is not None and logits[-1] != self.manifest.num_classes:
+            raise EngineMismatchError(
+                f"{path} (classifier) outputs {logits[-1]} logits, but the manifest names {self.manifest.num_classes} classes: {fix}"
+            )
+
     @abc.abstractmethod
     def _activate_impl(self) -> None: ...
 
@@ -273,11 +337,13 @@ def load_backend(
 
 __all__ = [
     "BACKEND_NAMES",
+    "DEVICES",
     "GRAPH_IO",
     "STAGES",
     "Backend",
     "ChainOutput",
     "Job",
+    "TensorInfo",
     "backend_class",
     "load_backend",
     "select_backend",

@@ -39,8 +39,9 @@ from ism_edge.backends import STAGES, ChainOutput
 from ism_edge.bench.flops import ChainFlops
 from ism_edge.bench.frames import DEFAULT_FRAME_SIZE, camera_frames
 from ism_edge.bench.peak import Peak
+from ism_edge.decision import decide
 from ism_edge.manifest import EngineManifest
-from ism_edge.runtime import DefenseRuntime, decide
+from ism_edge.runtime import DefenseRuntime
 
 SCHEMA = "ism-edge-bench/2"  # 2: preprocess_ms_per_input by batch size
 BENCH_STAGES = ("preprocess", *STAGES)

@@ -52,16 +52,14 @@ def test_cli_build_writes_a_checked_engine_directory(built: CliRun, untrained_bu
 
 
 def test_built_engines_reproduce_the_pytorch_defense(built: CliRun, untrained_bundle_dir: Path) -> None:
-    """The runtime's computation (ORT graphs + numpy JSD) gives PyTorch's labels and flags."""
-    from engines import ort_build, parity
+    """The runtime (its ONNX Runtime backend and decision code) on the built directory gives PyTorch's labels and flags."""
+    from engines import parity
     from engines.samples import real_samples
     from training.bundle import DefenseBundle
 
     m = load_manifest(built.out)
     x, _ = real_samples(m.input_shape, 48, split="train")  # images the build's parity did not use
-    runners = {r: ort_build.runner(ort_build.session(built.out / m.engines[r].file)) for r in ROLES}
-    ours = parity.defense_outputs(runners, x, thresholds=m.thresholds, temperatures=m.temperatures,
-                                  feedback_rounds=m.feedback_rounds)
+    ours = parity.runtime_defense_outputs(built.out, m, x)
     ref = parity.torch_defense_outputs(DefenseBundle.load(untrained_bundle_dir), x)
     np.testing.assert_array_equal(ours["label"], ref["label"])
     np.testing.assert_array_equal(ours["flagged"], ref["flagged"])

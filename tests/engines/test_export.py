@@ -115,6 +115,43 @@ def test_graph_outside_tolerance_fails_naming_it(exported: CliRun, untrained_bun
         parity.raise_on_failure(report, "FP16", source)
 
 
+def test_the_defense_gate_runs_the_runtime_backend_and_decision_code(
+    exported: CliRun, untrained_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate measures what ships: the graph files through the runtime's ONNX Runtime backend
+    (feedback rounds included) and ism_edge.decision.decide, not a copy of the chain."""
+    import dataclasses
+
+    from engines import parity
+    from engines.samples import real_samples
+    from ism_edge import decision
+    from ism_edge.backends.onnxruntime import OnnxRuntimeBackend
+    from training.bundle import DefenseBundle
+
+    bundle = dataclasses.replace(DefenseBundle.load(untrained_bundle_dir), feedback_rounds=2)
+    x, _ = real_samples((3, 32, 32), 12)
+    ran: dict[str, list[object]] = {"batches": [], "decided": []}
+    enqueue, decide = OnnxRuntimeBackend._enqueue_impl, decision.decide
+
+    def spy_enqueue(self: OnnxRuntimeBackend, x: np.ndarray, job: object, *, want_x_hat: bool) -> object:
+        ran["batches"].append((len(x), self.feedback_rounds, self.device))
+        return enqueue(self, x, job, want_x_hat=want_x_hat)  # type: ignore[arg-type]
+
+    def spy_decide(out: object, manifest: object) -> object:
+        ran["decided"].append(manifest)
+        return decide(out, manifest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "_enqueue_impl", spy_enqueue)
+    monkeypatch.setattr(decision, "decide", spy_decide)
+    ours = parity.defense_outputs(_files(exported)["fp32"], exported.out, bundle, x, batch=8)
+    assert ran["batches"] == [(8, 2, "cpu"), (4, 2, "cpu")]
+    (manifest,) = ran["decided"]
+    assert manifest.thresholds == bundle.thresholds and manifest.label_source == bundle.label_source  # type: ignore[attr-defined]
+    ref = parity.torch_defense_outputs(bundle, x)
+    np.testing.assert_array_equal(ours["label"], ref["label"])
+    np.testing.assert_array_equal(ours["flagged"], ref["flagged"])
+
+
 def test_corrupted_onnx_file_is_refused(exported: CliRun, tmp_path: Path) -> None:
     from engines.export import check_onnx
 

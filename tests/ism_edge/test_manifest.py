@@ -102,6 +102,8 @@ _set = set_field
     (_set("bundle_sha256", "../x"), "bundle_sha256 must be a SHA-256 digest"),
     (_set("engines.mapper.sha256", None), "engines.mapper.sha256 must be a SHA-256 digest"),
     (_set("engines.mapper.inputs", "x"), "engines.mapper.inputs must be a list"),
+    (_set("engines.classifier.outputs", [{"name": "probs", "shape": [-1, 10]}]),
+     "engines.classifier.outputs must name ['logits'], got ['probs']"),
     (_set("engines.extra", {}), "engines.extra"),
     (_set("gpu", {"name": 1}), "gpu.name must be a string"),
     (_set("versions", ["1.0"]), "versions must be an object"),

@@ -18,11 +18,9 @@ import numpy as np
 
 from ism_edge import _checks as check
 from ism_edge._io import sha256_file
-from ism_edge.backends import GRAPH_IO, Backend, ChainOutput, Job
-from ism_edge.errors import EngineError, EngineMismatchError, MissingDependencyError
+from ism_edge.backends import Backend, ChainOutput, Job, TensorInfo
+from ism_edge.errors import EngineError, MissingDependencyError
 from ism_edge.manifest import ROLES, EngineManifest
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def _onnxruntime() -> Any:
@@ -65,13 +63,7 @@ class OnnxRuntimeBackend(Backend):
         threads: int | None = None,
         spinning: bool | None = None,
     ) -> None:
-        super().__init__(directory, manifest, feedback_rounds=feedback_rounds)
-        if device not in DEVICES and check.cuda_index(device) is None:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}")
-        if threads is not None and threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        self.device = device
-        self.threads = threads
+        super().__init__(directory, manifest, feedback_rounds=feedback_rounds, device=device, threads=threads)
         self.spinning = spinning
         self.model_files: dict[str, Path] = {}  # set on activation, once the provider is known
         self.providers: list[str] = []
@@ -137,37 +129,16 @@ class OnnxRuntimeBackend(Backend):
                     f"{path} ({role}) cannot be loaded by ONNX Runtime {ort.__version__} ({_first_line(e)}): "
                     "the file is corrupt or was written for a newer runtime; rebuild with 'ism-edge build'"
                 ) from None
-            self._check_io(role, path, session)
+            self._check_io(role, path, self._tensors(session.get_inputs()), self._tensors(session.get_outputs()), extra_outputs=True)
             self._sessions[role] = session
         self.providers = list(self._sessions["mapper"].get_providers())
         self._bindings["mapper"] = self._sessions["mapper"].io_binding()
 
-    def _check_io(self, role: str, path: Path, session: Any) -> None:
-        """Refuse a graph whose I/O names or shapes disagree with the manifest (mismatched directory)."""
-        want_in, want_out = GRAPH_IO[role]
-        inputs = {i.name: i for i in session.get_inputs()}
-        outputs = {o.name: o for o in session.get_outputs()}
-        fix = "the engine directory is inconsistent; rebuild it with 'ism-edge build'"
-        if set(inputs) != set(want_in) or not set(want_out) <= set(outputs):
-            raise EngineMismatchError(
-                f"{path} ({role}) has inputs {sorted(inputs)} and outputs {sorted(outputs)}, expected "
-                f"{list(want_in)} -> {list(want_out)}: {fix}"
-            )
-        c, h, w = self.manifest.input_shape
-        for name, arg in inputs.items():
-            shape = list(arg.shape)
-            if arg.type != "tensor(float)":
-                raise EngineMismatchError(f"{path} ({role}) input {name!r} is {arg.type}, expected float32: {fix}")
-            if len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], (c, h, w), strict=True)):
-                raise EngineMismatchError(
-                    f"{path} ({role}) input {name!r} has shape {shape}, but the manifest says [N, {c}, {h}, {w}]: {fix}"
-                )
-        if role == "classifier":
-            k = outputs["logits"].shape[-1]
-            if isinstance(k, int) and k != self.manifest.num_classes:
-                raise EngineMismatchError(
-                    f"{path} (classifier) outputs {k} logits, but the manifest names {self.manifest.num_classes} classes: {fix}"
-                )
+    @staticmethod
+    def _tensors(args: Any) -> TensorInfo:
+        """A session's inputs or outputs as :data:`~ism_edge.backends.TensorInfo` (symbolic dims: None)."""
+        dtypes = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+        return {a.name: (dtypes.get(a.type, a.type), tuple(d if isinstance(d, int) else None for d in a.shape)) for a in args}
 
     def _deactivate_impl(self) -> None:
         self._sessions.clear()
@@ -209,17 +180,17 @@ class OnnxRuntimeBackend(Backend):
         t["upload"] = t1 - t0
 
         self._map_into(x_in, x_hat, recon)
-        rounds = np.zeros(n, dtype=np.int32)
-        threshold = self.manifest.thresholds["recon_error"]
-        active = np.arange(n)
-        for _ in range(self.feedback_rounds):
+        remapped: list[np.ndarray] = []
+
+        def remap(active: np.ndarray) -> np.ndarray:
             again, residual = self._map(np.ascontiguousarray(x_hat[active]))
-            still = residual > threshold
-            if not still.any():
-                break
-            active = active[still]
-            x_hat[active] = again[still]
-            rounds[active] += 1
+            remapped[:] = [again]
+            return residual
+
+        def replace(rows: np.ndarray, still: np.ndarray) -> None:
+            x_hat[rows] = remapped[0][still]
+
+        rounds = self._reform(n, remap, replace)
         t2 = time.perf_counter()
         t["mapping"] = t2 - t1
 

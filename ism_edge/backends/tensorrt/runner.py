@@ -29,6 +29,7 @@ optimization profile's minimum is padded with zero images up to it (their output
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,7 @@ import numpy as np
 
 from ism_edge import _checks as check
 from ism_edge import cuda
-from ism_edge.backends import GRAPH_IO, Backend, ChainOutput, Job
+from ism_edge.backends import Backend, ChainOutput, Job, TensorInfo
 from ism_edge.backends.tensorrt.loader import tensorrt_module
 from ism_edge.errors import EngineError, EngineMismatchError
 from ism_edge.manifest import ROLES, EngineManifest
@@ -55,7 +56,9 @@ def _dims(d: trt.Dims) -> tuple[int, ...]:
 class _Engine:
     """One deserialized engine, its execution context and its I/O tensors (found by name).
 
-    ``out_rows``: the per-sample shape of each output's buffer (``logits``: ``(classes,)``).
+    ``out_rows``: the per-sample shape of each output's buffer (``logits``: ``(classes,)``);
+    ``check_io(inputs, outputs)`` refuses I/O that disagrees with the manifest
+    (:meth:`Backend._check_io <ism_edge.backends.Backend._check_io>`).
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class _Engine:
         role: str,
         manifest: EngineManifest,
         out_rows: dict[str, tuple[int, ...]],
+        check_io: Callable[[TensorInfo, TensorInfo], None],
     ) -> None:
         self.role = role
         self.path = path
@@ -89,25 +93,15 @@ class _Engine:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt_mod.TensorIOMode.INPUT]
         self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt_mod.TensorIOMode.OUTPUT]
-        want_in, want_out = GRAPH_IO[role]
-        mismatch = "the engine directory is inconsistent; rebuild it with 'ism-edge build'"
-        if set(self.inputs) != set(want_in) or set(self.outputs) != set(want_out):  # every I/O tensor needs an address
-            raise EngineMismatchError(
-                f"{path} ({role}) has inputs {sorted(self.inputs)} and outputs {sorted(self.outputs)}, "
-                f"expected {list(want_in)} -> {list(want_out)}: {mismatch}"
-            )
-        for name in names:
-            if engine.get_tensor_dtype(name) != trt_mod.DataType.FLOAT:
-                raise EngineMismatchError(
-                    f"{path} ({role}) tensor {name!r} is {engine.get_tensor_dtype(name)}, expected FP32 I/O: {mismatch}"
-                )
+
+        def dtype(name: str) -> str:
+            d = engine.get_tensor_dtype(name)
+            return "float32" if d == trt_mod.DataType.FLOAT else str(d)
+
+        # every I/O tensor needs an address, so no extra outputs; output shapes are checked per batch (set_batch)
+        check_io({n: (dtype(n), _dims(engine.get_tensor_shape(n))) for n in self.inputs},
+                 {n: (dtype(n), None) for n in self.outputs})
         c, h, w = manifest.input_shape
-        for name in self.inputs:
-            shape = _dims(engine.get_tensor_shape(name))
-            if len(shape) != 4 or shape[1:] != (c, h, w):
-                raise EngineMismatchError(
-                    f"{path} ({role}) input {name!r} has shape {list(shape)}, but the manifest says [N, {c}, {h}, {w}]: {mismatch}"
-                )
         profile = engine.get_tensor_profile_shape(self.inputs[0], 0)
         self.min_batch = _dims(profile[0])[0]
         self.max_batch = _dims(profile[2])[0]
@@ -180,22 +174,14 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
     max_in_flight = SLOTS
+    devices = ("auto", "cuda")
+    device_hint = " (it runs on a GPU; use --backend onnxruntime for the CPU)"
 
-    def __init__(
-        self,
-        directory: str | Path,
-        manifest: EngineManifest,
-        *,
-        feedback_rounds: int | None = None,
-        device: str = "auto",
-        threads: int | None = None,
-    ) -> None:
-        super().__init__(directory, manifest, feedback_rounds=feedback_rounds)
-        gpu = check.cuda_index(device)
-        if gpu is None:
-            raise ValueError(f"the TensorRT backend runs on a GPU: device must be auto, cuda or cuda:N, got {device!r}")
-        self.device = gpu
-        self.engine_files = {role: self.directory / manifest.engines[role].file for role in ROLES}
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """The arguments of :meth:`Backend.__init__ <ism_edge.backends.Backend.__init__>`."""
+        super().__init__(*args, **kwargs)
+        self.gpu = check.cuda_index(self.device) or 0
+        self.engine_files = {role: self.directory / self.manifest.engines[role].file for role in ROLES}
         self._engines: dict[str, _Engine] = {}
         self._streams: dict[str, cuda.Stream] = {}
         self._dev: dict[str, cuda.DeviceBuffer] = {}
@@ -205,7 +191,7 @@ class TensorRTBackend(Backend):
         self._last_done: cuda.Event | None = None
         self._runtime: Any = None
         self._logger: Any = None
-        self._max_batch = int(manifest.batch.get("max", 1))
+        self._max_batch = int(self.manifest.batch.get("max", 1))
         self._min_batch = 1
 
     @classmethod
@@ -223,13 +209,13 @@ class TensorRTBackend(Backend):
 
     def describe(self) -> str:
         trt_mod = tensorrt_module()
-        info = cuda.device_info(self.device)
+        info = cuda.device_info(self.gpu)
         return f"tensorrt {trt_mod.__version__} on {info.name} (sm {info.compute_capability}, {cuda.driver().name})"
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _activate_impl(self) -> None:
         trt_mod = tensorrt_module()
-        with cuda.device_context(self.device):
+        with cuda.device_context(self.gpu):
             try:
                 self._allocate(trt_mod)
             except BaseException:
@@ -244,7 +230,10 @@ class TensorRTBackend(Backend):
         for role, path in self.engine_files.items():
             if not path.is_file():
                 raise EngineError(f"{path} ({role}) is missing: rebuild the engines with 'ism-edge build'")
-            self._engines[role] = _Engine(trt_mod, self._runtime, path, role, self.manifest, out_rows)
+            def check_io(inputs: TensorInfo, outputs: TensorInfo, role: str = role, path: Path = path) -> None:
+                self._check_io(role, path, inputs, outputs)
+
+            self._engines[role] = _Engine(trt_mod, self._runtime, path, role, self.manifest, out_rows, check_io)
         self._max_batch = min(self._max_batch, *(e.max_batch for e in self._engines.values()))
         self._min_batch = max(e.min_batch for e in self._engines.values())
         if self._min_batch > self._max_batch:
@@ -284,7 +273,7 @@ class TensorRTBackend(Backend):
             )
 
     def _deactivate_impl(self) -> None:
-        with cuda.device_context(self.device):
+        with cuda.device_context(self.gpu):
             for stream in self._streams.values():
                 stream.synchronize()
             self._release()
@@ -311,7 +300,7 @@ class TensorRTBackend(Backend):
             raise RuntimeError("TensorRT backend: both slots are in flight; wait() for a job first")
         n = job.batch
         rows = max(n, self._min_batch)  # a batch below the profile's minimum runs padded with zero images
-        with cuda.device_context(self.device):
+        with cuda.device_context(self.gpu):
             for engine in self._engines.values():  # refuses a bad batch or output shape before anything is queued
                 engine.set_batch(rows)
             t0 = time.perf_counter()
@@ -384,28 +373,28 @@ class TensorRTBackend(Backend):
         the first ``n`` samples count (padding rows beyond them are re-mapped but never decided on).
         """
         assert self._h_residual is not None
+        residual = self._h_residual
         mapper, stream, d = self._engines["mapper"], self._streams["mapper"], self._dev
-        threshold = self.manifest.thresholds["recon_error"]
-        rounds = np.zeros(n, dtype=np.int32)
-        converged = np.zeros(n, dtype=bool)
-        for _ in range(self.feedback_rounds):
+
+        def remap(active: np.ndarray) -> np.ndarray:  # the whole batch: cheaper than gathering rows on the device
             mapper.bind({"x": d["x_hat"].ptr, "x_hat": d["x_hat_again"].ptr, "recon_error": d["residual"].ptr})
             mapper.execute(stream)
-            d["residual"].copy_to(self._h_residual, stream, rows=n)
+            d["residual"].copy_to(residual, stream, rows=n)
             stream.synchronize()
-            still = (self._h_residual.array[:n] > threshold) & ~converged
-            if not still.any():
-                break
-            converged |= ~still
-            rounds[still] += 1
-            for start, stop in _runs(still):
+            return residual.array[:n][active]
+
+        def replace(rows: np.ndarray, still: np.ndarray) -> None:
+            mask = np.zeros(n, dtype=bool)
+            mask[rows] = True
+            for start, stop in _runs(mask):
                 d["x_hat"].copy_rows_from(d["x_hat_again"], start, stop, stream)
-        return rounds
+
+        return self._reform(n, remap, replace)
 
     def _wait_impl(self, job: Job) -> ChainOutput:
         slot = self._slots[int(job.payload)]
         n = job.batch
-        with cuda.device_context(self.device):
+        with cuda.device_context(self.gpu):
             slot.events["done"].synchronize()
             ev = slot.events
             t = {
