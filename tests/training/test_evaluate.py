@@ -76,6 +76,24 @@ def test_reports(result: dict, tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_plot_names_the_defense_and_draws_clean_c_alone_chance_and_error_bars(
+        result: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_accuracy_vs_eps(result, tmp_path / "plot.png")
+    (fig,) = figures
+    labels = [t.get_text() for t in fig.legends[0].texts]
+    for expected in ("ISM defense: accuracy, PGD", "ISM defense: C alone, PGD", "undefended C: accuracy, PGD",
+                     "ISM defense: flagged (ε = 0: false positives), FGSM", "chance (10 %)"):
+        assert expected in labels, labels
+    top_left = fig.axes[0]
+    xs = {x for line in top_left.get_lines() for x in line.get_xdata()}
+    assert 0.0 in xs  # the clean point
+    assert top_left.collections  # error bars
+
+
 def test_plan_adds_the_sanity_cells() -> None:
     main, extra = plan_cells(EvalConfig(eps=EPS))
     assert {(c.threat, c.attack, c.eps, c.steps_factor) for c in extra} == {

@@ -331,6 +331,7 @@ def evaluate_bundle(
         "name": label,
         "defense": bundle.defense.to_dict(),
         "dataset": _dataset_name(data),
+        "num_classes": len(bundle.class_names),
         "n": clean["n"],
         "config": cfg.to_dict(),
         "clean": {

@@ -154,10 +154,23 @@ def csv_text(results: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def plot_accuracy_vs_eps(results: dict[str, Any] | Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """PNG: defense accuracy (top row) and defended accuracy (bottom row) vs ε, one column per threat model.
+#: Legend names of the evaluated defenses (their manifests' baseline names).
+DEFENSE_NAMES = {"full": "ISM defense", "none": "no defense", "magnet": "MagNet", "adv-only": "adversarial training only",
+                 "distill-only": "distillation only"}
 
-    Colour = defense, line style = attack; the paper's claims are drawn as crosses and labelled.
+
+def _ci95(p: float, n: int) -> float:
+    """Half-width of the binomial 95 % interval (normal approximation) of a rate ``p`` over ``n`` images, in %."""
+    return 100 * 1.96 * (p * (1 - p) / max(n, 1)) ** 0.5
+
+
+def plot_accuracy_vs_eps(results: dict[str, Any] | Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """PNG, one column per threat model: the defense's accuracy with C alone beside it (top row),
+    defended accuracy and detection rate (bottom row) vs ε, from ε = 0 (clean images) up.
+
+    Colour = defense (named in the legend), line style = what is measured, marker = attack. Every
+    point has its binomial 95 % error bar; the paper's claims are crosses; chance level is grey.
+    In the oblivious column the undefended classifier's accuracy on its own attacks is drawn too.
     """
     import matplotlib
 
@@ -168,43 +181,67 @@ def plot_accuracy_vs_eps(results: dict[str, Any] | Sequence[dict[str, Any]], pat
 
     rs = _as_list(results)
     threats = [t for t in ("oblivious", "known", "adaptive") if any(c["threat"] == t for r in rs for c in r["cells"])]
-    styles = {"fgsm": ":", "pgd": "-", "square": "--"}
+    markers = {"fgsm": "s", "pgd": "o", "square": "^"}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(2, len(threats), figsize=(4.2 * len(threats), 7), squeeze=False, sharex=True, sharey=True)
+    fig, axes = plt.subplots(2, len(threats), figsize=(4.6 * len(threats), 7.5), squeeze=False, sharex=True, sharey=True)
+
+    def curve(ax: Any, pts: list[tuple[float, float, int]], fmt: str, color: str, label: str, **kw: Any) -> None:
+        ax.errorbar([e for e, _, _ in pts], [100 * v for _, v, _ in pts], yerr=[_ci95(v, n) for _, v, n in pts],
+                    fmt=fmt, ms=3, capsize=2, elinewidth=0.8, color=color, label=label, **kw)
+
     for j, threat in enumerate(threats):
-        for i, metric in enumerate(("accuracy", "defended_accuracy")):
-            ax = axes[i][j]
-            for k, r in enumerate(rs):
-                base = r.get("defense", {}).get("baseline", "full")
-                for attack, ls in styles.items():
-                    cs = sorted((c for c in r["cells"] if c["threat"] == threat and c["attack"] == attack), key=lambda c: c["eps"])
-                    if cs:
-                        ax.plot([c["eps"] for c in cs], [100 * c[metric] for c in cs], ls, marker="o", ms=3,
-                                color=colors[k % len(colors)], label=f"{r.get('name')} {attack}")
-                if metric == "accuracy":
-                    claims = {e: claim_for(r.get("dataset", ""), base, "pgd", e) for e in sorted({c["eps"] for c in r["cells"]})}
-                    pts = [(e, v) for e, v in claims.items() if v is not None]
-                    if pts:
-                        ax.plot([e for e, _ in pts], [100 * v for _, v in pts], "x", ms=8, color=colors[k % len(colors)],
-                                label=f"{r.get('name')}: paper claim")
-            ax.set_title(f"{threat}: {'defense accuracy' if metric == 'accuracy' else 'defended accuracy (flagged or correct)'}",
-                         fontsize=9)
+        top, bottom = axes[0][j], axes[1][j]
+        for k, r in enumerate(rs):
+            color = colors[k % len(colors)]
+            base = r.get("defense", {}).get("baseline", "full")
+            name = DEFENSE_NAMES.get(base, base) + (f" ({r['name']})" if r.get("name") not in (base, None) else "")
+            clean, n0 = r["clean"], r["n"]
+            for attack, marker in markers.items():
+                cs = sorted((c for c in r["cells"] if c["threat"] == threat and c["attack"] == attack), key=lambda c: c["eps"])
+                if not cs:
+                    continue
+                at = attack.upper()
+                curve(top, [(0.0, clean["accuracy"], n0)] + [(c["eps"], c["accuracy"], c["n"]) for c in cs],
+                      f"-{marker}", color, f"{name}: accuracy, {at}")
+                if base != "none":  # C alone is the defense's classifier without M and the detectors
+                    curve(top, [(0.0, clean["classifier_accuracy"], n0)] + [(c["eps"], c["classifier_accuracy"], c["n"]) for c in cs],
+                          f":{marker}", color, f"{name}: C alone, {at}", alpha=0.7)
+                if threat == "oblivious" and clean.get("undefended_accuracy") is not None and k == 0:
+                    curve(top, [(0.0, clean["undefended_accuracy"], n0)] + [(c["eps"], c["source_accuracy"], c["n"]) for c in cs],
+                          f"--{marker}", "0.45", f"undefended C: accuracy, {at}")
+                curve(bottom, [(c["eps"], c["defended_accuracy"], c["n"]) for c in cs], f"-{marker}", color,
+                      f"{name}: defended (flagged or correct), {at}")
+                if r.get("defense", {}).get("detectors"):
+                    fpr = clean["fpr"].get("any") or 0.0
+                    curve(bottom, [(0.0, fpr, n0)] + [(c["eps"], c["detection_rate"], c["n"]) for c in cs],
+                          f"--{marker}", color, f"{name}: flagged (ε = 0: false positives), {at}", alpha=0.7)
+            claims = {e: claim_for(r.get("dataset", ""), base, "pgd", e) for e in sorted({c["eps"] for c in r["cells"]})}
+            pts = [(e, v) for e, v in claims.items() if v is not None]
+            if pts:
+                top.plot([e for e, _ in pts], [100 * v for _, v in pts], "x", ms=8, color=color, label=f"{name}: paper's claim")
+        for ax, title in ((top, "accuracy"), (bottom, "defended accuracy and detection")):
+            classes = rs[0].get("num_classes") if rs else None
+            if classes:
+                ax.axhline(100 / classes, color="0.6", lw=0.8, ls="-.", label=f"chance ({100 / classes:.0f} %)")
+            ax.set_title(f"{threat}: {title}", fontsize=9)
             ax.set_ylim(-2, 102)
             ax.grid(alpha=0.3)
-            if i == 1:
-                ax.set_xlabel("ε (L∞, [0, 1] pixels)")
-            if j == 0:
-                ax.set_ylabel("%")
-    handles, labels = axes[0][0].get_legend_handles_labels()
+        bottom.set_xlabel("ε (L∞, [0, 1] pixels; 0 = clean)")
+        if j == 0:
+            top.set_ylabel("%")
+            bottom.set_ylabel("%")
+    handles: list[Any] = []
+    labels: list[str] = []
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=7, frameon=False)
+    ncol = 3
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=6.5, frameon=False)
     n = rs[0]["n"] if rs else 0
-    fig.suptitle(f"Accuracy vs ε per threat model ({n} images per point)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.04 + 0.02 * ((len(labels) + 3) // 4), 1, 0.97))
+    fig.suptitle(f"Accuracy vs ε per threat model ({n} images per point, 95 % binomial intervals)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.03 + 0.018 * ((len(labels) + ncol - 1) // ncol), 1, 0.97))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
