@@ -133,7 +133,7 @@ def test_bundle_hash_without_torch_matches_training(untrained_bundle_dir: Path) 
     from training.bundle import bundle_hash
 
     assert bundle_sha256(untrained_bundle_dir) == bundle_hash(untrained_bundle_dir)
-    code = "import sys, ism_edge.compat, engines, engines.build; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
+    code = "import sys, ism_edge.compat, engines, engines.build, engines.rebuild; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
