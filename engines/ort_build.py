@@ -13,7 +13,8 @@ the ``com.microsoft`` domain, so it is tied to the ONNX Runtime major.minor that
 (:func:`ism_edge.compat.check_compatible` enforces this).
 
 Imports neither torch nor onnx: the runtime can call :func:`optimized_models` on a Jetson with
-the base install and ONNX Runtime (``--rebuild-on-mismatch``).
+the base install and ONNX Runtime (``--rebuild-on-mismatch``). Without ONNX Runtime every entry
+point raises the one-line error naming the extra to install.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 from engines.artifacts import Built, engine_file_name, source_name
 from engines.progress import Steps
 from ism_edge._io import sha256_file
-from ism_edge.errors import EngineError
+from ism_edge.errors import EngineError, missing_dependency
 from ism_edge.manifest import ROLES
 
 if TYPE_CHECKING:
@@ -40,11 +41,14 @@ if TYPE_CHECKING:
 OPTIMIZATION_LEVEL = "extended"
 INT8_OPS = ("Conv",)
 CALIBRATION_SAMPLES = 256
+_PURPOSE = "building and checking ONNX Runtime engines"
 
 
 def _ort() -> Any:
-    import onnxruntime
-
+    try:
+        import onnxruntime
+    except ImportError:
+        raise missing_dependency("onnxruntime", "onnxruntime", _PURPOSE) from None
     return onnxruntime
 
 
@@ -122,8 +126,16 @@ def int8_from_onnx(
     small trained bundles (measured; see docs/engines.md). The reconstruction error, the input
     normalisation, the k-sparse selection, the dense layers and the sigmoids stay FP32.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    try:
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        raise missing_dependency("onnxruntime", "onnxruntime", _PURPOSE) from None
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
