@@ -155,13 +155,9 @@ def build(
     real images first; a graph outside tolerance fails the build. Given an engine directory instead
     of a bundle, recompiles its stored, hash-verified ONNX for this machine.
     """
-    from engines.build import (
-        build_engines,
-        default_precision,
-        default_timing_cache,
-        rebuild_from_onnx,
-        resolve_backend,
-    )
+    from engines.build import build_engines, default_precision, resolve_backend
+    from engines.rebuild import rebuild_from_onnx
+    from engines.tensorrt_build import default_timing_cache
 
     profile = parse_batch(batch)
     fmt = _manifest_format(source)

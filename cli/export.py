@@ -24,7 +24,7 @@ def export(
     stores the parity report in export.json. A graph outside tolerance fails the export.
     """
     from cli.build import StepPrinter, print_parity
-    from engines.build import export_bundle
+    from engines.export import export_bundle
 
     printer = StepPrinter()
     try:

@@ -41,7 +41,7 @@ def load_runtime(engine_dir: Path, options: RuntimeOptions, *, rebuild_on_mismat
         if not rebuild_on_mismatch:
             raise
         typer.echo(f"{e}\nrebuilding {engine_dir} for this machine from its stored ONNX ...", err=True)
-    from engines.build import rebuild_from_onnx
+    from engines.rebuild import rebuild_from_onnx
 
     rebuild_from_onnx(engine_dir)
     return DefenseRuntime(engine_dir, options)

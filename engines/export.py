@@ -1,4 +1,9 @@
-"""Bundle → ONNX: the three deployed graphs with a dynamic batch axis ``N`` (SPEC §4).
+"""Bundle → ONNX: the three deployed graphs with a dynamic batch axis ``N``, checked against
+PyTorch (SPEC §4).
+
+:func:`export_bundle` (``ism-edge export``) writes them, FP32 and FP16, with a parity report;
+:func:`exported` is the opening it shares with :func:`engines.build.build_engines`: load the
+bundle, read the parity samples, export the graphs into a temporary directory and check them.
 
 Graph roles and I/O names are the contract of :mod:`ism_edge.manifest`:
 
@@ -19,20 +24,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ism_edge.errors import EngineError, caused_by_interrupt, missing_dependency
-from ism_edge.manifest import GRAPH_IO, ROLES, TensorSpec
+from engines.artifacts import EXPORT_REPORT, check_out_dir, library_versions, now
+from engines.progress import StepCallback, Steps
+from ism_edge._io import atomic_directory
+from ism_edge.errors import BundleError, EngineError, caused_by_interrupt, missing_dependency
+from ism_edge.manifest import GRAPH_IO, ROLES, SCORE_NAMES, TensorSpec
 
 if TYPE_CHECKING:
+    import numpy as np
     import onnx
     from torch import nn
 
     from training.bundle import DefenseBundle
 
 OPSET = 18
+PARITY_SAMPLES = 256
+PARITY_BATCH = 64
 BATCH_DIM = "N"
 
 
@@ -238,3 +250,154 @@ def onnx_from_bundle(
             modules[role], role, Path(out_dir) / f"{role}.onnx", input_shape, opset=opset, metadata=metadata
         )
     return paths
+
+
+# -- export with the parity gate --------------------------------------------------------------
+
+
+def load_deployable(bundle_dir: Path) -> DefenseBundle:
+    """Load a bundle of the full defense; evaluation baselines (``--baseline``) are refused.
+
+    The engines and the runtime implement the full chain (M, C, P, three detectors); a baseline
+    bundle lacks networks or deploys fewer detectors, so compiling it would change what it means.
+    """
+    from training.bundle import DefenseBundle, DefenseSpec
+
+    bundle = DefenseBundle.load(bundle_dir)
+    if bundle.defense != DefenseSpec():
+        raise BundleError(f"{bundle_dir} is the evaluation baseline {bundle.defense.baseline!r}, not the full "
+                          "defense: only full-defense bundles (ism-edge train without --baseline) can be compiled")
+    return bundle
+
+
+def export_graphs(bundle: DefenseBundle, onnx_dir: Path, steps: Steps, *, metadata: dict[str, str]) -> dict[str, dict[str, Path]]:
+    """Export the FP32 graphs to ``onnx_dir`` and convert each to FP16; ``{precision: {role: path}}``."""
+    from engines.fp16 import fp16_from_onnx
+
+    cfg = bundle.config
+    input_shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    modules = graph_modules(bundle)
+    paths: dict[str, dict[str, Path]] = {"fp32": {}, "fp16": {}}
+    for role in ROLES:
+        with steps(f"export {role} to ONNX"):
+            paths["fp32"][role] = onnx_from_module(modules[role], role, onnx_dir / f"{role}.onnx", input_shape, metadata=metadata)
+    for role in ROLES:
+        with steps(f"convert {role} to FP16"):
+            paths["fp16"][role] = fp16_from_onnx(paths["fp32"][role], onnx_dir / f"{role}.fp16.onnx")
+    return paths
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A bundle's graphs exported into ``root`` (the temporary output directory) and checked.
+
+    ``graphs``: ``{"fp32" | "fp16": {role: path}}``; ``x``: the parity samples (float32 NCHW
+    pixels in [0, 1]) from ``sample_source``; ``reference`` and ``torch_defense``: PyTorch's graph
+    outputs and defense decisions on them; ``report``: the samples, tolerances and the parity of
+    the FP32 and FP16 graphs (``report["fp32"]``, ``report["fp16"]``), not yet gated.
+    """
+
+    bundle: DefenseBundle
+    bundle_sha256: str
+    root: Path
+    graphs: dict[str, dict[str, Path]]
+    x: np.ndarray
+    sample_source: str
+    reference: Mapping[str, Mapping[str, np.ndarray]]
+    torch_defense: Mapping[str, np.ndarray]
+    report: dict[str, Any]
+    parity_batch: int = PARITY_BATCH
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        cfg = self.bundle.config
+        return (cfg.channels, cfg.image_size, cfg.image_size)
+
+
+@contextlib.contextmanager
+def exported(
+    bundle_dir: Path,
+    out_dir: Path,
+    steps: Steps,
+    *,
+    parity_samples: int,
+    onnx_dir: str = "",
+    calibrated: bool = False,
+) -> Iterator[Exported]:
+    """Export a bundle's graphs into a temporary directory that replaces ``out_dir`` when the
+    ``with`` block ends without an error, and measure their parity against PyTorch.
+
+    The graphs go to ``onnx_dir`` inside it. ``calibrated`` refuses a bundle without calibrated
+    thresholds (engines need them). The caller gates on the report
+    (:func:`engines.parity.raise_on_failure`) and adds its own files to ``root``.
+    """
+    from engines import parity
+    from engines.ort_build import parity_of_files
+    from engines.samples import real_samples
+    from ism_edge.compat import bundle_sha256
+
+    with steps("load bundle"):
+        bundle = load_deployable(bundle_dir)
+        missing = [s for s in SCORE_NAMES if s not in bundle.thresholds]
+        if calibrated and missing:
+            raise BundleError(
+                f"bundle {bundle_dir} has no calibrated threshold for {', '.join(missing)}: run the "
+                "'calibrate' stage of 'ism-edge train' on it before building engines"
+            )
+        digest = bundle_sha256(bundle_dir)
+    cfg = bundle.config
+    input_shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    with steps("read parity samples"):
+        x, sample_source = real_samples(input_shape, parity_samples, split="test")
+    with atomic_directory(out_dir) as tmp:
+        graphs = export_graphs(bundle, tmp / onnx_dir, steps, metadata={"ism_edge.bundle_sha256": digest})
+        with steps("PyTorch reference outputs"):
+            reference = parity.reference_outputs(bundle, x, PARITY_BATCH)
+            torch_defense = parity.torch_defense_outputs(bundle, x, PARITY_BATCH)
+        report: dict[str, Any] = {
+            "samples": {"n": int(len(x)), "source": sample_source},
+            "tolerances": parity.tolerances_dict(),
+        }
+        for prec in ("fp32", "fp16"):
+            with steps(f"parity of the {prec.upper()} graphs"):
+                report[prec] = parity_of_files(graphs[prec], tmp, prec, bundle, x, reference, torch_defense, PARITY_BATCH)
+        yield Exported(bundle=bundle, bundle_sha256=digest, root=tmp, graphs=graphs, x=x, sample_source=sample_source,
+                       reference=reference, torch_defense=torch_defense, report=report)
+
+
+def export_bundle(
+    bundle_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    parity_samples: int = PARITY_SAMPLES,
+    on_step: StepCallback | None = None,
+) -> dict[str, Any]:
+    """Export a bundle's three graphs (FP32 and FP16) to ``out_dir`` and gate both on parity.
+
+    Writes ``{role}.onnx``, ``{role}.fp16.onnx`` and ``export.json`` (the parity report, bundle
+    hash and library versions) atomically; returns the report. Raises
+    :class:`ism_edge.errors.ParityError` naming the first graph outside tolerance.
+    """
+    from engines import parity
+    from ism_edge._io import atomic_write_json
+
+    bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
+    check_out_dir(out_dir, bundle_dir, marker=EXPORT_REPORT)
+    steps = Steps(on_step)
+    versions = library_versions("onnxruntime", opset=OPSET)
+    with exported(bundle_dir, out_dir, steps, parity_samples=parity_samples) as ex:
+        report: dict[str, Any] = {
+            "bundle_sha256": ex.bundle_sha256,
+            "bundle_name": bundle_dir.resolve().name,
+            "input_shape": list(ex.input_shape),
+            **ex.report,
+        }
+        report["gated"] = ["fp32", "fp16"]
+        report["ok"] = report["fp32"]["ok"] and report["fp16"]["ok"]
+        report["versions"] = versions
+        report["created"] = now()
+        for prec in ("fp32", "fp16"):
+            parity.raise_on_failure(report[prec], prec.upper(), ex.sample_source)
+        atomic_write_json(ex.root / EXPORT_REPORT, report)
+    steps.done()
+    return report

@@ -12,16 +12,23 @@ tactic timing; an unreadable or corrupt cache is replaced by an empty one with a
 Written against the TensorRT 10 Python API and type-checked with mypy against
 ``tensorrt-stubs``; whether a real TensorRT (not only the stubs) of version 10 or newer is
 installed is decided by :mod:`ism_edge.backends.tensorrt.loader`.
+
+:func:`build` is the TensorRT step of :func:`engines.build.build_engines` (one plan per role from
+the exported graphs of the build's precision); :func:`plans_from_onnx` is shared with the rebuild.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engines.artifacts import Built, engine_file_name
+from engines.progress import Steps
 from ism_edge._io import atomic_write_bytes
 from ism_edge.backends.tensorrt import loader
 from ism_edge.errors import EngineError
@@ -37,6 +44,33 @@ def tensorrt_available() -> bool:
 
 def _require_tensorrt() -> None:
     loader.tensorrt_module("building TensorRT engines")
+
+
+def gpu_for_build() -> dict[str, str]:
+    """The GPU a TensorRT build is for; TensorRT must be importable and a GPU visible before a
+    build starts (a one-line error saying what to install or check otherwise)."""
+    from ism_edge.compat import current_gpu
+
+    _require_tensorrt()
+    gpu = current_gpu()
+    if gpu is None:
+        raise EngineError("TensorRT is installed but no CUDA GPU is visible (cuda-python reports none): "
+                          "check the driver, or build with --backend onnxruntime")
+    return gpu
+
+
+def default_timing_cache() -> Path:
+    """Where ``ism-edge build`` keeps the TensorRT timing cache between builds.
+
+    One file per TensorRT version and GPU (a timing cache is only valid for both), under
+    ``$XDG_CACHE_HOME/ism-edge`` (default ``~/.cache/ism-edge``).
+    """
+    from ism_edge.compat import current_gpu
+
+    gpu = current_gpu() or {"name": "nogpu"}
+    tag = re.sub(r"[^A-Za-z0-9.]+", "-", f"trt{tensorrt_version()}-{gpu['name']}").strip("-")
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ism-edge"
+    return root / f"{tag}.timing-cache"
 
 
 @dataclass(frozen=True)
@@ -189,3 +223,44 @@ def _first_line(err: BaseException) -> str:
 def tensorrt_version() -> str:
     """Version of the importable TensorRT (raises when TensorRT is missing or older than 10)."""
     return str(loader.tensorrt_module("building TensorRT engines").__version__)
+
+
+def plans_from_onnx(
+    sources: Mapping[str, Path],
+    root: Path,
+    precision: str,
+    steps: Steps,
+    *,
+    batch: BatchProfile,
+    workspace_mb: int,
+    timing_cache: str | os.PathLike[str] | None,
+) -> dict[str, Path]:
+    """Each role's TensorRT engine, built from its source graph and saved in ``root``; ``{role: path}``."""
+    out: dict[str, Path] = {}
+    for role, src in sources.items():
+        with steps(f"build TensorRT engine {role}"):
+            dst = root / engine_file_name("tensorrt", precision, role)
+            out[role] = engine_from_onnx(src, dst, batch=batch, workspace_mb=workspace_mb, timing_cache=timing_cache).path
+    return out
+
+
+def build(
+    graphs: Mapping[str, Path],
+    root: Path,
+    precision: str,
+    steps: Steps,
+    *,
+    batch: BatchProfile,
+    workspace_mb: int,
+    timing_cache: str | os.PathLike[str] | None,
+) -> Built:
+    """TensorRT engines of the exported ``graphs`` of the build's precision (``{role: path}``).
+
+    The engines are not run at build time (the build machine need not be the target); the graphs
+    they are built from passed the export's parity gate.
+    """
+    sources = dict(graphs)
+    engines = plans_from_onnx(sources, root, precision, steps, batch=batch, workspace_mb=workspace_mb, timing_cache=timing_cache)
+    engine = {"measured": False, "ok": True,
+              "reason": "TensorRT engines are not run at build time; the graph they were built from is gated"}
+    return Built(engines=engines, sources=sources, report={"engine": engine}, measured=False)

@@ -36,7 +36,7 @@ import numpy as np
 from ism_edge import _checks as check
 from ism_edge import preprocess
 from ism_edge.backends import STAGES, Backend, ChainOutput, Job, select_backend
-from ism_edge.decision import decide
+from ism_edge.decision import Decisions, decide
 from ism_edge.errors import EngineError, FrameError
 from ism_edge.manifest import MANIFEST_NAME, SCORE_NAMES, EngineManifest, load_manifest
 from ism_edge.verdict import TileScores, Verdict, severity

@@ -105,7 +105,7 @@ def test_interrupted_build_leaves_no_engine_directory(untrained_bundle_dir: Path
 
 def test_interrupted_rebuild_keeps_the_old_directory(engine_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import engines.ort_build
-    from engines.build import rebuild_from_onnx
+    from engines.rebuild import rebuild_from_onnx
 
     before = {p.relative_to(engine_copy): sha256_file(p) for p in engine_copy.rglob("*") if p.is_file()}
 
@@ -122,7 +122,7 @@ def test_interrupted_rebuild_keeps_the_old_directory(engine_copy: Path, monkeypa
 
 def test_rebuild_from_onnx_needs_neither_torch_nor_onnx(engine_copy: Path) -> None:
     code = (
-        "import sys; from engines.build import rebuild_from_onnx; from ism_edge.compat import check_compatible\n"
+        "import sys; from engines.rebuild import rebuild_from_onnx; from ism_edge.compat import check_compatible\n"
         f"m = rebuild_from_onnx({str(engine_copy)!r}); check_compatible(m, {str(engine_copy)!r})\n"
         "bad = [n for n in ('torch', 'onnx', 'training') if n in sys.modules]\n"
         "assert not bad, bad; print(m.created)"

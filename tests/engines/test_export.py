@@ -100,7 +100,7 @@ def test_parity_report_within_tolerance_on_real_samples(exported: CliRun) -> Non
 
 def test_graph_outside_tolerance_fails_naming_it(exported: CliRun, untrained_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from engines import parity
-    from engines.build import parity_of_files
+    from engines.ort_build import parity_of_files
     from engines.samples import real_samples
     from training.bundle import DefenseBundle
 

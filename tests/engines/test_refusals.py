@@ -133,7 +133,7 @@ def test_bundle_hash_without_torch_matches_training(untrained_bundle_dir: Path) 
     from training.bundle import bundle_hash
 
     assert bundle_sha256(untrained_bundle_dir) == bundle_hash(untrained_bundle_dir)
-    code = "import sys, ism_edge.compat, engines, engines.build; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
+    code = "import sys, ism_edge.compat, engines, engines.build, engines.rebuild; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
@@ -196,3 +196,29 @@ def test_rebuild_with_a_malformed_parity_report_still_rebuilds(engine_copy: Path
     assert run.exit_code == 0 and "Traceback" not in run.output, run.output
     assert "the parity report in the manifest is malformed" in run.output
     load_manifest(tmp_path / "new")
+
+
+@pytest.mark.parametrize("command", ["build", "export"])
+def test_compiling_a_bundle_without_torch_is_one_line(command: str, untrained_bundle_dir: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An install without the train extra: one line naming it, before anything is written."""
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    run = invoke(command, str(untrained_bundle_dir), "--out", str(tmp_path / "out"))
+    assert run.exit_code == 2, run.output
+    line = _one_line_error(run.output)
+    assert "needs the Python module 'torch', which is not installed: pip install 'ism-edge[train]'" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_rebuilding_without_onnxruntime_is_one_line(engine_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engines import ort_build
+    from ism_edge.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    run = invoke("build", str(engine_copy), "--out", str(tmp_path / "new"))
+    assert run.exit_code == 2, run.output
+    line = _one_line_error(run.output)
+    assert "rebuilding ONNX Runtime engines needs the Python module 'onnxruntime'" in line and "ism-edge[onnxruntime]" in line
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(MissingDependencyError, match=r"'onnxruntime'.*ism-edge\[onnxruntime\]"):
+        ort_build.optimized_model_from_onnx(engine_copy / "onnx" / "mapper.onnx", tmp_path / "mapper.onnx")

@@ -187,3 +187,33 @@ def test_a_good_or_missing_timing_cache_builds_without_a_warning(configs: list[F
         build(tmp_path, cache)  # missing: created
         build(tmp_path, cache)  # present and valid: loaded
     assert configs[1].cache is not None and configs[1].cache.blob == CACHE_MAGIC + b"tactics"
+
+
+def test_the_tensorrt_build_writes_one_plan_per_role_unmeasured(configs: list[FakeConfig], tmp_path: Path) -> None:
+    from engines import tensorrt_build
+    from engines.progress import Steps
+    from ism_edge.manifest import ROLES
+
+    graphs = {role: tmp_path / "onnx" / f"{role}.fp16.onnx" for role in ROLES}
+    for path in graphs.values():
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"")
+    names: list[str] = []
+    steps = Steps(lambda name, s: names.append(name) if s is not None else None)
+    built = tensorrt_build.build(graphs, tmp_path, "fp16", steps, batch=BatchProfile(1, 4, 8), workspace_mb=64, timing_cache=None)
+    assert built.engines == {role: tmp_path / f"{role}.plan" for role in ROLES} and built.sources == graphs
+    assert all(p.read_bytes() == b"PLAN" for p in built.engines.values()) and len(configs) == len(ROLES)
+    assert not built.measured and built.report["engine"] == {"measured": False, "ok": True, "reason": built.report["engine"]["reason"]}
+    assert names == [f"build TensorRT engine {role}" for role in ROLES]
+
+
+def test_a_tensorrt_build_without_a_visible_gpu_is_refused(configs: list[FakeConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    from engines import tensorrt_build
+    from ism_edge import compat
+    from ism_edge.errors import EngineError
+
+    monkeypatch.setattr(compat, "current_gpu", lambda device=0: None)
+    with pytest.raises(EngineError, match="no CUDA GPU is visible.*--backend onnxruntime"):
+        tensorrt_build.gpu_for_build()
+    monkeypatch.setattr(compat, "current_gpu", lambda device=0: {"name": "Orin", "compute_capability": "8.7"})
+    assert tensorrt_build.gpu_for_build()["name"] == "Orin"
