@@ -102,31 +102,40 @@ def evaluate(
     checks = []
     # No progress bar is drawn into a pipe or a log: a line per finished cell instead.
     echo = None if console.is_terminal else (lambda line: typer.echo(line, err=True))
+    out_dir = out or (bundles[0].with_name(bundles[0].name + "-eval") if len(bundles) == 1 else Path("ism-edge-eval"))
+    command = "ism-edge " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("ism-edge") else None
+
+    def write_reports() -> None:
+        """All reports of the bundles evaluated so far: rewritten after each one, so a long run that
+        is stopped keeps what it finished (``complete`` false and ``pending`` in results.json)."""
+        pending = names[len(results):]
+        title = f"{', '.join(r['name'] for r in results)}: {results[0]['n']} images" + (
+            f" (partial: {', '.join(pending)} not evaluated yet)" if pending else "")
+        atomic_write_json(out_dir / "results.json", {"bundles": results, "crosscheck": checks or None, "command": command,
+                                                     "complete": not pending, "pending": pending,
+                                                     "versions": library_versions()})
+        report = markdown_report(results, title=f"Evaluation: {title}")
+        if checks:
+            from training.evaluation.crosscheck import crosscheck_markdown
+
+            report += "\n## Cross-check with the Adversarial Robustness Toolbox\n\n" + crosscheck_markdown(checks)
+            atomic_write_bytes(out_dir / "crosscheck.md", crosscheck_markdown(checks).encode())
+        atomic_write_bytes(out_dir / "results.md", report.encode())
+        atomic_write_bytes(out_dir / "results.csv", csv_text(results).encode())
+        plot_accuracy_vs_eps(results, out_dir / "accuracy_vs_eps.png")
+
     with make_progress() as progress:
         for path, b, name in zip(bundles, loaded, names, strict=True):
             r = evaluate_bundle(b, arrays, cfg, device=dev, progress=progress, name=name, echo=echo)
             r["bundle"] = {"path": str(path.resolve()), "sha256": bundle_hash(path), "preset": b.preset,
                            "baseline": b.defense.baseline}
-            results.append(r)
             if crosscheck:
                 from training.evaluation.crosscheck import crosscheck as run_crosscheck
 
                 checks.append(run_crosscheck(b, arrays, check_cfg, device=dev, progress=progress, name=name, echo=echo))
-    title = f"{', '.join(names)}: {results[0]['n']} images"
-    console.print(rich_table(results, title=title))
-    out_dir = out or (bundles[0].with_name(bundles[0].name + "-eval") if len(bundles) == 1 else Path("ism-edge-eval"))
-    command = "ism-edge " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("ism-edge") else None
-    atomic_write_json(out_dir / "results.json", {"bundles": results, "crosscheck": checks or None, "command": command,
-                                                 "versions": library_versions()})
-    report = markdown_report(results, title=f"Evaluation: {title}")
-    if checks:
-        from training.evaluation.crosscheck import crosscheck_markdown
-
-        report += "\n## Cross-check with the Adversarial Robustness Toolbox\n\n" + crosscheck_markdown(checks)
-        atomic_write_bytes(out_dir / "crosscheck.md", crosscheck_markdown(checks).encode())
-    atomic_write_bytes(out_dir / "results.md", report.encode())
-    atomic_write_bytes(out_dir / "results.csv", csv_text(results).encode())
-    plot_accuracy_vs_eps(results, out_dir / "accuracy_vs_eps.png")
+            results.append(r)
+            write_reports()
+    console.print(rich_table(results, title=f"{', '.join(names)}: {results[0]['n']} images"))
     failed = [f"{r['name']}: {c['name']}" for r in results for c in r["sanity"] if c["passed"] is False]
     if failed:
         typer.echo("sanity checks FAILED (the numbers above are not trustworthy where they apply): " + "; ".join(failed), err=True)

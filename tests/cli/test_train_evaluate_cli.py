@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,33 @@ def test_evaluate_writes_table_and_json(tmp_path: Path, trained_bundle_dir: Path
     # Not a terminal: no progress bar, but a line per finished cell, and the table at full width.
     assert "evaluate full: batch 1/1 known fgsm ε=0.0314: " in r.stderr and " correct, " in r.stderr
     assert "defe…" not in r.stderr
+
+
+def test_a_stopped_multi_bundle_evaluation_keeps_the_bundles_it_finished(
+        tmp_path: Path, trained_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.evaluation
+
+    real = training.evaluation.evaluate_bundle
+    calls = []
+
+    def second_one_fails(*args, **kwargs):
+        calls.append(kwargs.get("name"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training.evaluation, "evaluate_bundle", second_one_fails)
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_bundle_dir, copy)
+    out = tmp_path / "eval"
+    r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), str(copy), "--data", str(CIFAR_TEST), "--n", "6",
+                            "--eps", "0.3", "--attacks", "fgsm", "--threat", "known", "--no-sanity", "--out", str(out),
+                            "--device", "cpu"])
+    assert r.exit_code == 130, r.output + r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert [b["name"] for b in res["bundles"]] == [f"full ({trained_bundle_dir.name})"]
+    assert res["complete"] is False and res["pending"] == ["full (copy)"]
+    assert "(partial: full (copy) not evaluated yet)" in (out / "results.md").read_text()
 
 
 def test_baseline_option_is_checked(tmp_path: Path) -> None:
