@@ -25,11 +25,15 @@ install: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	# engines.typecheck repairs tensorrt-stubs so mypy really checks every TensorRT call.
 	$(PY) -m engines.typecheck engines/tensorrt_build.py ism_edge/backends/tensorrt ism_edge/cuda.py
+	# The whole runtime package (what a Jetson installs).
+	$(PY) -m mypy ism_edge
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check ism_edge training engines cli tests examples
+	# pyproject's [tool.ruff]: 120 columns, and ism_edge may not import torch, training or engines.
+	$(PY) -m ruff check ism_edge training engines cli tests examples scripts
 
 test: $(VENV)/.installed
+	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory typecheck
 	$(PY) -m pytest -q
 

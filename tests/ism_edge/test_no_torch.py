@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 HEAVY = ("torch", "training", "engines", "tensorrt", "pycuda", "cuda.bindings.runtime", "onnx")
@@ -54,3 +56,16 @@ def test_import_and_a_full_onnxruntime_run_load_no_torch(engine_dir: Path, sampl
     assert result["after_run"] == [], f"the runtime imported {result['after_run']}"
     assert result["batch"] == 3 and result["tiles"] == 12 and result["frames"] == 12 and result["error"] is None
     assert len((tmp_path / "v.jsonl").read_text().splitlines()) == 12
+
+
+@pytest.mark.parametrize("source", ["import torch\n", "from torch import nn\n",
+                                    "from training.bundle import DefenseBundle\n", "import engines.build\n"])
+def test_ruff_refuses_torch_side_imports_in_the_runtime_package(source: str) -> None:
+    """The rule is lint, not only this test suite: `make test` runs ruff, which bans these in ism_edge/."""
+    pytest.importorskip("ruff")
+    root = ROOT
+    args = [sys.executable, "-m", "ruff", "check", "--no-cache", "--select", "TID251", "--stdin-filename"]
+    inside = subprocess.run([*args, "ism_edge/probe.py", "-"], input=source, text=True, capture_output=True, cwd=root)
+    assert inside.returncode == 1 and "TID251" in inside.stdout, inside.stdout + inside.stderr
+    outside = subprocess.run([*args, "training/probe.py", "-"], input=source, text=True, capture_output=True, cwd=root)
+    assert outside.returncode == 0, outside.stdout + outside.stderr
