@@ -209,3 +209,15 @@ def table_console(*, stderr: bool = False) -> Any:
 
     console = Console(stderr=stderr, highlight=False)
     return console if console.is_terminal else Console(stderr=stderr, highlight=False, width=200)
+
+
+def require_training(purpose: str) -> None:
+    """One line naming the extra, not a traceback, when a training-side command runs in a
+    runtime-only install (``pip install ism-edge`` without ``[train]``)."""
+    from ism_edge.errors import missing_dependency
+
+    for module in ("torch", "safetensors", "matplotlib"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise missing_dependency(module, "train", purpose) from None

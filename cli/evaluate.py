@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._common import cli_errors, keep_freed_memory, parse_eps, parse_list
+from cli._common import cli_errors, keep_freed_memory, parse_eps, parse_list, require_training
 from cli.choices import DataKind
 
 
@@ -48,6 +48,7 @@ def evaluate(
     (flagged or correct), with sanity checks and the paper's claims alongside; written as a
     Markdown table, CSV, JSON and a plot of accuracy vs ε."""
     keep_freed_memory()
+    require_training("evaluating a defense")
     import sys
     from dataclasses import replace
 

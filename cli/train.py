@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._common import cli_errors, keep_freed_memory, parse_eps, parse_list
+from cli._common import cli_errors, keep_freed_memory, parse_eps, parse_list, require_training
 from cli.choices import Baseline, DataKind, Preset
 
 
@@ -60,6 +60,7 @@ def train(
     --baseline trains one of the evaluation's baselines with the same code instead.
     """
     keep_freed_memory()
+    require_training("training a defense")
     from dataclasses import replace
 
     from training.bundle import WEIGHTS_DTYPES

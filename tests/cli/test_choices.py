@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import get_args
 
 import pytest
@@ -47,3 +49,18 @@ def test_version_help_and_the_bare_command() -> None:
         assert r.exit_code == 0 and "Usage: ism-edge" in r.output and "evaluate" in r.output
     r = runner.invoke(app, ["train", "-h"])
     assert r.exit_code == 0 and "<paper|medium|s" in r.output  # the choices, wrapped by the help box
+
+
+@pytest.mark.parametrize(("args", "purpose"), [
+    (["train", "--data", "d.npz", "--out", "o"], "training a defense"),
+    (["evaluate", "B", "--data", "d.npz"], "evaluating a defense"),
+])
+def test_training_side_commands_in_a_runtime_only_install_say_which_extra(
+        args: list[str], purpose: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if `pip install ism-edge` without [train]
+    r = runner.invoke(app, args)
+    assert r.exit_code != 0
+    assert one_error_line(r) == (f"error: {purpose} needs the Python module 'torch', which is not installed: "
+                                 "pip install 'ism-edge[train]'")
+    assert not any(tmp_path.iterdir())
