@@ -1,4 +1,5 @@
-"""`ism-edge bench`: the defense chain side by side (PyTorch eager, ONNX Runtime, TensorRT), and at camera rate (SPEC §6)."""
+"""`ism-edge bench`: the defense chain side by side (PyTorch eager, ONNX Runtime, TensorRT), and at camera rate
+(SPEC §6)."""
 
 from __future__ import annotations
 
@@ -50,14 +51,17 @@ def print_chain_report(report: dict[str, Any]) -> None:
     flops, peak = report.get("flops"), report.get("peak")
     if flops:
         g = flops["graphs"]
-        console.print(f"[bold]FLOPs[/] per model input {flops['per_input'] / 1e6:.2f} M (mapper {g['mapper']['flops'] / 1e6:.2f} M + "
-                      f"2 x classifier {g['classifier']['flops'] / 1e6:.2f} M + perturbation {g['perturbation']['flops'] / 1e6:.2f} M; 1 MAC = 2 FLOPs)")
+        console.print(f"[bold]FLOPs[/] per model input {flops['per_input'] / 1e6:.2f} M "
+                      f"(mapper {g['mapper']['flops'] / 1e6:.2f} M + "
+                      f"2 x classifier {g['classifier']['flops'] / 1e6:.2f} M + "
+                      f"perturbation {g['perturbation']['flops'] / 1e6:.2f} M; 1 MAC = 2 FLOPs)")
     if peak:
         probes = ", ".join(f"{p['name']} {p['gflops']:.1f}" for p in peak["probes"])
         console.print(f"[bold]GEMM peak[/] {peak['gflops']:.1f} GFLOP/s ({probes}; n = {peak['probes'][0]['size']})")
     inp = report["inputs"]
     console.print(f"[bold]inputs[/] {cfg['mode']} mode, {cfg['frame_size'][1]}x{cfg['frame_size'][0]} frames, "
-                  f"{inp['tiles_per_frame']} model input(s) per frame, preprocessing {prep_text(inp['preprocess_ms_per_input'])}")
+                  f"{inp['tiles_per_frame']} model input(s) per frame, "
+                  f"preprocessing {prep_text(inp['preprocess_ms_per_input'])}")
     table = Table(title="defense chain: per call of BATCH model inputs (times in ms)")
     for name in ("chain", "batch", "img/s", "p50", "p99", "prep", "upload", "map", "clf", "det", "down", "other",
                  "x eager", "GFLOP/s", "% peak"):
@@ -66,9 +70,12 @@ def print_chain_report(report: dict[str, Any]) -> None:
         for r in col["results"]:
             s = r["stages_ms"]
             table.add_row(
-                col["title"], str(r["batch"]), f"{r['images_per_s']:.0f}", f"{r['latency_ms']['p50']:.2f}", f"{r['latency_ms']['p99']:.2f}",
-                *(f"{s[k]:.2f}" for k in ("preprocess", "upload", "mapping", "classifier", "detectors", "download", "other")),
-                _num(r["vs_eager"], ".2f"), _num(r["gflops"], ".1f"), _num(None if r["peak_share"] is None else 100 * r["peak_share"], ".1f"),
+                col["title"], str(r["batch"]), f"{r['images_per_s']:.0f}",
+                f"{r['latency_ms']['p50']:.2f}", f"{r['latency_ms']['p99']:.2f}",
+                *(f"{s[k]:.2f}" for k in ("preprocess", "upload", "mapping", "classifier", "detectors", "download",
+                                          "other")),
+                _num(r["vs_eager"], ".2f"), _num(r["gflops"], ".1f"),
+                _num(None if r["peak_share"] is None else 100 * r["peak_share"], ".1f"),
             )  # fmt: skip
     console.print(table)
     for col in report["columns"]:
@@ -81,7 +88,8 @@ def print_chain_report(report: dict[str, Any]) -> None:
                           f"labels {100 * a['labels']:.1f} %, flags {100 * a['flags']:.1f} %")
     best = report.get("best_peak_share")
     if best:
-        console.print(f"best share of the GEMM peak: {100 * best['peak_share']:.1f} % ({best['column']}, batch {best['batch']}, {best['gflops']:.1f} GFLOP/s)")
+        console.print(f"best share of the GEMM peak: {100 * best['peak_share']:.1f} % "
+                      f"({best['column']}, batch {best['batch']}, {best['gflops']:.1f} GFLOP/s)")
 
 
 def print_stream_report(report: dict[str, Any]) -> None:
@@ -90,12 +98,14 @@ def print_stream_report(report: dict[str, Any]) -> None:
 
     console = _console()
     lat = report["latency_ms"]
-    console.print(f"[bold]camera rate[/] {report['mode']} mode, {report['source']['frame_size'][1]}x{report['source']['frame_size'][0]} "
+    console.print(f"[bold]camera rate[/] {report['mode']} mode, "
+                  f"{report['source']['frame_size'][1]}x{report['source']['frame_size'][0]} "
                   f"at {report['source']['fps']:g} fps for {report['seconds']:.0f} s — {report['runtime']}")
     console.print(f"  sustained {_num(report['sustained_fps'], '.1f')} FPS, latency p50 {_num(lat['p50'], '.1f')} ms, "
                   f"p99 {_num(lat['p99'], '.1f')} ms, max {_num(lat['max'], '.1f')} ms; {report['frames_judged']} of "
                   f"{report['frames_captured']} frames judged, {report['dropped']} dropped; trend "
-                  f"{_num(report['latency_trend_ms_per_min'], '+.2f')} ms/min; process CPU {_num(report['process_cpu_percent'], '.0f')} %")
+                  f"{_num(report['latency_trend_ms_per_min'], '+.2f')} ms/min; "
+                  f"process CPU {_num(report['process_cpu_percent'], '.0f')} %")
     table = Table(title="latency per window (ms, capture → verdict)")
     for name in ("from s", "frames", "FPS", "p50", "p99", "max"):
         table.add_column(name, justify="right")
@@ -107,21 +117,34 @@ def print_stream_report(report: dict[str, Any]) -> None:
 
 @cli_errors
 def bench(
-    engine_dirs: Annotated[list[Path], typer.Argument(help="Engine directories of one bundle (e.g. an FP32 and an INT8 ONNX Runtime build, a TensorRT build).")],
-    bundle: Annotated[Path | None, typer.Option(help="The defense bundle the engines were built from: adds the PyTorch-eager column (needs torch).")] = None,
+    engine_dirs: Annotated[list[Path], typer.Argument(help=(
+        "Engine directories of one bundle (e.g. an FP32 and an INT8 ONNX Runtime build, a TensorRT build)."))],
+    bundle: Annotated[Path | None, typer.Option(help=(
+        "The defense bundle the engines were built from: adds the PyTorch-eager column (needs torch)."))] = None,
     batch: Annotated[str, typer.Option(help="Batch sizes (model inputs per call), comma-separated.")] = "1,8,32,128",
-    mode: Annotated[Mode, typer.Option(help="resize: one model input per frame; tile: model-size tiles of each frame.")] = Mode.resize,
-    frames: Annotated[int, typer.Option(help="Model inputs timed per chain and batch size (at least 10 calls each).", min=1)] = 512,
-    threads: Annotated[int | None, typer.Option(help="Intra-op threads of every chain and of the GEMM probe (default: the cores available).", min=1)] = None,
-    spinning: Annotated[bool | None, typer.Option("--spinning/--no-spinning", help="Whether ONNX Runtime's idle threads spin (default: off, measured faster for the chain).")] = None,
-    device: Annotated[str, typer.Option(help="Device of the PyTorch and ONNX Runtime chains: cpu, cuda or cuda:N (TensorRT always runs on the GPU).")] = "cpu",
-    tile_grid: Annotated[str | None, typer.Option(help="Tile mode: resize each frame to ROWSxCOLS tiles first (default: native resolution).")] = None,
+    mode: Annotated[Mode, typer.Option(help=(
+        "resize: one model input per frame; tile: model-size tiles of each frame."))] = Mode.resize,
+    frames: Annotated[int, typer.Option(help=(
+        "Model inputs timed per chain and batch size (at least 10 calls each)."), min=1)] = 512,
+    threads: Annotated[int | None, typer.Option(help=(
+        "Intra-op threads of every chain and of the GEMM probe (default: the cores available)."), min=1)] = None,
+    spinning: Annotated[bool | None, typer.Option("--spinning/--no-spinning", help=(
+        "Whether ONNX Runtime's idle threads spin (default: off, measured faster for the chain)."))] = None,
+    device: Annotated[str, typer.Option(help=(
+        "Device of the PyTorch and ONNX Runtime chains: cpu, cuda or cuda:N "
+        "(TensorRT always runs on the GPU)."))] = "cpu",
+    tile_grid: Annotated[str | None, typer.Option(help=(
+        "Tile mode: resize each frame to ROWSxCOLS tiles first (default: native resolution)."))] = None,
     frame_size: Annotated[str, typer.Option(help="Camera frame size WIDTHxHEIGHT.")] = "640x480",
-    images: Annotated[Path | None, typer.Option(help="Folder of photographs the frames are made from (default: data/samples/photos).")] = None,
-    camera_rate: Annotated[bool, typer.Option("--camera-rate", help="Instead: run the camera loop of 'ism-edge run' with the first ENGINE_DIR on a paced video (like a live camera) and report sustained FPS, latency and drops.")] = False,
+    images: Annotated[Path | None, typer.Option(help=(
+        "Folder of photographs the frames are made from (default: data/samples/photos)."))] = None,
+    camera_rate: Annotated[bool, typer.Option("--camera-rate", help=(
+        "Instead: run the camera loop of 'ism-edge run' with the first ENGINE_DIR on a paced video (like a live "
+        "camera) and report sustained FPS, latency and drops."))] = False,
     seconds: Annotated[float, typer.Option(help="--camera-rate: how long to run.", min=1.0)] = 120.0,
     fps: Annotated[float, typer.Option(help="--camera-rate: frame rate of the paced source.", min=0.1)] = 30.0,
-    video: Annotated[Path | None, typer.Option(help="--camera-rate: video file to pace (default: a 10 s clip made from --images, looped).")] = None,
+    video: Annotated[Path | None, typer.Option(help=(
+        "--camera-rate: video file to pace (default: a 10 s clip made from --images, looped)."))] = None,
     window: Annotated[float, typer.Option(help="--camera-rate: seconds per latency window.", min=0.1)] = 10.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
 ) -> None:
@@ -142,7 +165,8 @@ def bench(
     size = parse_size(frame_size)
     grid = tile_grid_for(mode, tile_grid)
     if threads is not None and threads > max_threads():
-        raise typer.BadParameter(f"--threads {threads} is more than the {max_threads()} threads this machine's cores can use")
+        raise typer.BadParameter(
+            f"--threads {threads} is more than the {max_threads()} threads this machine's cores can use")
     engines = load_engine_dirs(engine_dirs, bundle)
     n_threads = threads or default_threads()
     photos = load_photos(images)
@@ -167,12 +191,14 @@ def bench(
                                  tile_grid=grid, frame_size=size)  # fmt: skip
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
-        columns = [_eager_column(bundle, n_threads, device, engines[0][1].thresholds), *engine_columns(engines, threads=n_threads, device=device, spinning=spinning)]
+        columns = [_eager_column(bundle, n_threads, device, engines[0][1].thresholds),
+                   *engine_columns(engines, threads=n_threads, device=device, spinning=spinning)]
         typer.echo(f"GEMM probe ({n_threads} threads) ...", err=True)
         peak = gemm_peak(n_threads)
-        report = run_chain_bench(columns, engines[0][1], config, flops=chain_flops(engines[0][0]), peak=peak, photos=photos,
-                                 progress=lambda m: typer.echo(m, err=True),
-                                 extra={"engine_dirs": [str(d) for d, _ in engines], "bundle": None if bundle is None else str(bundle),
+        report = run_chain_bench(columns, engines[0][1], config, flops=chain_flops(engines[0][0]), peak=peak,
+                                 photos=photos, progress=lambda m: typer.echo(m, err=True),
+                                 extra={"engine_dirs": [str(d) for d, _ in engines],
+                                        "bundle": None if bundle is None else str(bundle),
                                         "spinning": spinning})  # fmt: skip
         print_chain_report(report)
     if json_out is not None:

@@ -139,13 +139,19 @@ def _manifest_format(source: Path) -> str | None:
 
 @cli_errors
 def build(
-    source: Annotated[Path, typer.Argument(help="Defense bundle directory, or an engine directory to rebuild for this machine from its stored ONNX.")],
+    source: Annotated[Path, typer.Argument(help=(
+        "Defense bundle directory, or an engine directory to rebuild for this machine from its stored ONNX."))],
     out: Annotated[Path, typer.Option("--out", help="Engine directory to write (replaced atomically).")],
-    precision: Annotated[Precision | None, typer.Option(help="Engine precision; default fp16 for TensorRT, fp32 for ONNX Runtime.")] = None,
-    backend: Annotated[Backend, typer.Option(help="tensorrt, onnxruntime, or auto (TensorRT when importable).")] = Backend.auto,
-    batch: Annotated[str, typer.Option(help="MIN,OPT,MAX batch sizes of the TensorRT optimization profile.")] = "1,8,64",
+    precision: Annotated[Precision | None, typer.Option(help=(
+        "Engine precision; default fp16 for TensorRT, fp32 for ONNX Runtime."))] = None,
+    backend: Annotated[Backend, typer.Option(help=(
+        "tensorrt, onnxruntime, or auto (TensorRT when importable)."))] = Backend.auto,
+    batch: Annotated[str, typer.Option(help=(
+        "MIN,OPT,MAX batch sizes of the TensorRT optimization profile."))] = "1,8,64",
     workspace: Annotated[int, typer.Option(help="TensorRT workspace memory limit in MB.", min=1)] = 1024,
-    timing_cache: Annotated[Path | None, typer.Option(help="TensorRT timing cache, loaded and saved (default: one per TensorRT version and GPU under ~/.cache/ism-edge).")] = None,
+    timing_cache: Annotated[Path | None, typer.Option(help=(
+        "TensorRT timing cache, loaded and saved "
+        "(default: one per TensorRT version and GPU under ~/.cache/ism-edge)."))] = None,
     parity_samples: Annotated[int, typer.Option(help="Real images for the parity check against PyTorch.", min=1)] = 256,
 ) -> None:
     """Compile the mapping network, classifier and perturbation classifier into engines.
@@ -169,13 +175,15 @@ def build(
     try:
         with sigterm_interrupts():
             if fmt == "ism-edge-engines":
-                manifest = rebuild_from_onnx(source, out_dir=out, backend=resolved, batch=profile, workspace_mb=workspace,
-                                             timing_cache=cache, on_step=printer, precision=precision.value if precision else None)
+                manifest = rebuild_from_onnx(source, out_dir=out, backend=resolved, batch=profile,
+                                             workspace_mb=workspace, timing_cache=cache, on_step=printer,
+                                             precision=precision.value if precision else None)
                 report = manifest.parity
             else:
                 chosen = precision.value if precision is not None else default_precision(resolved or "auto")
-                build_engines(source, out, backend=resolved or "auto", precision=chosen, batch=profile, workspace_mb=workspace,
-                              timing_cache=cache, parity_samples=parity_samples, on_step=printer)
+                build_engines(source, out, backend=resolved or "auto", precision=chosen, batch=profile,
+                              workspace_mb=workspace, timing_cache=cache, parity_samples=parity_samples,
+                              on_step=printer)
                 from ism_edge.manifest import load_manifest
 
                 report = load_manifest(out).parity

@@ -45,7 +45,8 @@ def print_calibration(cal: Calibration, *, written: bool) -> None:
     for name in ("detector", "old threshold", "flagged", "new threshold", "flagged"):
         table.add_column(name, justify="left" if name == "detector" else "right")
     for k, after in cal.thresholds.items():
-        table.add_row(k, f"{cal.previous[k]:.4g}", f"{cal.fpr_before[k]:.1%}", f"{after:.4g}", f"{cal.fpr_after[k]:.1%}")
+        table.add_row(k, f"{cal.previous[k]:.4g}", f"{cal.fpr_before[k]:.1%}", f"{after:.4g}",
+                      f"{cal.fpr_after[k]:.1%}")
     table.add_row("any", "", f"{cal.any_before:.1%}", "", f"{cal.any_after:.1%}")
     console.print(table)
     if not written:
@@ -54,20 +55,30 @@ def print_calibration(cal: Calibration, *, written: bool) -> None:
 
 @cli_errors
 def calibrate(
-    engine_dir: Annotated[Path, typer.Argument(help="Engine directory whose thresholds to re-calibrate (its manifest.json is rewritten).")],
-    input: Annotated[str | None, typer.Argument(help="Clean frames: a video file, an image folder, a stream URI (rtsp://, csi://0), or use --camera.")] = None,
-    camera: Annotated[int | None, typer.Option("--camera", help="Local camera index N (short for INPUT=N).", min=0)] = None,
-    fpr: Annotated[float, typer.Option(help="Share of clean frames each detector may flag (0 < FPR < 0.5, both ends excluded).")] = 0.01,
+    engine_dir: Annotated[Path, typer.Argument(help=(
+        "Engine directory whose thresholds to re-calibrate (its manifest.json is rewritten)."))],
+    input: Annotated[str | None, typer.Argument(help=(
+        "Clean frames: a video file, an image folder, a stream URI (rtsp://, csi://0), or use --camera."))] = None,
+    camera: Annotated[int | None, typer.Option("--camera", help=(
+        "Local camera index N (short for INPUT=N)."), min=0)] = None,
+    fpr: Annotated[float, typer.Option(help=(
+        "Share of clean frames each detector may flag (0 < FPR < 0.5, both ends excluded)."))] = 0.01,
     max_frames: Annotated[int | None, typer.Option(help="Stop after this many frames.", min=1)] = None,
-    seconds: Annotated[float | None, typer.Option(help="Stop after reading for this many seconds (for a live camera).", min=0.1)] = None,
-    mode: Annotated[Mode, typer.Option(help="The mode 'ism-edge run' will use: resize, or tile (a frame's score is its highest tile's).")] = Mode.resize,
-    tile_grid: Annotated[str | None, typer.Option(help="Tile mode: resize the frame to ROWSxCOLS tiles first, as 'ism-edge run --tile-grid'.")] = None,
-    backend: Annotated[Backend, typer.Option(help="tensorrt, onnxruntime, or auto (TensorRT when usable).")] = Backend.auto,
+    seconds: Annotated[float | None, typer.Option(help=(
+        "Stop after reading for this many seconds (for a live camera)."), min=0.1)] = None,
+    mode: Annotated[Mode, typer.Option(help=(
+        "The mode 'ism-edge run' will use: resize, or tile (a frame's score is its highest tile's)."))] = Mode.resize,
+    tile_grid: Annotated[str | None, typer.Option(help=(
+        "Tile mode: resize the frame to ROWSxCOLS tiles first, as 'ism-edge run --tile-grid'."))] = None,
+    backend: Annotated[Backend, typer.Option(help=(
+        "tensorrt, onnxruntime, or auto (TensorRT when usable)."))] = Backend.auto,
     device: Annotated[str, typer.Option(help="auto, cpu (ONNX Runtime), cuda or cuda:N.")] = "auto",
     batch: Annotated[int, typer.Option(help="Frames judged per call.", min=1)] = 8,
-    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: one per core).", min=1)] = None,
+    threads: Annotated[int | None, typer.Option(help=(
+        "ONNX Runtime intra-op threads (default: one per core)."), min=1)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the new thresholds without writing them.")] = False,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the calibration record as JSON to this file.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help=(
+        "Also write the calibration record as JSON to this file."))] = None,
 ) -> None:
     """Re-calibrate the detector thresholds of an engine directory on clean frames of your camera.
 
@@ -94,7 +105,8 @@ def calibrate(
         raise typer.BadParameter(f"--fpr must be between 0 and 0.5, both excluded, got {fpr}")
     grid = tile_grid_for(mode, tile_grid)
     if max_frames is not None and max_frames < min_frames(fpr):
-        raise typer.BadParameter(f"--max-frames {max_frames} is below the {min_frames(fpr)} frames a {fpr:.2%} FPR needs")
+        raise typer.BadParameter(
+            f"--max-frames {max_frames} is below the {min_frames(fpr)} frames a {fpr:.2%} FPR needs")
     try:
         options = RuntimeOptions(backend=backend.value, device=device, mode=mode.value, color_order="BGR",
                                  tile_grid=grid, feedback_rounds=0, threads=threads)

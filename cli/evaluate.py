@@ -18,28 +18,45 @@ def _names(baselines: list[str], dirs: list[Path]) -> list[str]:
 
 @cli_errors
 def evaluate(
-    bundles: Annotated[list[Path], typer.Argument(help="Defense bundle directories (from ism-edge train; baselines with --baseline), evaluated on the same images.")],
-    data: Annotated[list[Path], typer.Option("--data", help="Held-out data: CIFAR-10 directory (its test batch is used), .npz file(s), CelebA root, image folder.")],
-    attacks: Annotated[str, typer.Option(help="Comma-separated attacks: fgsm, pgd, square (score-based black-box).")] = "fgsm,pgd",
-    eps: Annotated[str, typer.Option(help="Comma-separated L∞ budgets on the [0,1] scale; fractions allowed.")] = "8/255,0.1,0.2,0.3,0.4",
-    threat: Annotated[str, typer.Option(help="Comma-separated threat models: oblivious (crafted on an undefended classifier), known (on the deployed C), adaptive (through the whole defense and its detectors).")] = "oblivious,known,adaptive",
-    n: Annotated[int, typer.Option(help="Number of test images (a fixed random subset, the same for every bundle; 0 = all).")] = 100,
-    pgd_steps: Annotated[int, typer.Option(help="PGD iterations against a classifier (step 2.5·ε/steps, random start).")] = 20,
+    bundles: Annotated[list[Path], typer.Argument(help=(
+        "Defense bundle directories (from ism-edge train; baselines with --baseline), evaluated on the same images."))],
+    data: Annotated[list[Path], typer.Option("--data", help=(
+        "Held-out data: CIFAR-10 directory (its test batch is used), .npz file(s), CelebA root, image folder."))],
+    attacks: Annotated[str, typer.Option(help=(
+        "Comma-separated attacks: fgsm, pgd, square (score-based black-box)."))] = "fgsm,pgd",
+    eps: Annotated[str, typer.Option(help=(
+        "Comma-separated L∞ budgets on the [0,1] scale; fractions allowed."))] = "8/255,0.1,0.2,0.3,0.4",
+    threat: Annotated[str, typer.Option(help=(
+        "Comma-separated threat models: oblivious (crafted on an undefended classifier), known (on the deployed C), "
+        "adaptive (through the whole defense and its detectors)."))] = "oblivious,known,adaptive",
+    n: Annotated[int, typer.Option(help=(
+        "Number of test images (a fixed random subset, the same for every bundle; 0 = all)."))] = 100,
+    pgd_steps: Annotated[int, typer.Option(help=(
+        "PGD iterations against a classifier (step 2.5·ε/steps, random start)."))] = 20,
     pgd_restarts: Annotated[int, typer.Option(help="PGD random restarts.")] = 1,
     adaptive_steps: Annotated[int, typer.Option(help="Iterations of the adaptive PGD through the defense.")] = 50,
     adaptive_restarts: Annotated[int, typer.Option(help="Random restarts of the adaptive PGD.")] = 1,
-    adaptive_bpda: Annotated[str, typer.Option(help="Adaptive gradients: none (exact), feedback (BPDA on the feedback rounds) or mapper (BPDA on M).")] = "none",
+    adaptive_bpda: Annotated[str, typer.Option(help=(
+        "Adaptive gradients: none (exact), feedback (BPDA on the feedback rounds) or mapper (BPDA on M)."))] = "none",
     square_queries: Annotated[int, typer.Option(help="Query budget per image of the Square attack.")] = 1000,
-    sanity: Annotated[bool, typer.Option(help="Run the extra cells of the sanity checks (ε = 0, ε = 1, twice the steps).")] = True,
-    crosscheck: Annotated[bool, typer.Option(help="Also run ART's PGD, APGD-CE and APGD-DLR on the same models (needs adversarial-robustness-toolbox).")] = False,
-    crosscheck_n: Annotated[int | None, typer.Option(help="Images of the cross-check (a subset of the evaluated ones; default: as --n, 0 = all).", min=0)] = None,
-    crosscheck_eps: Annotated[str | None, typer.Option(help="ε of the cross-check, comma-separated (default: as --eps).")] = None,
+    sanity: Annotated[bool, typer.Option(help=(
+        "Run the extra cells of the sanity checks (ε = 0, ε = 1, twice the steps)."))] = True,
+    crosscheck: Annotated[bool, typer.Option(help=(
+        "Also run ART's PGD, APGD-CE and APGD-DLR on the same models "
+        "(needs adversarial-robustness-toolbox)."))] = False,
+    crosscheck_n: Annotated[int | None, typer.Option(help=(
+        "Images of the cross-check (a subset of the evaluated ones; default: as --n, 0 = all)."), min=0)] = None,
+    crosscheck_eps: Annotated[str | None, typer.Option(help=(
+        "ε of the cross-check, comma-separated (default: as --eps)."))] = None,
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 200,
-    out: Annotated[Path | None, typer.Option(help="Directory for results.json/.md/.csv and accuracy_vs_eps.png (default: BUNDLE-eval for one bundle, ./ism-edge-eval for several).")] = None,
+    out: Annotated[Path | None, typer.Option(help=(
+        "Directory for results.json/.md/.csv and accuracy_vs_eps.png (default: BUNDLE-eval for one bundle, "
+        "./ism-edge-eval for several)."))] = None,
     split: Annotated[str, typer.Option(help="Split of a CIFAR-10/CelebA directory: test, train, valid, all.")] = "test",
     kind: Annotated[DataKind, typer.Option(help="Dataset layout (auto: from the path).")] = "auto",
     attribute: Annotated[str, typer.Option(help="CelebA binary attribute (must match the bundle's).")] = "Smiling",
-    exact_only: Annotated[bool, typer.Option(help="Keep only exact-pixel images (CIFAR *_jpegfill .npz files).")] = False,
+    exact_only: Annotated[bool, typer.Option(help=(
+        "Keep only exact-pixel images (CIFAR *_jpegfill .npz files)."))] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for the subset and the attacks' random starts.")] = 0,
 ) -> None:
@@ -112,8 +129,8 @@ def evaluate(
         pending = names[len(results):]
         title = f"{', '.join(r['name'] for r in results)}: {results[0]['n']} images" + (
             f" (partial: {', '.join(pending)} not evaluated yet)" if pending else "")
-        atomic_write_json(out_dir / "results.json", {"bundles": results, "crosscheck": checks or None, "command": command,
-                                                     "complete": not pending, "pending": pending,
+        atomic_write_json(out_dir / "results.json", {"bundles": results, "crosscheck": checks or None,
+                                                     "command": command, "complete": not pending, "pending": pending,
                                                      "versions": library_versions()})
         report = markdown_report(results, title=f"Evaluation: {title}")
         if checks:
@@ -139,7 +156,8 @@ def evaluate(
     console.print(rich_table(results, title=f"{', '.join(names)}: {results[0]['n']} images"))
     failed = [f"{r['name']}: {c['name']}" for r in results for c in r["sanity"] if c["passed"] is False]
     if failed:
-        typer.echo("sanity checks FAILED (the numbers above are not trustworthy where they apply): " + "; ".join(failed), err=True)
+        typer.echo("sanity checks FAILED (the numbers above are not trustworthy where they apply): "
+                   + "; ".join(failed), err=True)
     wall = sum(r["wall_s"] for r in results) + sum(c["wall_s"] for c in checks)
     typer.echo(f"results written to {out_dir}/: results.md, results.csv, results.json, accuracy_vs_eps.png"
                f"{', crosscheck.md' if checks else ''} ({wall:.0f} s)")

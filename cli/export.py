@@ -13,7 +13,8 @@ from cli._common import cli_errors, sigterm_interrupts
 @cli_errors
 def export(
     bundle: Annotated[Path, typer.Argument(help="Defense bundle directory (from 'ism-edge train').")],
-    out: Annotated[Path, typer.Option("--out", help="Directory for the ONNX graphs and export.json (replaced atomically).")],
+    out: Annotated[Path, typer.Option("--out", help=(
+        "Directory for the ONNX graphs and export.json (replaced atomically)."))],
     parity_samples: Annotated[int, typer.Option(help="Real images for the parity check against PyTorch.", min=1)] = 256,
 ) -> None:
     """Export the mapping network, classifier and perturbation classifier to ONNX.

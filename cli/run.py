@@ -26,7 +26,8 @@ def input_uri(input: str | None, camera: int | None, what: str = "input") -> Sou
     from ism_edge.sources import parse_source
 
     if (input is None) == (camera is None):
-        raise SourceError(f"give exactly one {what}: a video file, an image folder, a URI such as rtsp://…, or --camera N")
+        raise SourceError(
+            f"give exactly one {what}: a video file, an image folder, a URI such as rtsp://…, or --camera N")
     return parse_source(camera if camera is not None else str(input))
 
 
@@ -102,31 +103,52 @@ def print_summary(summary: RunSummary) -> None:
     console.print(f"  fps      {'-' if summary.fps is None else f'{summary.fps:.1f}'}")
     for out in summary.outputs:
         where = "stdout" if out["path"] == "-" else out["path"]
-        console.print(f"  {out['output']:<8} {out['frames']} frames in {where}" + ("" if out["complete"] else " [bold](incomplete)[/]"))
+        console.print(f"  {out['output']:<8} {out['frames']} frames in {where}"
+                      + ("" if out["complete"] else " [bold](incomplete)[/]"))
 
 
 @cli_errors
 def run(
     engine_dir: Annotated[Path, typer.Argument(help="Engine directory written by 'ism-edge build'.")],
-    input: Annotated[str | None, typer.Argument(help="Video file, image folder or URI: file://video.mp4, v4l2:///dev/video0, csi://0, rtsp://host/stream.")] = None,
-    output: Annotated[str | None, typer.Argument(help="Annotated output: file://out.mp4 (.mp4/.avi/.mkv), a folder for images, or display://0 (default: a window when OpenCV has a GUI).")] = None,
-    camera: Annotated[int | None, typer.Option("--camera", help="Local camera index N (short for INPUT=N).", min=0)] = None,
-    log: Annotated[str, typer.Option("--log", help="JSON-lines verdict log, appended and flushed per frame ('-': stdout).")] = "-",
-    backend: Annotated[Backend, typer.Option(help="tensorrt, onnxruntime, or auto (TensorRT when usable).")] = Backend.auto,
+    input: Annotated[str | None, typer.Argument(help=(
+        "Video file, image folder or URI: file://video.mp4, v4l2:///dev/video0, csi://0, rtsp://host/stream."))] = None,
+    output: Annotated[str | None, typer.Argument(help=(
+        "Annotated output: file://out.mp4 (.mp4/.avi/.mkv), a folder for images, or display://0 (default: "
+        "a window when OpenCV has a GUI)."))] = None,
+    camera: Annotated[int | None, typer.Option("--camera", help=(
+        "Local camera index N (short for INPUT=N)."), min=0)] = None,
+    log: Annotated[str, typer.Option("--log", help=(
+        "JSON-lines verdict log, appended and flushed per frame ('-': stdout)."))] = "-",
+    backend: Annotated[Backend, typer.Option(help=(
+        "tensorrt, onnxruntime, or auto (TensorRT when usable)."))] = Backend.auto,
     device: Annotated[str, typer.Option(help="auto, cpu (ONNX Runtime), cuda or cuda:N.")] = "auto",
-    mode: Annotated[Mode, typer.Option(help="resize: the whole frame to the model size; tile: model-size tiles and a heat map.")] = Mode.resize,
-    tile_grid: Annotated[str | None, typer.Option(help="Tile mode: resize the frame to ROWSxCOLS tiles first (default: native resolution).")] = None,
-    feedback_rounds: Annotated[int | None, typer.Option(help="Feedback-reformation rounds (default: the engine manifest's).", min=0)] = None,
+    mode: Annotated[Mode, typer.Option(help=(
+        "resize: the whole frame to the model size; tile: model-size tiles and a heat map."))] = Mode.resize,
+    tile_grid: Annotated[str | None, typer.Option(help=(
+        "Tile mode: resize the frame to ROWSxCOLS tiles first (default: native resolution)."))] = None,
+    feedback_rounds: Annotated[int | None, typer.Option(help=(
+        "Feedback-reformation rounds (default: the engine manifest's)."), min=0)] = None,
     max_frames: Annotated[int | None, typer.Option(help="Stop after this many frames.", min=1)] = None,
     headless: Annotated[bool, typer.Option("--headless", help="Never open a window.")] = False,
-    purified: Annotated[Path | None, typer.Option(help="Also write each frame's purified image (x̂) into this folder.")] = None,
-    fps: Annotated[float | None, typer.Option(help="Frame rate of the output video (default: the source's, else 30).", min=0.1)] = None,
-    realtime: Annotated[bool, typer.Option("--realtime", help="Play a video file at its frame rate, like a live camera: frames the defense cannot keep up with are dropped and counted.")] = False,
-    queue_size: Annotated[int, typer.Option(help="Frames buffered from a live source (the oldest is dropped beyond it).", min=1)] = 2,
-    stall_timeout: Annotated[float, typer.Option(help="Seconds without a frame before the source counts as stalled (a live source is then reopened like a lost one).", min=0.01)] = 10.0,
-    reconnect: Annotated[int, typer.Option(help="Reconnection attempts (exponential backoff) when a live source is lost.", min=0)] = 5,
-    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: one per core).", min=1)] = None,
-    rebuild_on_mismatch: Annotated[bool, typer.Option(help="If the engines were built for another runtime version or GPU, recompile their stored ONNX here first.")] = False,
+    purified: Annotated[Path | None, typer.Option(help=(
+        "Also write each frame's purified image (x̂) into this folder."))] = None,
+    fps: Annotated[float | None, typer.Option(help=(
+        "Frame rate of the output video (default: the source's, else 30)."), min=0.1)] = None,
+    realtime: Annotated[bool, typer.Option("--realtime", help=(
+        "Play a video file at its frame rate, like a live camera: "
+        "frames the defense cannot keep up with are dropped and counted."))] = False,
+    queue_size: Annotated[int, typer.Option(help=(
+        "Frames buffered from a live source (the oldest is dropped beyond it)."), min=1)] = 2,
+    stall_timeout: Annotated[float, typer.Option(help=(
+        "Seconds without a frame before the source counts as stalled "
+        "(a live source is then reopened like a lost one)."), min=0.01)] = 10.0,
+    reconnect: Annotated[int, typer.Option(help=(
+        "Reconnection attempts (exponential backoff) when a live source is lost."), min=0)] = 5,
+    threads: Annotated[int | None, typer.Option(help=(
+        "ONNX Runtime intra-op threads (default: one per core)."), min=1)] = None,
+    rebuild_on_mismatch: Annotated[bool, typer.Option(help=(
+        "If the engines were built for another runtime version or GPU, "
+        "recompile their stored ONNX here first."))] = False,
     summary_json: Annotated[Path | None, typer.Option(help="Also write the summary as JSON to this file.")] = None,
 ) -> None:
     """Judge every frame of a camera, stream, video or image folder with the compiled defense.
@@ -213,7 +235,8 @@ def run(
         raise typer.Exit(128 + signum)  # the shell's code for a death by that signal (130, 143, 129)
 
 
-def _output_paths(out_uri: OutputURI | None, log: str, summary_json: Path | None, purified: Path | None) -> list[OutputPath]:
+def _output_paths(out_uri: OutputURI | None, log: str, summary_json: Path | None,
+                  purified: Path | None) -> list[OutputPath]:
     """Every file or folder the run will write, with the option that named it."""
     from ism_edge.outputs import OutputPath
 
@@ -245,7 +268,8 @@ def _write_summary(path: Path, summary: RunSummary, failure: IsmEdgeError | None
 def _threshold_lines(cal: dict[str, Any], mode: Mode, grid: tuple[int, int] | None) -> list[str]:
     """Where the thresholds come from, and a warning when they were calibrated for another mode."""
     if not cal:
-        return ["thresholds: the bundle's (its held-out training images; 'ism-edge calibrate' fits them to this camera)"]
+        return ["thresholds: the bundle's (its held-out training images; "
+                "'ism-edge calibrate' fits them to this camera)"]
     lines = [f"thresholds: calibrated on {cal.get('frames')} clean frames of {cal.get('source')} at "
              f"{cal.get('target_fpr', 0):.2%} per detector ({cal.get('created', '?')})"]
     if (cal.get("mode"), cal.get("tile_grid")) != (mode.value, list(grid) if grid else None):
@@ -278,7 +302,8 @@ def _status_printer() -> Callable[[RunSummary], None]:
 
     def show(summary: RunSummary) -> None:
         rate = summary.frames / summary.seconds if summary.seconds else 0.0
-        sys.stderr.write(f"\r{summary.frames} frames, {summary.flagged} flagged, {summary.dropped} dropped, {rate:.1f} FPS   ")
+        sys.stderr.write(f"\r{summary.frames} frames, {summary.flagged} flagged, {summary.dropped} dropped, "
+                         f"{rate:.1f} FPS   ")
         sys.stderr.flush()
 
     return show

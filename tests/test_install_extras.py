@@ -41,8 +41,10 @@ def test_pip_never_installs_what_jetpack_provides_on_a_jetson(extra: str | None)
 def test_the_tensorrt_extras_pin_cuda_python_to_the_drivers_cuda_major() -> None:
     for extra, pin in (("tensorrt", ">=12.6.1,<13"), ("tensorrt-cu12", ">=12.6.1,<13"), ("tensorrt-cu13", ">=13,<14")):
         for target in (JETSON, X86):
-            assert Requirement(f"cuda-python{installed(extra, target)['cuda-python']}").specifier == Requirement(f"cuda-python{pin}").specifier
-    assert set(installed("tensorrt-cu12", X86)) >= {"tensorrt-cu12"} and "tensorrt" not in installed("tensorrt-cu12", X86)
+            got = Requirement(f"cuda-python{installed(extra, target)['cuda-python']}")
+            assert got.specifier == Requirement(f"cuda-python{pin}").specifier
+    assert set(installed("tensorrt-cu12", X86)) >= {"tensorrt-cu12"}
+    assert "tensorrt" not in installed("tensorrt-cu12", X86)
     assert "tensorrt-cu13" in installed("tensorrt-cu13", X86)
 
 

@@ -109,7 +109,8 @@ class DefenseSpec:
 
     def required_networks(self) -> tuple[str, ...]:
         """Networks a bundle with this spec must hold."""
-        return ("classifier",) + (("mapper",) if self.needs_mapper else ()) + (("perturbation",) if self.needs_perturbation else ())
+        return (("classifier",) + (("mapper",) if self.needs_mapper else ())
+                + (("perturbation",) if self.needs_perturbation else ()))
 
     def to_dict(self) -> dict[str, Any]:
         return {"baseline": self.baseline, "reformer": self.reformer, "detectors": list(self.detectors)}
@@ -172,7 +173,8 @@ class DefenseBundle:
     thresholds: dict[str, float] = field(default_factory=dict)
     target_fpr: float = 0.01
     feedback_rounds: int = 0
-    label_source: str = "auto"  # "auto": C(x̂) only if flagged, else C(x) (the paper's conclusion); "reformed": always C(x̂)
+    # "auto": C(x̂) only if flagged, else C(x) (the paper's conclusion); "reformed": always C(x̂)
+    label_source: str = "auto"
     calibration: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     stages: dict[str, Any] = field(default_factory=dict)  # per-stage metrics and status
@@ -180,7 +182,8 @@ class DefenseBundle:
     weights_dtype: str = "float32"  # how save() stores floating-point tensors (WEIGHTS_DTYPES)
 
     @classmethod
-    def create(cls, cfg: ModelConfig, class_names: tuple[str, ...] | list[str], preset: str = "custom") -> DefenseBundle:
+    def create(cls, cfg: ModelConfig, class_names: tuple[str, ...] | list[str],
+               preset: str = "custom") -> DefenseBundle:
         if len(class_names) != cfg.num_classes:
             raise ValueError(f"{len(class_names)} class names for num_classes={cfg.num_classes}")
         return cls(config=cfg, networks=build_networks(cfg), class_names=tuple(class_names), preset=preset)
@@ -250,7 +253,8 @@ class DefenseBundle:
                 fname = f"{name}.safetensors"
                 state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
                          for k, v in net.state_dict().items()}
-                overflow = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+                overflow = next((k for k, v in state.items()
+                                 if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
                 if overflow is not None:
                     raise ValueError(f"{name}.{overflow} has values that {self.weights_dtype} cannot hold: "
                                      "save the bundle with weights_dtype='float32'")
@@ -278,13 +282,16 @@ class DefenseBundle:
                                        f"is {cfg.num_classes}")
             spec = DefenseSpec.from_dict(raw.get("defense"))
         except check.FieldError as e:
-            raise BundleError(f"{where} has a missing or malformed field: {e}: the bundle is corrupt; retrain it") from None
+            raise BundleError(
+                f"{where} has a missing or malformed field: {e}: the bundle is corrupt; retrain it") from None
         except (TypeError, ValueError) as e:
-            raise BundleError(f"{where} has an invalid model config or 'defense' field: {e}: retrain the bundle") from None
+            raise BundleError(
+                f"{where} has an invalid model config or 'defense' field: {e}: retrain the bundle") from None
         weights = raw["weights"]
         missing = [n for n in spec.required_networks() if n not in weights]
         if missing:
-            raise BundleError(f"{directory} has no weights for {', '.join(missing)}: it is incomplete; retrain or copy it again")
+            raise BundleError(
+                f"{directory} has no weights for {', '.join(missing)}: it is incomplete; retrain or copy it again")
         with torch.device("meta"):  # the shapes the config implies, without allocating them
             expected = {name: {k: tuple(v.shape) for k, v in net.state_dict().items()}
                         for name, net in build_networks(cfg).items()}
@@ -299,7 +306,8 @@ class DefenseBundle:
                 net.load_state_dict(state)
             except RuntimeError as e:  # pragma: no cover - the header check above catches mismatches first
                 detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
-                raise BundleError(f"{directory / entry['file']} cannot be loaded into the {name} network: {detail[:400]}") from None
+                raise BundleError(f"{directory / entry['file']} cannot be loaded into the {name} network: "
+                                  f"{detail[:400]}") from None
             loaded[name] = net
         b = cls(config=cfg, networks=loaded, defense=spec, **fields_)
         return b.eval()
@@ -316,7 +324,8 @@ def _bundle_fields(raw: dict[str, Any]) -> dict[str, Any]:
     return {
         "class_names": tuple(check.text(c, f"class_names[{i}]", max_len=256) for i, c in enumerate(names)),
         "preset": check.text(raw.get("preset", "custom"), "preset", max_len=64),
-        "temperatures": {check.text(k, "temperatures key", max_len=64): check.number(v, f"temperatures.{k}", *TEMPERATURE_RANGE)
+        "temperatures": {check.text(k, "temperatures key", max_len=64):
+                         check.number(v, f"temperatures.{k}", *TEMPERATURE_RANGE)
                          for k, v in temperatures.items()},
         "thresholds": {k: check.number(v, f"thresholds.{k}", 0.0, MAX_THRESHOLD) for k, v in thresholds.items()},
         "target_fpr": check.number(raw.get("target_fpr", 0.01), "target_fpr", 0.0, 0.5, lo_open=True),
@@ -366,22 +375,26 @@ def _read_weights(directory: Path, file: str, name: str, digest: str, expected: 
     if not path.is_file():
         raise BundleError(f"{path} is missing: the bundle is incomplete; retrain or copy it again")
     if sha256_file(path) != digest:
-        raise BundleError(f"{path} does not match its hash in manifest.json (corrupted or modified): retrain or copy it again")
+        raise BundleError(
+            f"{path} does not match its hash in manifest.json (corrupted or modified): retrain or copy it again")
     fix = f"the {name} weights do not fit the bundle's model config; retrain or copy the bundle again"
     try:
         with safe_open(str(path), framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise BundleError(f"{path} is not a readable safetensors file ({_first_line(e)}): retrain or copy the bundle again") from None
+        raise BundleError(f"{path} is not a readable safetensors file ({_first_line(e)}): "
+                          "retrain or copy the bundle again") from None
     missing = [k for k in expected if k not in shapes]
     if missing:
-        raise BundleError(f"{path} has no tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") + f": {fix}")
+        raise BundleError(f"{path} has no tensor {missing[0]!r}"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") + f": {fix}")
     extra = [k for k in shapes if k not in expected]
     if extra:
         raise BundleError(f"{path} has an unexpected tensor {extra[0]!r}: {fix}")
     for k, shape in expected.items():
         if shapes[k] != shape:
-            raise BundleError(f"{path}: tensor {k!r} has shape {list(shapes[k])}, the config needs {list(shape)}: {fix}")
+            raise BundleError(
+                f"{path}: tensor {k!r} has shape {list(shapes[k])}, the config needs {list(shape)}: {fix}")
     try:
         state = load_file(str(path), device=map_location)
     except (SafetensorError, RuntimeError, OSError) as e:
@@ -391,7 +404,8 @@ def _read_weights(directory: Path, file: str, name: str, digest: str, expected: 
             continue
         if t.dtype != dtype:
             raise BundleError(f"{path}: tensor {k!r} is {str(t.dtype).removeprefix('torch.')}, the manifest's "
-                              f"weights_dtype says {str(dtype).removeprefix('torch.')}: retrain or copy the bundle again")
+                              f"weights_dtype says {str(dtype).removeprefix('torch.')}: "
+                              "retrain or copy the bundle again")
         if not bool(torch.isfinite(t).all()):
             raise BundleError(f"{path}: tensor {k!r} holds NaN or infinite values: retrain or copy the bundle again")
         state[k] = t.float()

@@ -31,8 +31,9 @@ def engine_dir(untrained_bundle_dir: Path, tmp_path_factory: pytest.TempPathFact
 
 def test_side_by_side_with_pytorch_eager(engine_dir: Path, untrained_bundle_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    r = runner.invoke(APP, ["bench", str(engine_dir), "--bundle", str(untrained_bundle_dir), "--batch", "1,4", "--frames", "8",
-                            "--threads", "1", "--frame-size", "128x96", "--json", str(out)])  # fmt: skip
+    r = runner.invoke(APP, ["bench", str(engine_dir), "--bundle", str(untrained_bundle_dir), "--batch", "1,4",
+                            "--frames", "8", "--threads", "1", "--frame-size", "128x96",
+                            "--json", str(out)])  # fmt: skip
     assert r.exit_code == 0, r.stderr
     rep = json.loads(out.read_text())
     cols = {c["name"]: c for c in rep["columns"]}
@@ -59,8 +60,9 @@ def test_side_by_side_with_pytorch_eager(engine_dir: Path, untrained_bundle_dir:
 
 def test_camera_rate_run(engine_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "stream.json"
-    r = runner.invoke(APP, ["bench", str(engine_dir), "--camera-rate", "--seconds", "1.5", "--fps", "10", "--window", "0.5",
-                            "--frame-size", "80x60", "--threads", "1", "--json", str(out)])  # fmt: skip
+    r = runner.invoke(APP, ["bench", str(engine_dir), "--camera-rate", "--seconds", "1.5", "--fps", "10",
+                            "--window", "0.5", "--frame-size", "80x60", "--threads", "1",
+                            "--json", str(out)])  # fmt: skip
     assert r.exit_code == 0, r.stderr
     rep = json.loads(out.read_text())
     assert rep["frames_judged"] >= 1 and rep["source"]["fps"] == 10 and rep["source"]["frame_size"] == [60, 80]
@@ -115,8 +117,9 @@ def test_pytorch_eager_flags_with_the_engines_calibrated_thresholds(engine_dir: 
     edit_manifest(engines, thresholds=calibrated)
 
     out = tmp_path / "bench.json"
-    r = runner.invoke(APP, ["bench", str(engines), "--bundle", str(untrained_bundle_dir), "--batch", "1,4", "--frames", "8",
-                            "--threads", "1", "--frame-size", "128x96", "--json", str(out)])  # fmt: skip
+    r = runner.invoke(APP, ["bench", str(engines), "--bundle", str(untrained_bundle_dir), "--batch", "1,4",
+                            "--frames", "8", "--threads", "1", "--frame-size", "128x96",
+                            "--json", str(out)])  # fmt: skip
     assert r.exit_code == 0, r.stderr
     fp32 = {c["name"]: c for c in json.loads(out.read_text())["columns"]}["onnxruntime-fp32"]
     assert fp32["agreement"]["flags"] == 1.0 and fp32["agreement"]["labels"] == 1.0

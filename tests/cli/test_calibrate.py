@@ -47,7 +47,8 @@ def test_calibrated_thresholds_hold_the_rate_on_the_frames(engines: Path, clean_
     assert manifest["calibration"]["frames"] == 20 and manifest["target_fpr"] == 0.25
 
     log = tmp_path / "verdicts.jsonl"
-    run = runner.invoke(app, ["run", str(engines), str(clean_frames), "--headless", "--feedback-rounds", "0", "--log", str(log)])
+    run = runner.invoke(app, ["run", str(engines), str(clean_frames), "--headless", "--feedback-rounds", "0",
+                              "--log", str(log)])
     assert run.exit_code == 0, run.output
     assert "calibrated in" not in run.stderr  # same mode: no warning
     assert f"thresholds: calibrated on 20 clean frames of {clean_frames}" in run.stderr
@@ -56,8 +57,8 @@ def test_calibrated_thresholds_hold_the_rate_on_the_frames(engines: Path, clean_
     for k, threshold in manifest["thresholds"].items():  # each detector flags at most 25 % of them
         assert sum(v["scores"][k] > threshold for v in verdicts) <= 5
 
-    tile = runner.invoke(app, ["run", str(engines), str(clean_frames), "--headless", "--mode", "tile", "--max-frames", "1",
-                               "--log", str(tmp_path / "tile.jsonl")])
+    tile = runner.invoke(app, ["run", str(engines), str(clean_frames), "--headless", "--mode", "tile",
+                               "--max-frames", "1", "--log", str(tmp_path / "tile.jsonl")])
     assert tile.exit_code == 0 and "warning: the thresholds were calibrated in resize mode" in tile.stderr
 
 

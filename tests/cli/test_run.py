@@ -51,7 +51,8 @@ def log_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_run_on_a_video_logs_every_frame_and_writes_the_annotated_video(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+def test_run_on_a_video_logs_every_frame_and_writes_the_annotated_video(engine_dir: Path, sample_video: Path,
+                                                                        tmp_path: Path) -> None:
     log, out, summary = tmp_path / "verdicts.jsonl", tmp_path / "annotated.mp4", tmp_path / "summary.json"
     r = runner.invoke(app, ["run", str(engine_dir), f"file://{sample_video}", f"file://{out}", "--log", str(log),
                             "--summary-json", str(summary)])  # fmt: skip
@@ -77,7 +78,8 @@ def test_the_log_defaults_to_stdout_and_max_frames(engine_dir: Path, sample_vide
 def test_the_log_is_appended_across_runs(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
     log = tmp_path / "v.jsonl"
     for _ in range(2):
-        r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "--headless", "--max-frames", "3", "--log", str(log)])
+        r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "--headless", "--max-frames", "3",
+                                "--log", str(log)])
         assert r.exit_code == 0, r.stderr
     assert [rec["frame"] for rec in log_records(log)] == [0, 1, 2, 0, 1, 2]
 
@@ -155,7 +157,8 @@ def test_unsupported_output(engine_dir: Path, sample_video: Path, tmp_path: Path
 def test_display_output_without_a_gui_and_headless(engine_dir: Path, sample_video: Path) -> None:
     line = one_error_line(runner.invoke(app, ["run", str(engine_dir), str(sample_video), "display://0"]))
     assert "--headless" in line
-    r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "display://0", "--headless", "--max-frames", "1"])
+    r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "display://0", "--headless",
+                            "--max-frames", "1"])
     assert r.exit_code == 0, r.stderr
 
 
@@ -190,7 +193,8 @@ def test_realtime_refuses_a_folder(engine_dir: Path, tmp_path: Path) -> None:
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Every file under ``folder``: its bytes and mode (to prove a refused run touched nothing)."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mode) for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mode)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize(
@@ -224,7 +228,8 @@ def test_no_output_may_overwrite_the_input_another_output_or_the_engines(
     args = ["run", str(engines), str(video), output.format(**names), *(e.format(**names) for e in extra), "--headless"]
     line = one_error_line(runner.invoke(app, args))
     assert words in line
-    assert _snapshot(tmp_path) == before and sorted(p.name for p in work.iterdir()) == ["clip.mp4", "hard.mp4", "link.mp4"]
+    assert _snapshot(tmp_path) == before
+    assert sorted(p.name for p in work.iterdir()) == ["clip.mp4", "hard.mp4", "link.mp4"]
 
 
 def test_an_output_folder_may_not_be_the_input_folder(engine_dir: Path, tmp_path: Path) -> None:
@@ -233,7 +238,8 @@ def test_an_output_folder_may_not_be_the_input_folder(engine_dir: Path, tmp_path
     for name in PHOTO_NAMES[:2]:
         shutil.copy(PHOTOS / f"{name}.jpg", folder)
     before = _snapshot(folder)
-    for args in ([f"{folder}/"], ["--purified", str(folder)], [f"{tmp_path}/out/", "--log", str(folder / f"{PHOTO_NAMES[0]}.jpg")]):
+    for args in ([f"{folder}/"], ["--purified", str(folder)],
+                 [f"{tmp_path}/out/", "--log", str(folder / f"{PHOTO_NAMES[0]}.jpg")]):
         line = one_error_line(runner.invoke(app, ["run", str(engine_dir), str(folder), *args, "--headless"]))
         assert str(folder) in line
         assert _snapshot(folder) == before and not (tmp_path / "out").exists()
@@ -265,7 +271,8 @@ def only_error_line(stderr: str) -> str:
     return errors[0]
 
 
-def test_a_video_the_disk_cannot_hold_is_an_error_not_a_success(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+def test_a_video_the_disk_cannot_hold_is_an_error_not_a_success(engine_dir: Path, sample_video: Path,
+                                                                tmp_path: Path) -> None:
     """With a 20 kB file-size limit the annotated mp4 (~80 kB) cannot be finished: the run must not
     say it ended well, must not leave an unplayable video, and the summary says 0 frames reached it."""
     out, summary = tmp_path / "out.mp4", tmp_path / "summary.json"
@@ -320,9 +327,11 @@ def test_sigterm_finishes_the_video_and_the_summary(engine_dir: Path, tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4", "out.mp4", "summary.json", "v.jsonl"]
 
 
-def test_too_many_threads_are_refused_before_anything_runs(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+def test_too_many_threads_are_refused_before_anything_runs(engine_dir: Path, sample_video: Path,
+                                                           tmp_path: Path) -> None:
     log = tmp_path / "v.jsonl"
-    r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "--headless", "--threads", "5000", "--log", str(log)])
+    r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "--headless", "--threads", "5000",
+                            "--log", str(log)])
     assert r.exit_code == 2 and "threads must be between 1 and" in r.stderr and "Traceback" not in r.stderr
     assert not log.exists()
 
@@ -332,15 +341,17 @@ def test_a_stalled_stream_is_reconnected_and_the_run_goes_on(engine_dir: Path, t
     after --stall-timeout the run reconnects (as the docs say) instead of ending with an error."""
     log, summary = tmp_path / "v.jsonl", tmp_path / "summary.json"
     with MjpegServer(frames=5) as server:
-        r = runner.invoke(app, ["run", str(engine_dir), server.url, "--headless", "--stall-timeout", "1", "--queue-size", "64",
-                                "--max-frames", "8", "--log", str(log), "--summary-json", str(summary)])  # fmt: skip
+        r = runner.invoke(app, ["run", str(engine_dir), server.url, "--headless", "--stall-timeout", "1",
+                                "--queue-size", "64", "--max-frames", "8", "--log", str(log),
+                                "--summary-json", str(summary)])  # fmt: skip
     assert r.exit_code == 0, r.stderr
     s = json.loads(summary.read_text())
     assert s["frames"] == 8 == len(log_records(log)) and s["reconnects"] == 1 and s["stopped"] == "max-frames"
     assert server.connections == 2
 
 
-def test_engines_too_big_for_memory_name_the_real_option_and_create_nothing(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+def test_engines_too_big_for_memory_name_the_real_option_and_create_nothing(engine_dir: Path, sample_video: Path,
+                                                                            tmp_path: Path) -> None:
     """A manifest whose batch profile no machine can allocate ('--batch 1,8,1000000000000') is refused
     when it is read: the error names the field and 'ism-edge build' (run has no --batch-size) and no
     output exists yet."""

@@ -111,22 +111,24 @@ def test_baseline_option_is_checked(tmp_path: Path) -> None:
 
 
 def test_weights_dtype_option_is_checked(tmp_path: Path) -> None:
-    r = runner.invoke(app, ["train", "--data", str(CIFAR_TRAIN), "--out", str(tmp_path / "b"), "--weights-dtype", "int8"])
+    r = runner.invoke(app, ["train", "--data", str(CIFAR_TRAIN), "--out", str(tmp_path / "b"),
+                            "--weights-dtype", "int8"])
     assert r.exit_code == 2 and "--weights-dtype must be one of float32, float16" in r.output + r.stderr
     assert not (tmp_path / "b").exists()
 
 
 def test_train_a_baseline_and_evaluate_it_next_to_the_defense(tmp_path: Path, trained_bundle_dir: Path) -> None:
     none = tmp_path / "none"
-    r = runner.invoke(app, ["train", "--data", str(CIFAR_TRAIN), "--out", str(none), "--baseline", "none", "--limit", "200",
-                            "--epochs", "1", "--device", "cpu", "--weights-dtype", "float16"])
+    r = runner.invoke(app, ["train", "--data", str(CIFAR_TRAIN), "--out", str(none), "--baseline", "none",
+                            "--limit", "200", "--epochs", "1", "--device", "cpu", "--weights-dtype", "float16"])
     assert r.exit_code == 0, r.output + r.stderr
     assert "baseline 'none' bundle written" in r.output
     assert json.loads((none / "manifest.json").read_text())["weights_dtype"] == "float16"
     out = tmp_path / "eval"
     r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), str(none), "--data", str(CIFAR_TEST), "--n", "20",
-                            "--eps", "0.3", "--attacks", "fgsm,pgd", "--threat", "oblivious,adaptive", "--pgd-steps", "3",
-                            "--adaptive-steps", "3", "--no-sanity", "--out", str(out), "--device", "cpu"])
+                            "--eps", "0.3", "--attacks", "fgsm,pgd", "--threat", "oblivious,adaptive",
+                            "--pgd-steps", "3", "--adaptive-steps", "3", "--no-sanity", "--out", str(out),
+                            "--device", "cpu"])
     assert r.exit_code == 0, r.output + r.stderr
     res = json.loads((out / "results.json").read_text())
     assert [b["name"] for b in res["bundles"]] == ["full", "none"]
@@ -181,4 +183,5 @@ def test_data_option_takes_several_values(untrained_bundle_dir: Path) -> None:
     bundle = str(untrained_bundle_dir)  # a bundle after the data paths is the positional BUNDLE
     assert expand_multi_value(["evaluate", "--data", "a.npz", "b.npz", bundle, "--n", "5"]) == [
         "evaluate", "--data", "a.npz", "--data", "b.npz", bundle, "--n", "5"]
-    assert expand_multi_value(["evaluate", "--data", bundle]) == ["evaluate", "--data", bundle]  # a value is still a value
+    # a value is still a value
+    assert expand_multi_value(["evaluate", "--data", bundle]) == ["evaluate", "--data", bundle]

@@ -30,7 +30,8 @@ runner = CliRunner()
     (["export", "B", "--out", "O", "--parity-samples", "0"], "--parity-samples"),
     (["train", "--out", "O"], "Missing option '--data'"),
     (["train", "--data", "D", "--out", "O", "--num-classes", "1"], "--num-classes"),
-    (["train", "--data", "D", "--out", "O", "--feedback-rounds", "101"], "--feedback-rounds"),  # a bundle holds at most 100
+    # a bundle holds at most 100
+    (["train", "--data", "D", "--out", "O", "--feedback-rounds", "101"], "--feedback-rounds"),
     (["evaluate"], "Missing argument"),
     (["nosuch"], "No such command 'nosuch'"),
     (["--bogus"], "No such option: --bogus"),

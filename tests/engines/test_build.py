@@ -52,7 +52,8 @@ def test_cli_build_writes_a_checked_engine_directory(built: CliRun, untrained_bu
 
 
 def test_built_engines_reproduce_the_pytorch_defense(built: CliRun, untrained_bundle_dir: Path) -> None:
-    """The runtime (its ONNX Runtime backend and decision code) on the built directory gives PyTorch's labels and flags."""
+    """The runtime (its ONNX Runtime backend and decision code) on the built directory gives PyTorch's labels
+    and flags."""
     from engines import parity
     from engines.samples import real_samples
     from training.bundle import DefenseBundle
@@ -77,13 +78,15 @@ def test_int8_build_is_calibrated_and_parity_gated(untrained_bundle_dir: Path, t
     assert m.engines["mapper"].onnx == "onnx/mapper.int8.onnx"
     assert m.parity["engine"]["ok"] and m.parity["engine"]["precision"] == "int8"
     assert "CIFAR-10 train images" in m.parity["calibration"]["source"]
-    assert {r: set(v) for r, v in m.parity["int8_latency_ms"].items() if r in ROLES} == {r: {"fp32", "int8"} for r in ROLES}
+    assert ({r: set(v) for r, v in m.parity["int8_latency_ms"].items() if r in ROLES}
+            == {r: {"fp32", "int8"} for r in ROLES})
     ops = {n.op_type for n in __import__("onnx").load(str(out / "onnx" / "classifier.int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert "quantize mapper to INT8" in steps and steps[-1] == "total"
 
 
-def test_interrupted_build_leaves_no_engine_directory(untrained_bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_build_leaves_no_engine_directory(untrained_bundle_dir: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import engines.export
     from engines.build import build_engines
 
@@ -183,7 +186,8 @@ def test_tensorrt_requests_fail_clearly_without_tensorrt(untrained_bundle_dir: P
     assert not (tmp_path / "e").exists()
 
 
-def test_cli_build_fails_on_a_graph_outside_tolerance(untrained_bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_build_fails_on_a_graph_outside_tolerance(untrained_bundle_dir: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from engines import parity
 
     monkeypatch.setitem(parity.TOLERANCES, "fp16", parity.Tolerance(max_abs=1e-9, mean_abs=1e-10, agreement=0.99))
@@ -202,7 +206,8 @@ def test_fp16_onnxruntime_build_runs_the_sub_pixel_fp16_mapper(untrained_bundle_
 
     out = build_engines(untrained_bundle_dir, tmp_path / "fp16", precision="fp16", parity_samples=32)
     m = load_manifest(out)
-    assert m.engines["mapper"].onnx == "onnx/mapper.fp16.subpixel.onnx" and m.engines["classifier"].onnx == "onnx/classifier.fp16.onnx"
+    assert m.engines["mapper"].onnx == "onnx/mapper.fp16.subpixel.onnx"
+    assert m.engines["classifier"].onnx == "onnx/classifier.fp16.onnx"
     mapper = onnx.load(str(out / m.engines["mapper"].onnx))
     weights = {t.name: t.data_type for t in mapper.graph.initializer}
     subpixel = [n for n in mapper.graph.node if n.name.endswith("__subpixel_conv")]

@@ -17,7 +17,8 @@ ort = pytest.importorskip("onnxruntime")
 
 
 def _files(exported: CliRun) -> dict[str, dict[str, Path]]:
-    return {p: {r: exported.out / (f"{r}.onnx" if p == "fp32" else f"{r}.fp16.onnx") for r in ROLES} for p in ("fp32", "fp16")}
+    return {p: {r: exported.out / (f"{r}.onnx" if p == "fp32" else f"{r}.fp16.onnx") for r in ROLES}
+            for p in ("fp32", "fp16")}
 
 
 def test_cli_export_writes_graphs_and_report(exported: CliRun) -> None:
@@ -43,9 +44,11 @@ def test_graphs_are_checker_clean_with_dynamic_batch_and_opset_18(exported: CliR
 
 
 @pytest.mark.parametrize("n", [1, 3, 17])
-def test_graphs_run_in_onnxruntime_at_any_batch(exported: CliRun, cifar_test: tuple[np.ndarray, np.ndarray], n: int) -> None:
+def test_graphs_run_in_onnxruntime_at_any_batch(exported: CliRun, cifar_test: tuple[np.ndarray, np.ndarray],
+                                                n: int) -> None:
     x = cifar_test[0][:n].transpose(0, 3, 1, 2).astype(np.float32) / 255
-    sess = {r: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for r, p in _files(exported)["fp32"].items()}
+    sess = {r: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+            for r, p in _files(exported)["fp32"].items()}
     x_hat, recon = sess["mapper"].run(None, {"x": x})
     (logits,) = sess["classifier"].run(None, {"x": x})
     (p,) = sess["perturbation"].run(None, {"x": x, "x_hat": x_hat})
@@ -73,7 +76,8 @@ def test_fp16_graphs_compute_in_fp16_and_keep_sensitive_ops_fp32(exported: CliRu
         assert {"Conv", "Gemm"} <= set(s["fp16"]), (role, s)
         model = onnx.load(str(files["fp16"][role]))
         inits = {t.name: t.data_type for t in model.graph.initializer}
-        weights = [inits[i] for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm") for i in n.input[1:] if i in inits]
+        weights = [inits[i] for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm")
+                   for i in n.input[1:] if i in inits]
         assert weights and set(weights) == {onnx.TensorProto.FLOAT16}
     sensitive = {
         "mapper": {"Sigmoid", "Sub", "Abs", "ReduceMean", "TopK"},
@@ -95,10 +99,12 @@ def test_parity_report_within_tolerance_on_real_samples(exported: CliRun) -> Non
         assert part["ok"] and part["defense"]["label_agreement"] >= 0.99 and part["defense"]["flag_agreement"] >= 0.99
         for g in part["graphs"].values():
             assert g["ok"] and all(o["max_abs"] <= o["limit_max_abs"] for o in g["outputs"].values())
-    assert fp16["graphs"]["mapper"]["outputs"]["x_hat"]["max_abs"] > fp32["graphs"]["mapper"]["outputs"]["x_hat"]["max_abs"]
+    assert (fp16["graphs"]["mapper"]["outputs"]["x_hat"]["max_abs"]
+            > fp32["graphs"]["mapper"]["outputs"]["x_hat"]["max_abs"])
 
 
-def test_graph_outside_tolerance_fails_naming_it(exported: CliRun, untrained_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_graph_outside_tolerance_fails_naming_it(exported: CliRun, untrained_bundle_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from engines import parity
     from engines.ort_build import parity_of_files
     from engines.samples import real_samples

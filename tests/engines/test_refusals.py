@@ -58,7 +58,8 @@ def test_tampered_manifest_is_refused(engine_copy: Path, tmp_path: Path) -> None
         load_manifest(engine_copy)
     _edit_manifest(engine_copy, lambda m: m["parity"]["sources"].update({"onnx/perturbation.onnx": "f" * 64}))
     run = invoke("build", str(engine_copy), "--out", str(tmp_path / "new"))
-    assert run.exit_code != 0 and "onnx/perturbation.onnx (perturbation source) does not match" in _one_line_error(run.output)
+    assert run.exit_code != 0
+    assert "onnx/perturbation.onnx (perturbation source) does not match" in _one_line_error(run.output)
     _edit_manifest(engine_copy, lambda m: m["thresholds"].pop("jsd"))
     run = invoke("build", str(engine_copy), "--out", str(tmp_path / "new"))
     assert run.exit_code != 0 and "no threshold for jsd" in _one_line_error(run.output)
@@ -92,7 +93,8 @@ def test_engine_from_another_onnxruntime_version_is_refused(engine_copy: Path) -
     check_compatible(patch, engine_copy)  # a patch release reads the same optimized model
 
 
-def test_a_runtime_install_without_onnxruntime_names_the_extra(engine_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_runtime_install_without_onnxruntime_names_the_extra(engine_copy: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The base install carries no ONNX Runtime build: the message says which extra to add, not 'rebuild'."""
     from ism_edge import compat
     from ism_edge.errors import MissingDependencyError
@@ -110,7 +112,8 @@ def test_engine_for_another_gpu_or_tensorrt_is_refused(engine_copy: Path) -> Non
     m = load_manifest(engine_copy)
     trt = replace(m, backend="tensorrt", versions={**m.versions, "tensorrt": "10.3.0"},
                   gpu={"name": "Orin", "compute_capability": "8.7"})
-    with pytest.raises(EngineMismatchError, match=r"TensorRT 10\.3\.0 on Orin \(8\.7\).*not installed here.*--backend onnxruntime"):
+    with pytest.raises(EngineMismatchError,
+                       match=r"TensorRT 10\.3\.0 on Orin \(8\.7\).*not installed here.*--backend onnxruntime"):
         check_compatible(trt, engine_copy)
 
 
@@ -133,7 +136,8 @@ def test_bundle_hash_without_torch_matches_training(untrained_bundle_dir: Path) 
     from training.bundle import bundle_hash
 
     assert bundle_sha256(untrained_bundle_dir) == bundle_hash(untrained_bundle_dir)
-    code = "import sys, ism_edge.compat, engines, engines.build, engines.rebuild; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
+    code = ("import sys, ism_edge.compat, engines, engines.build, engines.rebuild; "
+            "assert 'torch' not in sys.modules and 'onnx' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
@@ -153,7 +157,8 @@ def test_baseline_bundle_is_refused(command: str, untrained_bundle_dir: Path, tm
     assert not (tmp_path / "out").exists()
 
 
-def test_tensorrt_engines_are_checked_against_the_gpu_they_run_on(engine_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tensorrt_engines_are_checked_against_the_gpu_they_run_on(engine_copy: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from ism_edge import compat
 
     gpus = {0: {"name": "NVIDIA H100", "compute_capability": "9.0"}, 1: {"name": "Orin", "compute_capability": "8.7"}}
@@ -163,7 +168,8 @@ def test_tensorrt_engines_are_checked_against_the_gpu_they_run_on(engine_copy: P
     m = load_manifest(engine_copy)
     trt = replace(m, backend="tensorrt", versions={**m.versions, "tensorrt": "10.3.0"}, gpu=gpus[1])
     compat.check_compatible(trt, engine_copy, gpu=1)  # built for the Orin, run on device 1: the Orin
-    with pytest.raises(EngineMismatchError, match=r"built with TensorRT 10\.3\.0 on Orin \(8\.7\); this machine has .*H100"):
+    with pytest.raises(EngineMismatchError,
+                       match=r"built with TensorRT 10\.3\.0 on Orin \(8\.7\); this machine has .*H100"):
         compat.check_compatible(trt, engine_copy)  # device 0 is another GPU
     assert asked == [1, 0]
 
@@ -210,7 +216,8 @@ def test_compiling_a_bundle_without_torch_is_one_line(command: str, untrained_bu
     assert not (tmp_path / "out").exists()
 
 
-def test_rebuilding_without_onnxruntime_is_one_line(engine_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rebuilding_without_onnxruntime_is_one_line(engine_copy: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from engines import ort_build
     from ism_edge.errors import MissingDependencyError
 
@@ -218,7 +225,8 @@ def test_rebuilding_without_onnxruntime_is_one_line(engine_copy: Path, tmp_path:
     run = invoke("build", str(engine_copy), "--out", str(tmp_path / "new"))
     assert run.exit_code == 2, run.output
     line = _one_line_error(run.output)
-    assert "rebuilding ONNX Runtime engines needs the Python module 'onnxruntime'" in line and "ism-edge[onnxruntime]" in line
+    assert "rebuilding ONNX Runtime engines needs the Python module 'onnxruntime'" in line
+    assert "ism-edge[onnxruntime]" in line
     assert not (tmp_path / "new").exists()
     with pytest.raises(MissingDependencyError, match=r"'onnxruntime'.*ism-edge\[onnxruntime\]"):
         ort_build.optimized_model_from_onnx(engine_copy / "onnx" / "mapper.onnx", tmp_path / "mapper.onnx")

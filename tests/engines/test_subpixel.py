@@ -26,7 +26,8 @@ def _deconv_graph(path: Path, *, c_in: int = 4, c_out: int = 3, k: int = 3, stri
         inits.append(numpy_helper.from_array(rng.standard_normal(c_out).astype(dtype), "B"))
         inputs.append("B")
     nodes = [helper.make_node("ConvTranspose", inputs, ["y0" if act else "y"], name="deconv", strides=[stride, stride],
-                              pads=list(pads), output_padding=list(out_pad), group=group, dilations=[dilation, dilation])]
+                              pads=list(pads), output_padding=list(out_pad), group=group,
+                              dilations=[dilation, dilation])]
     if act == "LeakyRelu":
         nodes.append(helper.make_node("LeakyRelu", ["y0"], ["y"], name="act", alpha=0.2))
     elif act:

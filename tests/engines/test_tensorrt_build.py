@@ -200,14 +200,17 @@ def test_the_tensorrt_build_writes_one_plan_per_role_unmeasured(configs: list[Fa
         path.write_bytes(b"")
     names: list[str] = []
     steps = Steps(lambda name, s: names.append(name) if s is not None else None)
-    built = tensorrt_build.build(graphs, tmp_path, "fp16", steps, batch=BatchProfile(1, 4, 8), workspace_mb=64, timing_cache=None)
+    built = tensorrt_build.build(graphs, tmp_path, "fp16", steps, batch=BatchProfile(1, 4, 8), workspace_mb=64,
+                                 timing_cache=None)
     assert built.engines == {role: tmp_path / f"{role}.plan" for role in ROLES} and built.sources == graphs
     assert all(p.read_bytes() == b"PLAN" for p in built.engines.values()) and len(configs) == len(ROLES)
-    assert not built.measured and built.report["engine"] == {"measured": False, "ok": True, "reason": built.report["engine"]["reason"]}
+    assert not built.measured and built.report["engine"] == {"measured": False, "ok": True,
+                                                             "reason": built.report["engine"]["reason"]}
     assert names == [f"build TensorRT engine {role}" for role in ROLES]
 
 
-def test_a_tensorrt_build_without_a_visible_gpu_is_refused(configs: list[FakeConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_tensorrt_build_without_a_visible_gpu_is_refused(configs: list[FakeConfig],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from engines import tensorrt_build
     from ism_edge import compat
     from ism_edge.errors import EngineError

@@ -79,7 +79,8 @@ class DiagnosticStatus(Message):
 
     def __init__(self, **fields: Any) -> None:
         super().__init__(**fields)
-        assert isinstance(self.level, bytes) and len(self.level) == 1, "level is a byte field: use DiagnosticStatus.OK etc."
+        assert isinstance(self.level, bytes) and len(self.level) == 1, (
+            "level is a byte field: use DiagnosticStatus.OK etc.")
 
 
 class DiagnosticArray(Message):
@@ -110,7 +111,8 @@ class Publisher:
         self.event = threading.Event()
 
     def publish(self, msg: Any) -> None:
-        assert isinstance(msg, self.msg_type), f"{self.topic}: published a {type(msg).__name__}, not a {self.msg_type.__name__}"
+        assert isinstance(msg, self.msg_type), (
+            f"{self.topic}: published a {type(msg).__name__}, not a {self.msg_type.__name__}")
         self.published.append(msg)
         self.event.set()
 

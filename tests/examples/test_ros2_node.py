@@ -114,12 +114,14 @@ def test_verdict_json_and_classification_carry_the_input_header_and_the_runtime_
     record = json.loads(out.data)
     assert record["header"] == {"stamp": {"sec": 1700000123, "nanosec": 456789}, "frame_id": "cam_left"}
     assert record["frame"] == 0 and record["latency_ms"] >= 0
-    for key in ("label", "label_index", "confidence", "flagged", "flagged_by", "scores", "thresholds", "frame_size", "mode"):
+    for key in ("label", "label_index", "confidence", "flagged", "flagged_by", "scores", "thresholds", "frame_size",
+                "mode"):
         assert record[key] == expected[key], key
     assert set(record["timings_ms"]) == set(expected["timings_ms"])
 
     (cls,) = classes.published
-    assert cls.header.stamp.sec == 1700000123 and cls.header.stamp.nanosec == 456789 and cls.header.frame_id == "cam_left"
+    assert cls.header.stamp.sec == 1700000123 and cls.header.stamp.nanosec == 456789
+    assert cls.header.frame_id == "cam_left"
     (hyp,) = cls.results
     assert hyp.class_id == expected["label"] and hyp.score == pytest.approx(expected["confidence"], abs=1e-6)
     assert logger.lines == []
@@ -222,7 +224,8 @@ def test_parameter_defaults_map_to_the_runtime_defaults():
     values["engine_dir"] = "/engines"
     check(values)
     opts = runtime_options(values)
-    assert (opts.backend, opts.device, opts.feedback_rounds, opts.threads, opts.color_order) == (None, "auto", None, None, "BGR")
+    assert ((opts.backend, opts.device, opts.feedback_rounds, opts.threads, opts.color_order)
+            == (None, "auto", None, None, "BGR"))
     with pytest.raises(ValueError, match="diagnostics_period"):
         check({**values, "diagnostics_period": 0.0})
     with pytest.raises(ValueError, match="backend must be"):
@@ -243,7 +246,8 @@ def node_module(monkeypatch):
 
 def test_node_wires_sensor_qos_topics_and_parameters_and_publishes(node_module, engine_dir, photo):
     node = node_module.DefenseNode(
-        parameter_overrides={"engine_dir": str(engine_dir), "image_topic": "/front/image_raw", "device": "cpu", "threads": 1}
+        parameter_overrides={"engine_dir": str(engine_dir), "image_topic": "/front/image_raw", "device": "cpu",
+                             "threads": 1}
     )
     try:
         assert set(node.declared) == set(PARAMETERS)
@@ -296,4 +300,5 @@ def test_launch_file_declares_every_parameter_and_requires_engine_dir(monkeypatc
     assert node.kwargs["package"] == "ism_edge_ros" and node.kwargs["executable"] == "defense_node"
     (parameters,) = node.kwargs["parameters"]
     assert set(parameters) == set(PARAMETERS)
-    assert all(v.kwargs["value_type"] is type(PARAMETERS[k][0]) and v.args[0].args == (k,) for k, v in parameters.items())
+    assert all(v.kwargs["value_type"] is type(PARAMETERS[k][0]) and v.args[0].args == (k,)
+               for k, v in parameters.items())

@@ -32,7 +32,8 @@ def build_engine_dir(bundle_dir: Path, out_dir: Path) -> Path:
     """
     from engines.build import build_engines
 
-    return Path(build_engines(bundle_dir, out_dir, backend="onnxruntime", precision="fp32", batch=(1, 8, 64), parity_samples=16))
+    return Path(build_engines(bundle_dir, out_dir, backend="onnxruntime", precision="fp32", batch=(1, 8, 64),
+                              parity_samples=16))
 
 
 def edit_manifest(directory: Path, **changes: object) -> None:

@@ -322,7 +322,8 @@ def engine_directory(directory: Path, threshold: float = 0.05, **specs: PlanSpec
         files[role] = EngineFile(role, f"{role}.plan", f"onnx/{role}.fp16.onnx", "0" * 64, inputs, outputs)
     return EngineManifest(
         backend="tensorrt", precision="fp16", input_shape=CHW, class_names=tuple(f"c{i}" for i in range(CLASSES)),
-        thresholds={"recon_error": threshold, "jsd": 1.0, "p_score": 0.5}, temperatures={"deploy": 1.0, "detector": 1.0},
+        thresholds={"recon_error": threshold, "jsd": 1.0, "p_score": 0.5},
+        temperatures={"deploy": 1.0, "detector": 1.0},
         target_fpr=0.05, batch={"min": 1, "opt": 4, "max": 8}, engines=files, bundle_sha256="0" * 64,
         gpu={"name": "Fake GPU", "compute_capability": "8.7"},
     )  # fmt: skip

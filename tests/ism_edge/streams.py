@@ -19,7 +19,8 @@ class MjpegServer:
     """
 
     def __init__(self, frames: int = 5, *, interval: float = 0.02, stall_s: float = 30.0) -> None:
-        self.frames = [cv2.imencode(".jpg", np.full((48, 64, 3), 40 + 20 * i, np.uint8))[1].tobytes() for i in range(frames)]
+        self.frames = [cv2.imencode(".jpg", np.full((48, 64, 3), 40 + 20 * i, np.uint8))[1].tobytes()
+                       for i in range(frames)]
         self.interval = interval
         self.stall_s = stall_s
         self.connections = 0
@@ -57,7 +58,8 @@ class MjpegServer:
         self._thread.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close()
 
     def close(self) -> None:

@@ -77,7 +77,8 @@ def test_onnxruntime_cuda_device_without_the_provider(engine_dir: Path, manifest
         load_backend(engine_dir, manifest, backend="onnxruntime", device="cuda")
 
 
-def test_onnxruntime_backend_contract(engine_dir: Path, manifest: EngineManifest, cifar_test: tuple[np.ndarray, np.ndarray]) -> None:
+def test_onnxruntime_backend_contract(engine_dir: Path, manifest: EngineManifest,
+                                      cifar_test: tuple[np.ndarray, np.ndarray]) -> None:
     x = np.ascontiguousarray(cifar_test[0][:6].transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
     with OnnxRuntimeBackend(engine_dir, manifest) as backend:
         assert isinstance(backend, Backend) and backend.providers == ["CPUExecutionProvider"]
@@ -89,7 +90,8 @@ def test_onnxruntime_backend_contract(engine_dir: Path, manifest: EngineManifest
         np.testing.assert_allclose(out.recon_error, np.abs(x - out.x_hat).mean(axis=(1, 2, 3)), rtol=1e-5, atol=1e-6)
         assert set(out.timings_ms) == {"upload", "mapping", "classifier", "detectors", "download"}
         assert backend.infer(x).x_hat is None
-        for bad in (x.astype(np.float64), x[:, :1], np.zeros((65, 3, 32, 32), np.float32), np.zeros((0, 3, 32, 32), np.float32)):
+        for bad in (x.astype(np.float64), x[:, :1], np.zeros((65, 3, 32, 32), np.float32),
+                    np.zeros((0, 3, 32, 32), np.float32)):
             with pytest.raises(ValueError):
                 backend.enqueue(bad)
         jobs = [backend.enqueue(x[:2]), backend.enqueue(x[2:4])]
@@ -202,7 +204,8 @@ def test_cuda_buffers_round_trip_and_events_time() -> None:
 @pytest.mark.gpu
 @pytest.mark.tensorrt
 @needs_trt
-def test_tensorrt_verdicts_match_onnxruntime(untrained_bundle_dir: Path, tmp_path: Path, cifar_test: tuple[np.ndarray, np.ndarray]) -> None:
+def test_tensorrt_verdicts_match_onnxruntime(untrained_bundle_dir: Path, tmp_path: Path,
+                                             cifar_test: tuple[np.ndarray, np.ndarray]) -> None:
     """FP32 TensorRT engines give the ONNX Runtime verdicts; the pipelined schedule changes nothing."""
     from engines.build import build_engines
     from ism_edge import DefenseRuntime
@@ -256,7 +259,8 @@ def test_on_the_cuda_provider_an_onnxruntime_directory_loads_its_onnx_sources(
     from ism_edge import DefenseRuntime
 
     manifest = load_manifest(engine_copy)
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with DefenseRuntime(engine_copy, device="cuda") as on_cuda:
         files = on_cuda.backend.model_files  # type: ignore[attr-defined]
         assert files == {r: engine_copy / ef.onnx for r, ef in manifest.engines.items()}
@@ -268,6 +272,7 @@ def test_on_the_cuda_provider_an_onnxruntime_directory_loads_its_onnx_sources(
         assert got == pytest.approx(on_cpu.process(photos[0]).scores, rel=1e-4, abs=1e-6)
     source = engine_copy / manifest.engines["classifier"].onnx  # a source whose name is the engine's
     source.write_bytes(source.read_bytes() + b"\0")
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(EngineError, match=r"classifier ONNX source\) does not match"):
         DefenseRuntime(engine_copy, device="cuda")

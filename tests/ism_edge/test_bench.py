@@ -82,7 +82,8 @@ def test_chain_flops_of_an_engine_directory(engine_dir: Path) -> None:
     assert set(flops.graphs) == {"mapper", "classifier", "perturbation"}
     assert all(g.flops == 2 * g.macs > 0 for g in flops.graphs.values())
     assert flops.per_input == sum(CHAIN_MULTIPLICITY[r] * g.flops for r, g in flops.graphs.items())
-    assert flops.per_input == flops.graphs["mapper"].flops + 2 * flops.graphs["classifier"].flops + flops.graphs["perturbation"].flops
+    assert flops.per_input == (flops.graphs["mapper"].flops + 2 * flops.graphs["classifier"].flops
+                               + flops.graphs["perturbation"].flops)
     # the mapper's first convolution alone (small preset: 3→16, 7×7, stride 2 on 32×32) is counted
     assert flops.graphs["mapper"].macs_by_op["Conv"] >= 16 * 16 * 16 * 3 * 7 * 7
     assert json.loads(json.dumps(flops.to_json()))["per_input"] == flops.per_input
@@ -119,7 +120,8 @@ def report(engine_dir: Path) -> dict:
     engines = load_engine_dirs([engine_dir])
     columns = [
         Column("pytorch-eager", "PyTorch eager", reason="no --bundle given"),
-        runtime_column("onnxruntime-fp32", "ONNX Runtime FP32", engine_dir, backend="onnxruntime", threads=1, device="cpu"),
+        runtime_column("onnxruntime-fp32", "ONNX Runtime FP32", engine_dir, backend="onnxruntime", threads=1,
+                       device="cpu"),
         runtime_column("again", "ONNX Runtime FP32 again", engine_dir, backend="onnxruntime", threads=1, device="cpu"),
     ]
     peak = gemm_peak(threads=1, size=64, repeats=2)
@@ -156,19 +158,23 @@ def test_ratios_are_against_the_eager_column(engine_dir: Path) -> None:
     """A column named pytorch-eager is the reference of ratios and agreement."""
     engines = load_engine_dirs([engine_dir])
     cfg = BenchConfig(batches=(2,), frames=2, threads=1, frame_size=(64, 64), warmup=0, min_calls=2)
-    cols = [runtime_column(n, n, engine_dir, backend="onnxruntime", threads=1, device="cpu") for n in ("fast", "pytorch-eager")]
+    cols = [runtime_column(n, n, engine_dir, backend="onnxruntime", threads=1, device="cpu")
+            for n in ("fast", "pytorch-eager")]
     rep = run_chain_bench(cols, engines[0][1], cfg)
     fast, eager = rep["columns"]
     assert eager["results"][0]["vs_eager"] == 1.0
-    assert fast["results"][0]["vs_eager"] == pytest.approx(fast["results"][0]["images_per_s"] / eager["results"][0]["images_per_s"])
+    assert fast["results"][0]["vs_eager"] == pytest.approx(fast["results"][0]["images_per_s"]
+                                                           / eager["results"][0]["images_per_s"])
     assert fast["agreement"]["against"] == "pytorch-eager"
     assert rep["flops"] is None and rep["peak"] is None and fast["results"][0]["peak_share"] is None
 
 
 def test_tile_mode_counts_tiles_as_inputs(engine_dir: Path) -> None:
     engines = load_engine_dirs([engine_dir])
-    cfg = BenchConfig(batches=(4,), mode="tile", tile_grid=(2, 3), frames=4, threads=1, frame_size=(96, 128), warmup=0, min_calls=2)
-    rep = run_chain_bench([runtime_column("ort", "ORT", engine_dir, backend="onnxruntime", threads=1, device="cpu")], engines[0][1], cfg)
+    cfg = BenchConfig(batches=(4,), mode="tile", tile_grid=(2, 3), frames=4, threads=1, frame_size=(96, 128), warmup=0,
+                      min_calls=2)
+    rep = run_chain_bench([runtime_column("ort", "ORT", engine_dir, backend="onnxruntime", threads=1, device="cpu")],
+                          engines[0][1], cfg)
     assert rep["inputs"]["tiles_per_frame"] == 6
     r = rep["columns"][0]["results"][0]
     assert r["frames_per_s"] == pytest.approx(r["images_per_s"] / 6)
@@ -179,13 +185,16 @@ def test_columns_for_the_engine_directories(engine_dir: Path, engine_copy: Path)
     by_name = {c.name: c for c in cols}
     assert list(by_name) == ["onnxruntime-fp32", "onnxruntime-int8", "tensorrt"]
     assert by_name["onnxruntime-fp32"].factory is not None
-    assert by_name["onnxruntime-int8"].factory is None and "--precision int8" in (by_name["onnxruntime-int8"].reason or "")
+    assert by_name["onnxruntime-int8"].factory is None
+    assert "--precision int8" in (by_name["onnxruntime-int8"].reason or "")
     tensorrt = pytest.importorskip("tensorrt")
     if not hasattr(tensorrt, "Builder"):
-        assert by_name["tensorrt"].factory is None and (by_name["tensorrt"].reason or "").startswith("not available here")
+        assert by_name["tensorrt"].factory is None
+        assert (by_name["tensorrt"].reason or "").startswith("not available here")
 
 
-def test_engine_directories_of_other_bundles_are_refused(engine_dir: Path, engine_copy: Path, untrained_bundle_dir: Path, tmp_path: Path) -> None:
+def test_engine_directories_of_other_bundles_are_refused(engine_dir: Path, engine_copy: Path,
+                                                         untrained_bundle_dir: Path, tmp_path: Path) -> None:
     raw = json.loads((engine_copy / "manifest.json").read_text())
     raw["bundle_sha256"] = "0" * 64
     (engine_copy / "manifest.json").write_text(json.dumps(raw))
@@ -243,17 +252,21 @@ def test_runtime_reuses_its_input_buffer_and_verdicts_do_not_change(engine_dir: 
     with DefenseRuntime(engine_dir) as rt:
         first = [v.to_json() for v in rt.process_batch(photos)]
         buffer = rt._buffers.inputs
-        again = [v.to_json() for v in rt.process_batch(photos[:2])] + [v.to_json() for v in rt.process_batch(photos[2:])]
+        again = ([v.to_json() for v in rt.process_batch(photos[:2])]
+                 + [v.to_json() for v in rt.process_batch(photos[2:])])
         assert rt._buffers.inputs is buffer  # no new allocation for the same or smaller batches
     strip = [{k: v for k, v in j.items() if k != "timings_ms"} for j in first]
     assert strip == [{k: v for k, v in j.items() if k != "timings_ms"} for j in again]
 
 
 @pytest.mark.parametrize("spinning", [False, True])
-def test_spinning_is_a_session_option_and_leaves_verdicts_alone(engine_dir: Path, photos: list[np.ndarray], spinning: bool) -> None:
-    with DefenseRuntime(engine_dir, threads=2) as default, DefenseRuntime(engine_dir, threads=2, spinning=spinning) as tuned:
+def test_spinning_is_a_session_option_and_leaves_verdicts_alone(engine_dir: Path, photos: list[np.ndarray],
+                                                                spinning: bool) -> None:
+    with (DefenseRuntime(engine_dir, threads=2) as default,
+          DefenseRuntime(engine_dir, threads=2, spinning=spinning) as tuned):
         for session in tuned.backend._sessions.values():  # type: ignore[attr-defined]
-            assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == str(int(spinning))
+            options = session.get_session_options()
+            assert options.get_session_config_entry("session.intra_op.allow_spinning") == str(int(spinning))
         for session in default.backend._sessions.values():  # type: ignore[attr-defined]
             assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
         a = [v.to_json() for v in default.process_batch(photos)]
@@ -267,7 +280,8 @@ def test_a_live_frame_is_answered_before_the_next_capture(engine_dir: Path, tmp_
     log = tmp_path / "v.jsonl"
     stop = threading.Event()
     with DefenseRuntime(engine_dir) as rt:
-        worker = threading.Thread(target=run_camera_loop, args=(rt, FrameReader(source, ReaderOptions(stall_timeout=30))),
+        worker = threading.Thread(target=run_camera_loop,
+                                  args=(rt, FrameReader(source, ReaderOptions(stall_timeout=30))),
                                   kwargs={"log": VerdictLog(log), "stop": stop})  # fmt: skip
         worker.start()
         try:
@@ -312,7 +326,8 @@ def test_stream_bench_report(engine_dir: Path) -> None:
 
 def test_the_bench_package_never_imports_torch() -> None:
     code = (
-        "import sys, ism_edge.bench, ism_edge.bench.chain, ism_edge.bench.stream, ism_edge.bench.flops, ism_edge.bench.peak\n"
+        "import sys, ism_edge.bench, ism_edge.bench.chain, ism_edge.bench.stream, ism_edge.bench.flops, "
+        "ism_edge.bench.peak\n"
         "from ism_edge.bench.flops import chain_flops\n"
         "print(sorted(m for m in ('torch', 'training', 'engines') if m in sys.modules))"
     )

@@ -52,7 +52,8 @@ def test_every_frame_is_logged_and_drawn(runtime: DefenseRuntime, sample_video: 
 
 def test_max_frames(runtime: DefenseRuntime, sample_video: Path, tmp_path: Path) -> None:
     summary = run_camera_loop(
-        runtime, FrameReader(open_source(sample_video)), log=VerdictLog(tmp_path / "v.jsonl"), options=RunOptions(max_frames=5)
+        runtime, FrameReader(open_source(sample_video)), log=VerdictLog(tmp_path / "v.jsonl"),
+        options=RunOptions(max_frames=5)
     )
     assert summary.stopped == "max-frames" and summary.frames == 5
     assert len(read_log(tmp_path / "v.jsonl")) == 5
@@ -71,7 +72,8 @@ def test_bad_frames_are_counted_and_logged_as_skips(runtime: DefenseRuntime, tmp
     assert "label" in records[0] and "label" in records[3]
 
 
-def test_an_image_folder_log_names_every_file_and_every_skipped_one(runtime: DefenseRuntime, image_folder: Path, tmp_path: Path) -> None:
+def test_an_image_folder_log_names_every_file_and_every_skipped_one(runtime: DefenseRuntime, image_folder: Path,
+                                                                    tmp_path: Path) -> None:
     (image_folder / "broken.png").write_bytes(b"not a png")  # sorts first
     (image_folder / "zz_empty.jpg").write_bytes(b"")  # sorts last
     summary = run_camera_loop(runtime, FrameReader(open_source(image_folder)), log=VerdictLog(tmp_path / "v.jsonl"))
@@ -85,7 +87,8 @@ def test_an_image_folder_log_names_every_file_and_every_skipped_one(runtime: Def
 
 def test_running_out_of_memory_mid_run_is_a_clear_failure(runtime: DefenseRuntime, sample_video: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """A MemoryError (huge frames, many tiles) ends the run like any failure: one line, outputs closed, summary complete."""
+    """A MemoryError (huge frames, many tiles) ends the run like any failure: one line, outputs closed, summary
+    complete."""
     submit, calls = runtime.submit, []
 
     def failing_submit(*args: object, **kwargs: object) -> object:
@@ -129,7 +132,8 @@ def test_ctrl_c_stops_gracefully_and_keeps_the_log(runtime: DefenseRuntime, tmp_
             return super().read()
 
     previous = signal.getsignal(signal.SIGINT)
-    summary = run_camera_loop(runtime, FrameReader(Interrupting(frames, live=False)), log=VerdictLog(tmp_path / "v.jsonl"))
+    summary = run_camera_loop(runtime, FrameReader(Interrupting(frames, live=False)),
+                              log=VerdictLog(tmp_path / "v.jsonl"))
     records = read_log(tmp_path / "v.jsonl")
     assert summary.stopped == "interrupted" and summary.failure is None
     assert 1 <= summary.frames == len(records) < 200
@@ -154,7 +158,8 @@ def test_sigterm_and_sighup_stop_gracefully_like_ctrl_c(runtime: DefenseRuntime,
 
     previous = signal.signal(signum, record)
     try:
-        summary = run_camera_loop(runtime, FrameReader(Terminating(frames, live=False)), log=VerdictLog(tmp_path / "v.jsonl"))
+        summary = run_camera_loop(runtime, FrameReader(Terminating(frames, live=False)),
+                                  log=VerdictLog(tmp_path / "v.jsonl"))
         assert not fallback and signal.getsignal(signum) is record  # the run handled it, then restored the handler
     finally:
         signal.signal(signum, previous)

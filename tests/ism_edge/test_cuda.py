@@ -55,7 +55,8 @@ OLD = (CudaErrorT.cudaErrorInsufficientDriver, 0)
 )
 def test_a_driver_older_than_the_bindings_is_reported_as_such(driver: int, bindings: int, fix: str) -> None:
     drv = cuda._CudaPythonDriver(runtime(driver, bindings, OLD))
-    want = rf"cudaErrorInsufficientDriver: the NVIDIA driver supports CUDA {driver // 1000}\.{driver % 1000 // 10}, older"
+    want = (rf"cudaErrorInsufficientDriver: the NVIDIA driver supports CUDA {driver // 1000}\.{driver % 1000 // 10}, "
+            r"older")
     with pytest.raises(cuda.CudaError, match=want) as err:
         drv.device_count()
     assert fix in str(err.value) and "\n" not in str(err.value)
@@ -167,9 +168,10 @@ def with_pycuda(monkeypatch: pytest.MonkeyPatch, init_error: str | None = None, 
 def pycuda_calls(handle: Any) -> dict[str, tuple[Any, ...]]:
     """Arguments for every driver method, with ``handle`` for every pycuda object."""
     return {
-        "device_count": (), "device_info": (0,), "push": (0,), "pop": (), "stream_create": (), "stream_handle": (handle,),
-        "stream_synchronize": (handle,), "stream_wait_event": (handle, handle), "stream_destroy": (handle,),
-        "event_create": (True,), "event_record": (handle, handle), "event_synchronize": (handle,), "event_query": (handle,),
+        "device_count": (), "device_info": (0,), "push": (0,), "pop": (), "stream_create": (),
+        "stream_handle": (handle,), "stream_synchronize": (handle,), "stream_wait_event": (handle, handle),
+        "stream_destroy": (handle,), "event_create": (True,), "event_record": (handle, handle),
+        "event_synchronize": (handle,), "event_query": (handle,),
         "event_elapsed_ms": (handle, handle), "event_destroy": (handle,), "host_alloc": (8,), "host_free": (handle,),
         "device_alloc": (8,), "device_free": (handle,), "htod_async": (0, np.zeros(2), handle),
         "dtoh_async": (np.zeros(2), 0, handle), "dtod_async": (0, 0, 8, handle),
@@ -209,7 +211,8 @@ def test_every_pycuda_failure_is_a_cuda_error(monkeypatch: pytest.MonkeyPatch) -
 
 def test_every_pycuda_call_returns_what_the_backend_expects(monkeypatch: pytest.MonkeyPatch) -> None:
     drv = with_pycuda(monkeypatch)
-    out = {name: getattr(drv, name)(*args) for name, args in pycuda_calls(object.__new__(sys.modules["pycuda.driver"].Handle)).items()}
+    handle = object.__new__(sys.modules["pycuda.driver"].Handle)
+    out = {name: getattr(drv, name)(*args) for name, args in pycuda_calls(handle).items()}
     assert out["device_count"] == 1 and out["device_info"] == cuda.DeviceInfo(0, "Orin", "8.7")
     assert out["stream_handle"] == 7 and out["event_query"] is True and out["event_elapsed_ms"] == 1.5
     assert out["device_alloc"][0] == 4096 and out["host_alloc"][0].nbytes == 8

@@ -117,7 +117,9 @@ def test_without_a_driver_cuda_python_says_so() -> None:
         pytest.skip(f"an NVIDIA driver is loaded here ({_bindings_version()})")
     assert drv.device_count() == 0
     for call in (lambda: drv.push(0), drv.stream_create, lambda: drv.device_alloc(16)):
-        with pytest.raises(cuda.CudaError, match=r"(no NVIDIA driver is loaded|libcuda|cuInit).*install the NVIDIA driver, or use --backend onnxruntime"):
+        with pytest.raises(cuda.CudaError,
+                           match=r"(no NVIDIA driver is loaded|libcuda|cuInit).*"
+                                 r"install the NVIDIA driver, or use --backend onnxruntime"):
             call()
 
 

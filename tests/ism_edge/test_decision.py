@@ -30,8 +30,10 @@ def chain() -> ChainOutput:
 
 def _manifest(tmp_path: Path, label_source: str) -> EngineManifest:
     m = fake.engine_directory(tmp_path)
-    return dataclasses.replace(m, label_source=label_source, thresholds={"recon_error": 0.07, "jsd": 0.05, "p_score": 0.8},
-                               temperatures={"deploy": 2.0, "detector": 10.0}, class_names=tuple(f"c{i}" for i in range(K)))
+    return dataclasses.replace(m, label_source=label_source,
+                               thresholds={"recon_error": 0.07, "jsd": 0.05, "p_score": 0.8},
+                               temperatures={"deploy": 2.0, "detector": 10.0},
+                               class_names=tuple(f"c{i}" for i in range(K)))
 
 
 @pytest.mark.parametrize("label_source", ["auto", "reformed"])
@@ -42,7 +44,8 @@ def test_decide_gives_the_verdicts_of_the_chain_rules(chain: ChainOutput, tmp_pa
     jsd = scores.jsd(chain.logits_raw, chain.logits_reformed, 10.0)
     want_flags = {"recon_error": chain.recon_error > 0.07, "jsd": jsd > 0.05, "p_score": chain.p_score > 0.8}
     flagged = want_flags["recon_error"] | want_flags["jsd"] | want_flags["p_score"]
-    logits = np.where(flagged[:, None], chain.logits_reformed, chain.logits_raw) if label_source == "auto" else chain.logits_reformed
+    logits = (np.where(flagged[:, None], chain.logits_reformed, chain.logits_raw) if label_source == "auto"
+              else chain.logits_reformed)
     assert 0 < flagged.sum() < N  # both kinds of sample are decided
     for s in SCORE_NAMES:
         np.testing.assert_array_equal(d.detector_flags[s], want_flags[s], err_msg=s)
@@ -95,4 +98,5 @@ def test_feedback_reformation_equals_re_mapping_the_whole_batch(rounds: int) -> 
         np.testing.assert_allclose(x_hat[i], _whole_batch_reform(start[i : i + 1], c, 0.0)[0], rtol=1e-6)
     assert len(calls) <= rounds and all(np.all(np.diff(a) > 0) for a in calls)
     if rounds == 20:
-        assert len(calls) < rounds and len(set(counts.tolist())) > 2  # stopped early; samples converged at different rounds
+        # stopped early; samples converged at different rounds
+        assert len(calls) < rounds and len(set(counts.tolist())) > 2

@@ -15,7 +15,8 @@ from ism_edge._io import _owner, atomic_directory, remove_stale_partials
 
 @pytest.fixture
 def dead_pid() -> int:
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     return int(proc.stdout)
 
 
@@ -33,7 +34,8 @@ def _made(path: Path) -> Path:
     return path
 
 
-def test_only_partials_of_dead_writers_of_the_same_target_are_removed(tmp_path: Path, dead_pid: int, live_pid: int) -> None:
+def test_only_partials_of_dead_writers_of_the_same_target_are_removed(tmp_path: Path, dead_pid: int,
+                                                                      live_pid: int) -> None:
     host = _owner().rsplit("-", 1)[0]
     stale = _made(tmp_path / f".engines.{host}-{dead_pid}.k3j2h1g0.partial")
     kept = [

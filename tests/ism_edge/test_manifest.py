@@ -47,7 +47,8 @@ def test_a_file_named_outside_the_directory_is_refused(engine_copy: Path, outsid
     digest = sha256_file(outside)
     for name in ("../outside.onnx", str(outside), "./mapper.onnx", "onnx//mapper.onnx", "onnx\\mapper.onnx"):
         _edit(engine_copy, lambda m, name=name: m["engines"]["mapper"].update(file=name, sha256=digest))
-        assert "engines.mapper.file must be a plain file name inside the directory" in _refused(engine_copy, verify_files=verify_files)
+        assert "engines.mapper.file must be a plain file name inside the directory" in _refused(
+            engine_copy, verify_files=verify_files)
     _edit(engine_copy, lambda m: m["engines"]["mapper"].update(file="mapper.onnx", onnx="../outside.onnx"))
     assert "engines.mapper.onnx must be a plain file name" in _refused(engine_copy, verify_files=verify_files)
 
@@ -109,7 +110,8 @@ _set = set_field
     (_set("versions", ["1.0"]), "versions must be an object"),
     (_set("calibration", {"frames": 20, "source": "cam", "target_fpr": 0.1, "mode": "tile", "tile_grid": "abc"}),
      "calibration.tile_grid must be a list"),
-    (_set("calibration", {"frames": -1, "source": "cam", "target_fpr": 0.1, "mode": "tile"}), "calibration.frames must be in"),
+    (_set("calibration", {"frames": -1, "source": "cam", "target_fpr": 0.1, "mode": "tile"}),
+     "calibration.frames must be in"),
 ])
 def test_a_value_out_of_range_is_refused_naming_the_field(engine_copy: Path, edit: Callable[[dict[str, Any]], None],
                                                           field: str) -> None:

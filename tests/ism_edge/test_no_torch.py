@@ -47,7 +47,8 @@ print(json.dumps({{
 
 def test_import_and_a_full_onnxruntime_run_load_no_torch(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
     code = SCRIPT.format(
-        heavy=HEAVY, engine_dir=str(engine_dir), video=str(sample_video), log=str(tmp_path / "v.jsonl"), out=str(tmp_path / "o.mp4")
+        heavy=HEAVY, engine_dir=str(engine_dir), video=str(sample_video), log=str(tmp_path / "v.jsonl"),
+        out=str(tmp_path / "o.mp4")
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

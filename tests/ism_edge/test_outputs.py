@@ -64,7 +64,8 @@ def test_output_paths_that_would_destroy_something_are_refused(tmp_path: Path) -
     fine = [OutputPath("OUTPUT", tmp_path / "out.mp4"), OutputPath("--log", tmp_path / "v.jsonl"),
             OutputPath("--purified", tmp_path / "purified", folder=True)]
     check(*fine)
-    check(OutputPath("OUTPUT", photos / "annotated", folder=True), OutputPath("--log", photos / "v.jsonl"), source=photos)
+    check(OutputPath("OUTPUT", photos / "annotated", folder=True), OutputPath("--log", photos / "v.jsonl"),
+          source=photos)
     bad = {
         "is the input": [OutputPath("OUTPUT", tmp_path / "alias" / "in.mp4")],  # through a linked folder
         "the same file": [*fine, OutputPath("--summary-json", tmp_path / "alias" / "v.jsonl")],
@@ -262,7 +263,8 @@ def test_a_video_frame_that_cannot_be_written_stops_and_keeps_what_reads_back(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.avi", "out.partial.avi"]
 
 
-def test_an_unreadable_video_is_not_kept(tmp_path: Path, photos: list[np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unreadable_video_is_not_kept(tmp_path: Path, photos: list[np.ndarray],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Every write reported success but the finished file does not read back (its index was lost)."""
     video = VideoFileOutput(tmp_path / "out.mp4", fps=5)
     video.write(photos[0])
@@ -280,7 +282,8 @@ def test_an_unreadable_video_is_not_kept(tmp_path: Path, photos: list[np.ndarray
     assert list(tmp_path.iterdir()) == [] and video.frames == 0 and video.failed
 
 
-def test_an_image_that_cannot_be_written_is_an_error(tmp_path: Path, photos: list[np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_image_that_cannot_be_written_is_an_error(tmp_path: Path, photos: list[np.ndarray],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     out = ImageFolderOutput(tmp_path / "frames")
     out.write(photos[0])
     monkeypatch.setattr(outputs.cv2, "imwrite", lambda *args: False)

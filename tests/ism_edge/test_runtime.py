@@ -24,7 +24,8 @@ def runtime(engine_dir: Path) -> DefenseRuntime:
 T_DETECTOR = 0.05
 
 
-def _torch_reference(bundle_dir: Path, images: np.ndarray, thresholds: dict[str, float], rounds: int) -> dict[str, np.ndarray]:
+def _torch_reference(bundle_dir: Path, images: np.ndarray, thresholds: dict[str, float],
+                     rounds: int) -> dict[str, np.ndarray]:
     import torch
 
     from training.bundle import DefenseBundle
@@ -75,7 +76,8 @@ def test_verdicts_match_the_pytorch_defense(
         with torch.no_grad():
             x_hat = mapper(x)
             thresholds["recon_error"] = float(np.median(reconstruction_error(x_hat, mapper(x_hat)).numpy()))
-    edit_manifest(engine_copy, thresholds=thresholds, feedback_rounds=rounds, temperatures={"deploy": 1.0, "detector": T_DETECTOR})
+    edit_manifest(engine_copy, thresholds=thresholds, feedback_rounds=rounds,
+                  temperatures={"deploy": 1.0, "detector": T_DETECTOR})
     ref = _torch_reference(untrained_bundle_dir, images, thresholds, rounds)
 
     with DefenseRuntime(engine_copy, color_order="RGB", purified=True) as rt:
@@ -128,7 +130,8 @@ def test_verdict_fields_come_from_the_manifest(runtime: DefenseRuntime, photos: 
 def test_colour_order_is_honoured(engine_dir: Path, photos: list[np.ndarray]) -> None:
     """An RGB frame given to an RGB runtime equals the same frame in BGR given to a BGR runtime."""
     bgr = photos[1]
-    with DefenseRuntime(engine_dir, color_order="BGR") as rt_bgr, DefenseRuntime(engine_dir, color_order="RGB") as rt_rgb:
+    with (DefenseRuntime(engine_dir, color_order="BGR") as rt_bgr,
+          DefenseRuntime(engine_dir, color_order="RGB") as rt_rgb):
         a = rt_bgr.process(bgr)
         b = rt_rgb.process(np.ascontiguousarray(bgr[:, :, ::-1]))
         c = rt_rgb.process(bgr)
@@ -234,6 +237,7 @@ def test_tile_grid_resizes_to_an_exact_grid(engine_dir: Path, photos: list[np.nd
 
 
 def test_invalid_options_are_refused(engine_dir: Path) -> None:
-    for kwargs in ({"mode": "crop"}, {"color_order": "YUV"}, {"tile_grid": (0, 2)}, {"feedback_rounds": -1}, {"backend": "openvino"}):
+    for kwargs in ({"mode": "crop"}, {"color_order": "YUV"}, {"tile_grid": (0, 2)}, {"feedback_rounds": -1},
+                   {"backend": "openvino"}):
         with pytest.raises(ValueError):
             DefenseRuntime(engine_dir, **kwargs)

@@ -105,7 +105,8 @@ def test_an_image_folder_skips_unreadable_files(image_folder: Path) -> None:
     assert len(frames) == 4 and len({f.image.shape for f in frames}) == 4
     assert reader.skipped == 1
     # in name order, each named, the unreadable one in its place
-    assert [(i.index, i.name) for i in items] == list(enumerate(sorted(p.name for p in image_folder.glob("*.[jp][pn]g"))))
+    names = sorted(p.name for p in image_folder.glob("*.[jp][pn]g"))
+    assert [(i.index, i.name) for i in items] == list(enumerate(names))
     assert isinstance(items[0], Skipped) and "broken.png" in items[0].reason
 
 

@@ -19,7 +19,8 @@ def test_a_tensorrt_older_than_10_is_refused_where_it_is_loaded(monkeypatch: pyt
     from engines import tensorrt_build
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake.tensorrt_module(fake.FakeCudaDriver(), version="8.6.1.6"))
-    with pytest.raises(MissingDependencyError, match=r"needs TensorRT 10 or newer.*TensorRT 8\.6\.1\.6 is installed.*--backend onnxruntime"):
+    with pytest.raises(MissingDependencyError,
+                       match=r"needs TensorRT 10 or newer.*TensorRT 8\.6\.1\.6 is installed.*--backend onnxruntime"):
         tensorrt_module()
     with pytest.raises(MissingDependencyError, match="building TensorRT engines needs TensorRT 10"):
         tensorrt_build.tensorrt_version()

@@ -56,7 +56,8 @@ def test_the_chain_on_a_fake_gpu_equals_the_reference(gpu: fake.FakeCudaDriver, 
     assert last2.x_hat is None and set(got.timings_ms) == {"upload", "mapping", "classifier", "detectors", "download"}
 
 
-def test_the_raw_classifier_pass_is_queued_before_feedback_makes_the_host_wait(gpu: fake.FakeCudaDriver, tmp_path: Path) -> None:
+def test_the_raw_classifier_pass_is_queued_before_feedback_makes_the_host_wait(gpu: fake.FakeCudaDriver,
+                                                                               tmp_path: Path) -> None:
     """C(x) overlaps M even with feedback rounds: it is enqueued before the host first waits."""
     manifest = fake.engine_directory(tmp_path, threshold=0.0)  # every sample goes another round
     with TensorRTBackend(tmp_path, manifest, feedback_rounds=2) as backend:
@@ -66,7 +67,8 @@ def test_the_raw_classifier_pass_is_queued_before_feedback_makes_the_host_wait(g
     first_sync = next(i for i, e in enumerate(log) if e[0] == "sync")
     raw_pass = next(i for i, e in enumerate(log) if e[0] == "execute" and e[2] == "classifier")
     assert raw_pass < first_sync
-    assert [role for role, _ in executions(gpu, start)] == ["classifier", "mapper", "mapper", "mapper", "classifier", "perturbation"]
+    assert [role for role, _ in executions(gpu, start)] == ["classifier", "mapper", "mapper", "mapper", "classifier",
+                                                            "perturbation"]
 
 
 @pytest.mark.parametrize(
@@ -81,14 +83,16 @@ def test_an_output_shape_other_than_its_buffer_is_refused_on_activation(
 ) -> None:
     manifest = fake.engine_directory(tmp_path, **{role: spec})
     backend = TensorRTBackend(tmp_path, manifest)
-    with pytest.raises(EngineMismatchError, match=rf"\({role}\) output .* has shape {re.escape(shape)}.*rebuild") as err:
+    with pytest.raises(EngineMismatchError,
+                       match=rf"\({role}\) output .* has shape {re.escape(shape)}.*rebuild") as err:
         backend.activate()
     assert "\n" not in str(err.value)
     assert not executions(gpu) and not backend.is_active
 
 
 def test_a_batch_below_the_profile_minimum_runs_padded(gpu: fake.FakeCudaDriver, tmp_path: Path) -> None:
-    manifest = fake.engine_directory(tmp_path, **{r: PlanSpec(r, min=4) for r in ("mapper", "classifier", "perturbation")})
+    manifest = fake.engine_directory(tmp_path,
+                                     **{r: PlanSpec(r, min=4) for r in ("mapper", "classifier", "perturbation")})
     x = images(2)
     with TensorRTBackend(tmp_path, manifest, feedback_rounds=0) as backend:
         start = len(gpu.log)
@@ -111,6 +115,7 @@ def test_a_refused_batch_queues_nothing_and_leaves_the_backend_usable(gpu: fake.
 
 
 def test_profiles_that_leave_no_batch_are_refused(gpu: fake.FakeCudaDriver, tmp_path: Path) -> None:
-    manifest = fake.engine_directory(tmp_path, mapper=PlanSpec("mapper", min=4, max=8), classifier=PlanSpec("classifier", max=2))
+    manifest = fake.engine_directory(tmp_path, mapper=PlanSpec("mapper", min=4, max=8),
+                                     classifier=PlanSpec("classifier", max=2))
     with pytest.raises(EngineMismatchError, match="no batch size"):
         TensorRTBackend(tmp_path, manifest).activate()

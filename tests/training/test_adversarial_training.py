@@ -53,7 +53,8 @@ def test_best_epoch_keeps_and_restores_the_best_weights() -> None:
     assert torch.equal(net.weight, kept["weight"]) and restored.epoch == 0
 
 
-def test_guard_restores_the_epoch_with_the_best_heldout_pgd_accuracy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_guard_restores_the_epoch_with_the_best_heldout_pgd_accuracy(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     robust = iter([0.40, 0.05, 0.05])  # epoch 1 robust, epoch 2 collapses (catastrophic overfitting); final check
     real = runner_mod.heldout_accuracy
     seen: list[dict[str, torch.Tensor]] = []

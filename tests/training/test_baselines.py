@@ -60,7 +60,8 @@ def test_manifest_records_what_each_baseline_deploys(baselines: dict[str, Path])
     assert set(magnet["thresholds"]) == {"recon_error", "jsd"}
     assert magnet["config"]["sparsity_k"] == magnet["config"]["latent_dim"]  # no k-sparse step
     recipe = magnet["provenance"]["recipe"]
-    assert (recipe["map_pairs"], recipe["map_adv"], recipe["map_cls"], recipe["map_l1"], recipe["adv_ratio"]) == (False, 0, 0, 0, 0)
+    assert (recipe["map_pairs"], recipe["map_adv"], recipe["map_cls"], recipe["map_l1"],
+            recipe["adv_ratio"]) == (False, 0, 0, 0, 0)
     assert read_bundle_manifest(baselines["distill-only"])["provenance"]["recipe"]["adv_ratio"] == 0
 
 

@@ -45,7 +45,8 @@ def test_float16_weights_halve_the_files_and_load_as_float32(untrained_bundle_di
     assert json.loads((tmp_path / "again" / "manifest.json").read_text())["weights_dtype"] == "float16"
 
 
-def test_weights_of_another_dtype_than_the_manifest_says_are_refused(untrained_bundle_dir: Path, tmp_path: Path) -> None:
+def test_weights_of_another_dtype_than_the_manifest_says_are_refused(untrained_bundle_dir: Path,
+                                                                     tmp_path: Path) -> None:
     b = DefenseBundle.load(untrained_bundle_dir)
     b.weights_dtype = "float16"
     b.save(tmp_path / "half")
@@ -53,7 +54,9 @@ def test_weights_of_another_dtype_than_the_manifest_says_are_refused(untrained_b
     m = json.loads(mf.read_text())
     m["weights_dtype"] = "float32"
     mf.write_text(json.dumps(m))
-    with pytest.raises(BundleError, match=r"classifier.safetensors: tensor '.*' is float16, the manifest's weights_dtype says float32"):
+    with pytest.raises(BundleError,
+                       match=r"classifier.safetensors: tensor '.*' is float16, "
+                             r"the manifest's weights_dtype says float32"):
         DefenseBundle.load(tmp_path / "half")
     m["weights_dtype"] = "int8"
     mf.write_text(json.dumps(m))

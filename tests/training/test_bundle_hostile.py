@@ -88,7 +88,8 @@ def test_a_value_out_of_range_is_refused_naming_the_field(bundle: Path, edit: Ca
 def test_a_config_that_disagrees_with_the_weights_names_the_tensor(bundle: Path) -> None:
     _edit(bundle, _set("config.clf_dense", 256))  # the small preset's classifier has 128
     message = _refused(bundle)
-    assert "classifier.safetensors: tensor 'head.1.weight' has shape [128, 4096], the config needs [256, 4096]" in message
+    assert ("classifier.safetensors: tensor 'head.1.weight' has shape [128, 4096], "
+            "the config needs [256, 4096]") in message
 
 
 def test_a_mismatched_tensor_is_named(bundle: Path) -> None:
@@ -134,8 +135,8 @@ def test_the_torch_free_bundle_hash_refuses_a_malformed_weights_entry(bundle: Pa
     (_set("config.image_size", 10**9), "config.image_size must be in [1, 4096]"),
     (_set("config.clf_dense", 10**7), "config.clf_dense must be in [1, 65536]"),
 ])
-def test_build_of_a_hostile_bundle_is_one_error_line(bundle: Path, tmp_path: Path, edit: Callable[[dict[str, Any]], None],
-                                                      field: str) -> None:
+def test_build_of_a_hostile_bundle_is_one_error_line(bundle: Path, tmp_path: Path,
+                                                     edit: Callable[[dict[str, Any]], None], field: str) -> None:
     _edit(bundle, edit)
     run = invoke("build", str(bundle), "--out", str(tmp_path / "engines"), "--backend", "onnxruntime")
     errors = [line for line in run.output.splitlines() if line.startswith("error: ")]

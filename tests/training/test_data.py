@@ -665,7 +665,8 @@ def test_augmentation_is_reflect_crop_and_flip(npz_test: dict) -> None:
     padded = np.pad(a.x, ((0, 0), (4, 4), (4, 4), (0, 0)), mode="reflect")
     flips = 0
     for i in range(64):
-        options = [(padded[i, dy:dy + 32, dx:dx + 32][:, ::f], f) for dy in range(9) for dx in range(9) for f in (1, -1)]
+        options = [(padded[i, dy:dy + 32, dx:dx + 32][:, ::f], f)
+                   for dy in range(9) for dx in range(9) for f in (1, -1)]
         match = [f for crop, f in options if np.array_equal(crop, pixels[i])]
         assert match, f"augmented image {i} is no reflect-padded crop of the original"
         flips += match[0] == -1
@@ -674,6 +675,7 @@ def test_augmentation_is_reflect_crop_and_flip(npz_test: dict) -> None:
 
 def test_loaders_do_not_import_torch() -> None:
     code = (f"import sys; import training.data as d; d.load_dataset([r'{CIFAR_TEST}'], limit=10); "
-            f"d.load_dataset([r'{CELEBA}'], image_size=8, limit=4); assert 'torch' not in sys.modules, 'torch imported'")
+            f"d.load_dataset([r'{CELEBA}'], image_size=8, limit=4); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

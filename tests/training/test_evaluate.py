@@ -112,8 +112,10 @@ def test_eps_zero_equals_clean(result: dict) -> None:
 
 
 def test_accuracy_falls_as_eps_grows(result: dict) -> None:
-    for threat, metric in (("oblivious", "source_accuracy"), ("known", "source_accuracy"), ("adaptive", "defended_accuracy")):
-        series = [_cell(result, threat, "fgsm", 0.0)[metric]] + [_cell(result, threat, "pgd", e)[metric] for e in (*EPS, 1.0)]
+    for threat, metric in (("oblivious", "source_accuracy"), ("known", "source_accuracy"),
+                           ("adaptive", "defended_accuracy")):
+        series = ([_cell(result, threat, "fgsm", 0.0)[metric]]
+                  + [_cell(result, threat, "pgd", e)[metric] for e in (*EPS, 1.0)])
         assert all(b <= a + 0.06 for a, b in zip(series, series[1:], strict=False)), (threat, series)
     assert _check(result, "PGD: accuracy falls")["passed"] is True
 
@@ -128,7 +130,8 @@ def test_unbounded_eps_reaches_zero(result: dict) -> None:
 def test_pgd_at_least_as_strong_as_fgsm(result: dict) -> None:
     for threat in ("oblivious", "known"):
         for e in EPS:
-            assert _cell(result, threat, "pgd", e)["source_accuracy"] <= _cell(result, threat, "fgsm", e)["source_accuracy"] + 0.06
+            assert (_cell(result, threat, "pgd", e)["source_accuracy"]
+                    <= _cell(result, threat, "fgsm", e)["source_accuracy"] + 0.06)
     assert _check(result, "PGD at least")["passed"] is True
 
 

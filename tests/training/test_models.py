@@ -55,7 +55,8 @@ def test_paper_preset_has_the_papers_sizes() -> None:
     assert cfg.map_widths == (64, 128, 256, 256) and cfg.latent_dim == 128 and cfg.sparsity_k == 32
 
 
-@pytest.mark.parametrize("bad", [dict(image_size=40), dict(sparsity_k=0), dict(sparsity_k=200), dict(num_classes=1), dict(channels=2)])
+@pytest.mark.parametrize("bad", [dict(image_size=40), dict(sparsity_k=0), dict(sparsity_k=200), dict(num_classes=1),
+                                 dict(channels=2)])
 def test_config_validation(bad: dict) -> None:
     with pytest.raises(ValueError):
         ModelConfig(**bad)

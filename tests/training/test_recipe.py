@@ -80,7 +80,8 @@ def test_bundle_records_stages_provenance_and_temperatures(trained_bundle_dir: P
 
 
 def test_stage_alone_needs_the_earlier_stages(tmp_path: Path) -> None:
-    req = TrainRequest(data=[CIFAR_TRAIN], out=tmp_path / "b", recipe=RecipeConfig(epochs_mapper=1), stages=["mapper"], device="cpu")
+    req = TrainRequest(data=[CIFAR_TRAIN], out=tmp_path / "b", recipe=RecipeConfig(epochs_mapper=1), stages=["mapper"],
+                       device="cpu")
     with pytest.raises(BundleError, match="earlier stages"):
         train_bundle(req, echo=lambda _m: None)
 
@@ -88,7 +89,8 @@ def test_stage_alone_needs_the_earlier_stages(tmp_path: Path) -> None:
 def test_calibrate_stage_alone_on_an_existing_bundle(trained_bundle_dir: Path, tmp_path: Path) -> None:
     d = tmp_path / "b"
     shutil.copytree(trained_bundle_dir, d)
-    req = TrainRequest(data=[CIFAR_TRAIN], out=d, recipe=RecipeConfig(target_fpr=0.05), stages=["calibrate"], device="cpu")
+    req = TrainRequest(data=[CIFAR_TRAIN], out=d, recipe=RecipeConfig(target_fpr=0.05), stages=["calibrate"],
+                       device="cpu")
     b = train_bundle(req, echo=lambda _m: None)
     before = DefenseBundle.load(trained_bundle_dir)
     assert b.target_fpr == 0.05
@@ -115,7 +117,8 @@ def test_resume_continues_after_an_interruption(tmp_path: Path, monkeypatch: pyt
     assert not out.exists() and (tmp_path / "b.ckpt" / "checkpoint.pt").is_file()
     messages: list[str] = []
     monkeypatch.setattr(runner_mod, "classifier_epoch", real)
-    req = TrainRequest(data=[CIFAR_TRAIN], out=out, recipe=recipe, stages=["undefended"], device="cpu", limit=600, resume=True)
+    req = TrainRequest(data=[CIFAR_TRAIN], out=out, recipe=recipe, stages=["undefended"], device="cpu", limit=600,
+                       resume=True)
     b = train_bundle(req, echo=messages.append)
     assert any("resuming at epoch 2/2" in m for m in messages)
     assert len(b.stages["undefended"]["history"]) == 2
@@ -126,13 +129,15 @@ def test_resume_with_other_options_is_refused(tmp_path: Path) -> None:
     base = dict(data=[CIFAR_TRAIN], out=out, stages=["undefended"], device="cpu", limit=300)
     train_bundle(TrainRequest(recipe=RecipeConfig(epochs_classifier=1, adv_ratio=0.0), **base), echo=lambda _m: None)
     with pytest.raises(IsmEdgeError, match="another preset or recipe"):
-        train_bundle(TrainRequest(recipe=RecipeConfig(epochs_classifier=2, adv_ratio=0.0), resume=True, **base), echo=lambda _m: None)
+        train_bundle(TrainRequest(recipe=RecipeConfig(epochs_classifier=2, adv_ratio=0.0), resume=True, **base),
+                     echo=lambda _m: None)
 
 
 def test_resume_with_other_stages_is_refused(tmp_path: Path) -> None:
     """A run of --stages undefended cannot be resumed as the full recipe (it would redo stages silently)."""
     out = tmp_path / "b"
-    base = dict(data=[CIFAR_TRAIN], out=out, device="cpu", limit=300, recipe=RecipeConfig(epochs_classifier=1, adv_ratio=0.0))
+    base = dict(data=[CIFAR_TRAIN], out=out, device="cpu", limit=300,
+                recipe=RecipeConfig(epochs_classifier=1, adv_ratio=0.0))
     train_bundle(TrainRequest(stages=["undefended"], **base), echo=lambda _m: None)
     with pytest.raises(IsmEdgeError, match="--stages undefended --resume"):
         train_bundle(TrainRequest(stages=list(STAGES), resume=True, **base), echo=lambda _m: None)
@@ -142,7 +147,8 @@ def test_same_seed_same_weights(tmp_path: Path) -> None:
     recipe = RecipeConfig(epochs_classifier=1, batch_size=128, adv_ratio=0.5, adv_attack="fgsm")
     outs = []
     for name in ("a", "b"):
-        req = TrainRequest(data=[CIFAR_TRAIN], out=tmp_path / name, recipe=recipe, stages=["adversarial"], device="cpu", limit=300)
+        req = TrainRequest(data=[CIFAR_TRAIN], out=tmp_path / name, recipe=recipe, stages=["adversarial"], device="cpu",
+                           limit=300)
         outs.append(train_bundle(req, echo=lambda _m: None))
     w = [o.networks["teacher"].state_dict()["head.3.weight"] for o in outs]
     assert torch.allclose(w[0], w[1])

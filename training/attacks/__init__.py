@@ -42,4 +42,5 @@ def make_attack(name: str, model: nn.Module, eps: float, **kw: Any) -> Attack:
     return cls(model, eps, **kw)
 
 
-__all__ = ["ATTACKS", "BPDA", "AdaptiveAttack", "Attack", "FGSM", "PGD", "SquareAttack", "bpda", "make_attack", "project"]
+__all__ = ["ATTACKS", "BPDA", "AdaptiveAttack", "Attack", "FGSM", "PGD", "SquareAttack", "bpda", "make_attack",
+           "project"]

@@ -115,7 +115,8 @@ class AdaptiveAttack(Attack):
         loss: str = "margin",
     ) -> None:
         super().__init__(defense, eps)
-        missing = [a for a in ("mapper", "classifier", "perturbation", "thresholds", "reform") if not hasattr(defense, a)]
+        missing = [a for a in ("mapper", "classifier", "perturbation", "thresholds", "reform")
+                   if not hasattr(defense, a)]
         if missing:
             raise ValueError(
                 f"AdaptiveAttack needs a training.defense.Defense (Defense(bundle)); "

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 def check_eps(eps: float, name: str = "eps") -> float:
     """Validate an L∞ budget on the [0, 1] pixel scale; returns it as a float."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not 0.0 <= eps <= 1.0:
-        raise ValueError(f"{name} must be a finite number in [0, 1] (L∞ bound on [0, 1] pixels, e.g. 8/255), got {eps!r}")
+        raise ValueError(
+            f"{name} must be a finite number in [0, 1] (L∞ bound on [0, 1] pixels, e.g. 8/255), got {eps!r}")
     return float(eps)
 
 
@@ -71,7 +72,8 @@ class BPDA(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, forward_fn: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
         out = forward_fn(x)
         if out.shape != x.shape:
-            raise ValueError(f"BPDA with an identity backward needs an output of the input's shape {tuple(x.shape)}, got {tuple(out.shape)}")
+            raise ValueError(f"BPDA with an identity backward needs an output of the input's shape {tuple(x.shape)}, "
+                             f"got {tuple(out.shape)}")
         return out.detach().clone()
 
     @staticmethod

@@ -162,7 +162,8 @@ def binary_class_names(d: Path) -> tuple[str, ...]:
     try:
         names = tuple(line.strip() for line in meta.read_text(encoding="utf-8").splitlines() if line.strip())
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"CIFAR-10 metadata {meta} is unreadable ({_one_line(e)}): re-extract cifar-10-binary.tar.gz") from None
+        raise DataError(
+            f"CIFAR-10 metadata {meta} is unreadable ({_one_line(e)}): re-extract cifar-10-binary.tar.gz") from None
     if not names:
         raise DataError(f"CIFAR-10 metadata {meta} lists no class names: re-extract cifar-10-binary.tar.gz")
     return names

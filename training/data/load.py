@@ -69,7 +69,8 @@ def detect_kind(path: str | os.PathLike[str]) -> str:
     if folder.is_image_folder(p):
         return "folder"
     if any(p.glob("*.npz")):
-        raise DataError(f"{p} is a directory of .npz files: pass the .npz file(s) themselves, e.g. {next(p.glob('*.npz'))}")
+        raise DataError(
+            f"{p} is a directory of .npz files: pass the .npz file(s) themselves, e.g. {next(p.glob('*.npz'))}")
     raise DataError(f"cannot tell the data set layout of directory {p}: accepted layouts are {LAYOUTS}")
 
 
@@ -180,7 +181,8 @@ def load_dataset(paths: Sequence[str | Path] | str | Path, *, kind: str = "auto"
         num_classes, class_names = _DECLARED.get()
     kind = _resolve_kind(resolved, kind)
     if kind in ("celeba", "folder"):
-        x, y, names, exact, meta_files, extra = _load_images(kind, resolved[0], split, attribute, image_size, limit, seed)
+        x, y, names, exact, meta_files, extra = _load_images(kind, resolved[0], split, attribute, image_size, limit,
+                                                             seed)
     else:
         x, y, names, exact, meta_files, extra = _load_arrays(kind, resolved, split, num_classes, class_names)
     declared = declared_names(num_classes, class_names)

@@ -55,20 +55,22 @@ def _read_part(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, t
             keys = set(z.files)
             missing = [k for k in ("x", "y") if k not in keys]
             if missing:
-                raise DataError(f"{path} lacks array(s) {', '.join(missing)} (it has {', '.join(sorted(keys)) or 'none'}): "
-                                f"{FORMAT_HINT}")
+                raise DataError(f"{path} lacks array(s) {', '.join(missing)} "
+                                f"(it has {', '.join(sorted(keys)) or 'none'}): {FORMAT_HINT}")
             x, y = z["x"], z["y"]
             exact = z["exact"] if "exact" in keys else None
             names = z["class_names"] if "class_names" in keys else None
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"{path} is not a readable .npz archive ({type(e).__name__}: {' '.join(str(e).split())[:120]}): "
+        raise DataError(f"{path} is not a readable .npz archive "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:120]}): "
                         f"re-copy it or re-create it with numpy.savez_compressed") from None
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise DataError(f"{path}: x is {x.dtype} {x.shape}, expected uint8 (N, H, W, C) with C = 1 or 3; {FORMAT_HINT}")
     if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{path}: y is {y.dtype} {y.shape}, expected integer labels of shape ({len(x)},); {FORMAT_HINT}")
+        raise DataError(
+            f"{path}: y is {y.dtype} {y.shape}, expected integer labels of shape ({len(x)},); {FORMAT_HINT}")
     if len(y) and y.min() < 0:
         raise DataError(f"{path}: y holds negative labels; labels are class indices 0..K-1")
     if exact is not None and (exact.dtype != np.bool_ or exact.shape != (len(x),)):
@@ -96,7 +98,8 @@ def read_npz_parts(paths: Sequence[Path], *, num_classes: int | None = None,
     shape = parts[0][0].shape[1:]
     for p, (x, *_rest) in zip(paths[1:], parts[1:], strict=True):
         if x.shape[1:] != shape:
-            raise DataError(f"{p}: images are {x.shape[1:]} but {paths[0]} has {shape}: parts of one data set must match")
+            raise DataError(
+                f"{p}: images are {x.shape[1:]} but {paths[0]} has {shape}: parts of one data set must match")
     named = [(p, part[3]) for p, part in zip(paths, parts, strict=True) if part[3] is not None]
     for p, names in named[1:]:
         if names != named[0][1]:
@@ -114,8 +117,9 @@ def read_npz_parts(paths: Sequence[Path], *, num_classes: int | None = None,
         if top >= len(class_names_):
             raise DataError(f"{named[0][0]}: labels reach {top} but class_names lists only {len(class_names_)} classes")
         if declared is not None and declared != class_names_:
-            raise DataError(f"{named[0][0]} names its {len(class_names_)} classes {list(class_names_)[:4]}…, not the "
-                            f"declared {list(declared)[:4]}… ({len(declared)}): drop --classes/--num-classes or fix them")
+            raise DataError(f"{named[0][0]} names its {len(class_names_)} classes {list(class_names_)[:4]}…, "
+                            f"not the declared {list(declared)[:4]}… ({len(declared)}): "
+                            "drop --classes/--num-classes or fix them")
     elif declared is not None:
         if top >= len(declared):
             raise DataError(f"{where}: labels reach {top} but {len(declared)} classes were declared "
@@ -127,9 +131,9 @@ def read_npz_parts(paths: Sequence[Path], *, num_classes: int | None = None,
         empty = np.flatnonzero(np.bincount(y, minlength=top + 1) == 0)
         if len(empty):
             gap = ", ".join(map(str, empty[:3])) + (", …" if len(empty) > 3 else "")
-            raise DataError(f"{where}: labels reach {top}, so {top + 1} classes, but {len(empty)} of them ({gap}) have no "
-                            f"image: a label outside the class list? Fix the labels, or declare the classes with "
-                            f"--num-classes {top + 1} (or --classes NAME,...)")
+            raise DataError(f"{where}: labels reach {top}, so {top + 1} classes, but {len(empty)} of them ({gap}) "
+                            f"have no image: a label outside the class list? Fix the labels, "
+                            f"or declare the classes with --num-classes {top + 1} (or --classes NAME,...)")
         class_names_, source = tuple(f"class_{i}" for i in range(top + 1)), "generic"
     return NpzParts(x, y, exact, class_names_, source)
 

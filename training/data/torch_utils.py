@@ -39,7 +39,8 @@ def augment_batch(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def iterate_batches(arrays: ImageArrays, batch_size: int, *, shuffle: bool, seed: int = 0,
-                    augment: bool = False, device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                    augment: bool = False,
+                    device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` batches: x float32 NCHW in [0, 1], y int64, both on ``device``.
 
     Every image is seen once; the last batch may be smaller. ``shuffle`` permutes the order

@@ -52,5 +52,6 @@ def claims_table(dataset: str) -> list[dict[str, Any]]:
     for name, vals in OTHER_CLAIMS.get(dataset, {}).items():
         for k, v in vals.items():
             att, e = k if isinstance(k, tuple) else (None, k)
-            rows.append({"defense": name, "attack": att or "not stated", "eps": e, "accuracy": v, "source": SOURCE[dataset]})
+            rows.append({"defense": name, "attack": att or "not stated", "eps": e, "accuracy": v,
+                         "source": SOURCE[dataset]})
     return rows

@@ -59,7 +59,8 @@ def _targets(bundle: DefenseBundle) -> list[tuple[str, nn.Module, str]]:
     if "undefended" in bundle.networks:
         out.append(("undefended C", bundle.networks["undefended"], "classifier"))
     if bundle.defense.baseline not in ("none", "magnet"):
-        out.append(("deployed C" + (" (logits/T)" if is_distilled(bundle) else ""), attack_surrogate(bundle), "classifier"))
+        out.append(("deployed C" + (" (logits/T)" if is_distilled(bundle) else ""), attack_surrogate(bundle),
+                    "classifier"))
     defense = Defense(bundle).eval()
     if defense.mapper is not None and bundle.defense.reformer:
         scale = 1.0 / bundle.temperatures["train"] if is_distilled(bundle) else 1.0
@@ -119,16 +120,17 @@ def crosscheck(bundle: DefenseBundle, data: ImageArrays, cfg: EvalConfig, *, dev
             row: dict[str, Any] = {"target": label, "eps": eps, "n": len(y), "steps": steps,
                                    "ours_pgd": _accuracy(model, x_ours, y, cfg.batch_size)}
             art_attacks: dict[str, Any] = {
-                "art_pgd": ProjectedGradientDescentPyTorch(est, norm=np.inf, eps=eps, eps_step=2.5 * eps / steps, max_iter=steps,
-                                                           num_random_init=1, batch_size=cfg.batch_size, verbose=False),
+                "art_pgd": ProjectedGradientDescentPyTorch(est, norm=np.inf, eps=eps, eps_step=2.5 * eps / steps,
+                                                           max_iter=steps, num_random_init=1,
+                                                           batch_size=cfg.batch_size, verbose=False),
                 "art_apgd_ce": AutoProjectedGradientDescent(est, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=steps,
                                                             nb_random_init=1, batch_size=cfg.batch_size,
                                                             loss_type="cross_entropy", verbose=False),
             }
             if n_classes >= 3:  # DLR needs the third-largest logit
                 art_attacks["art_apgd_dlr"] = AutoProjectedGradientDescent(
-                    est, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=steps, nb_random_init=1, batch_size=cfg.batch_size,
-                    loss_type="difference_logits_ratio", verbose=False)
+                    est, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=steps, nb_random_init=1,
+                    batch_size=cfg.batch_size, loss_type="difference_logits_ratio", verbose=False)
             for key, atk in art_attacks.items():
                 np.random.seed(cfg.seed)
                 x_art = torch.from_numpy(atk.generate(x=x_np, y=y_np).astype(np.float32)).to(device)

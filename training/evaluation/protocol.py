@@ -92,15 +92,18 @@ class EvalConfig:
     def __post_init__(self) -> None:
         bad = [a for a in self.attacks if a not in ATTACK_NAMES]
         if bad or not self.attacks or len(set(self.attacks)) != len(self.attacks):
-            raise ValueError(f"attacks must be a non-empty subset of {', '.join(ATTACK_NAMES)}; got {list(self.attacks)}")
+            raise ValueError(
+                f"attacks must be a non-empty subset of {', '.join(ATTACK_NAMES)}; got {list(self.attacks)}")
         bad = [t for t in self.threats if t not in {m.value for m in ThreatModel}]
         if bad or not self.threats or len(set(self.threats)) != len(self.threats):
-            raise ValueError(f"threats must be a non-empty subset of oblivious, known, adaptive; got {list(self.threats)}")
+            raise ValueError(
+                f"threats must be a non-empty subset of oblivious, known, adaptive; got {list(self.threats)}")
         if not self.eps or any(not 0.0 <= e <= 1.0 for e in self.eps):
             raise ValueError("every ε must be in [0, 1] (pixels are on the [0, 1] scale)")
         if self.n is not None and self.n < 1:
             raise ValueError("n must be >= 1")
-        for name in ("pgd_steps", "pgd_restarts", "batch_size", "adaptive_steps", "adaptive_restarts", "square_queries"):
+        for name in ("pgd_steps", "pgd_restarts", "batch_size", "adaptive_steps", "adaptive_restarts",
+                     "square_queries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.adaptive_bpda not in ("none", "feedback", "mapper"):
@@ -184,7 +187,8 @@ def make_cell_attack(bundle: DefenseBundle, defense: Defense, cell: Cell, cfg: E
         return make_attack("square", DefenseLabelLogits(defense), cell.eps, n_queries=cfg.square_queries, seed=cfg.seed)
     model = source_model(bundle, cell.threat)
     if cell.attack == "pgd":
-        kw: dict[str, Any] = {"steps": cfg.pgd_steps * cell.steps_factor, "restarts": cfg.pgd_restarts, "seed": cfg.seed}
+        kw: dict[str, Any] = {"steps": cfg.pgd_steps * cell.steps_factor, "restarts": cfg.pgd_restarts,
+                              "seed": cfg.seed}
     elif cell.attack == "square":
         kw = {"n_queries": cfg.square_queries, "seed": cfg.seed}
     else:
@@ -214,7 +218,8 @@ class _Acc:
     def rates(self) -> dict[str, Any]:
         d = max(self.n, 1)
         return {"source_accuracy": self.src / d, "classifier_accuracy": self.clf / d, "accuracy": self.acc / d,
-                "accuracy_other": self.other / d, "detection_rate": self.det / d, "defended_accuracy": self.dfd / d, "n": self.n,
+                "accuracy_other": self.other / d, "detection_rate": self.det / d, "defended_accuracy": self.dfd / d,
+                "n": self.n,
                 "detected_by": {k: v / d for k, v in self.by.items()}, "wall_s": round(self.wall, 2),
                 "attack_options": self.attack}
 
@@ -264,8 +269,8 @@ def evaluate_bundle(
     main, extra = plan_cells(cfg)
     cells = main + extra
     accs = {c: _Acc() for c in cells}
-    clean: dict[str, Any] = {"n": 0, "accuracy": 0, "accuracy_other": 0, "classifier_accuracy": 0, "undefended_accuracy": 0,
-             "fp": {**dict.fromkeys(SCORES, 0), "any": 0}}
+    clean: dict[str, Any] = {"n": 0, "accuracy": 0, "accuracy_other": 0, "classifier_accuracy": 0,
+                             "undefended_accuracy": 0, "fp": {**dict.fromkeys(SCORES, 0), "any": 0}}
     n_batches = -(-len(data) // cfg.batch_size)
     label = name or bundle.defense.baseline
     task = progress.add_task(f"evaluate {label}", total=n_batches * (1 + len(cells)), metrics="") if progress else None

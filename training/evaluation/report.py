@@ -57,7 +57,8 @@ def rows(results: dict[str, Any] | Sequence[dict[str, Any]]) -> list[dict[str, A
     for r in _as_list(results):
         for c in r["cells"]:
             out.append({"defense": r.get("name", r.get("defense", {}).get("baseline", "full")), **c,
-                        "claim": claim_for(r.get("dataset", ""), r.get("defense", {}).get("baseline", "full"), c["attack"], c["eps"])})
+                        "claim": claim_for(r.get("dataset", ""), r.get("defense", {}).get("baseline", "full"),
+                                           c["attack"], c["eps"])})
     return out
 
 
@@ -82,7 +83,8 @@ def clean_summary(result: dict[str, Any]) -> str:
 def rich_table(results: dict[str, Any] | Sequence[dict[str, Any]], title: str = "") -> Table:
     rs = _as_list(results)
     failed = [f"{r.get('name')}: {c['name']}" for r in rs for c in r.get("sanity", []) if c["passed"] is False]
-    caption = "\n".join([clean_summary(r) for r in rs] + ([f"[red]SANITY CHECK FAILED: {'; '.join(failed)}"] if failed else []))
+    caption = "\n".join([clean_summary(r) for r in rs]
+                        + ([f"[red]SANITY CHECK FAILED: {'; '.join(failed)}"] if failed else []))
     table = Table(title=title or None, caption=caption, caption_justify="left")
     for key, header in COLUMNS:
         table.add_column(header, justify="left" if key in TEXT else "right")
@@ -102,17 +104,20 @@ def markdown_report(results: dict[str, Any] | Sequence[dict[str, Any]], title: s
     rs = _as_list(results)
     lines = [f"# {title}", ""] if title else []
     lines += _md([h for _, h in COLUMNS], [_cells(r) for r in rows(rs)])
-    lines += ["", "Clean data (false-positive rates on the same clean images, each detector calibrated for the target FPR):", ""]
+    lines += ["", "Clean data (false-positive rates on the same clean images, "
+                  "each detector calibrated for the target FPR):", ""]
     lines += _md(["defense", "n", "labels", "defense acc %", "other labels acc %", "C alone acc %", "undefended acc %",
                   "FPR recon %", "FPR JSD %", "FPR P %", "FPR any %"],
                  [[r.get("name", ""), str(r["n"]), r.get("label_source", "reformed"), _pct(r["clean"]["accuracy"]),
                    _pct(r["clean"].get("accuracy_other")), _pct(r["clean"]["classifier_accuracy"]),
                    _pct(r["clean"].get("undefended_accuracy")), _pct(r["clean"]["fpr"].get("recon_error")),
-                   _pct(r["clean"]["fpr"].get("jsd")), _pct(r["clean"]["fpr"].get("p_score")), _pct(r["clean"]["fpr"]["any"])]
+                   _pct(r["clean"]["fpr"].get("jsd")), _pct(r["clean"]["fpr"].get("p_score")),
+                   _pct(r["clean"]["fpr"]["any"])]
                   for r in rs])
     lines += ["", "Sanity checks (on the same inputs; tolerance max(2 %, 3/n)):", ""]
     lines += _md(["defense", "check", "result", "detail"],
-                 [[r.get("name", ""), c["name"], {True: "pass", False: "**FAIL**", None: "not run"}[c["passed"]], c["detail"]]
+                 [[r.get("name", ""), c["name"], {True: "pass", False: "**FAIL**", None: "not run"}[c["passed"]],
+                   c["detail"]]
                   for r in rs for c in r.get("sanity", [])])
     datasets = sorted({r.get("dataset", "") for r in rs} & set(SOURCE))
     if datasets:
@@ -120,8 +125,10 @@ def markdown_report(results: dict[str, Any] | Sequence[dict[str, Any]], title: s
                   + ", next to the rows of the same defense and attack level; they are not our measurements."]
     cfg = rs[0]["config"] if rs else {}
     if cfg:
-        lines += ["", f"Settings: n = {rs[0]['n']} images per cell; PGD {cfg['pgd_steps']} steps × {cfg['pgd_restarts']} restart(s) "
-                  f"(step 2.5·ε/steps, random start); adaptive PGD {cfg['adaptive_steps']} steps × {cfg['adaptive_restarts']} restart(s), "
+        lines += ["", f"Settings: n = {rs[0]['n']} images per cell; "
+                  f"PGD {cfg['pgd_steps']} steps × {cfg['pgd_restarts']} restart(s) "
+                  f"(step 2.5·ε/steps, random start); "
+                  f"adaptive PGD {cfg['adaptive_steps']} steps × {cfg['adaptive_restarts']} restart(s), "
                   f"BPDA {cfg['adaptive_bpda']}; Square {cfg['square_queries']} queries; seed {cfg['seed']}; "
                   f"device {rs[0].get('device')}, {rs[0].get('torch_threads')} threads; wall time "
                   + ", ".join(f"{r.get('name')} {r['wall_s']:.0f} s" for r in rs) + "."]
@@ -133,8 +140,9 @@ def markdown_table(result: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
     return markdown_report(result)
 
 
-CSV_FIELDS = ["defense", "baseline", "dataset", "threat", "attack", "eps", "steps_factor", "sanity", "n", "source_accuracy",
-              "classifier_accuracy", "accuracy", "detection_rate", "defended_accuracy", "claim", "wall_s", "attack_options"]
+CSV_FIELDS = ["defense", "baseline", "dataset", "threat", "attack", "eps", "steps_factor", "sanity", "n",
+              "source_accuracy", "classifier_accuracy", "accuracy", "detection_rate", "defended_accuracy", "claim",
+              "wall_s", "attack_options"]
 
 
 def csv_text(results: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
@@ -155,8 +163,8 @@ def csv_text(results: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
 
 
 #: Legend names of the evaluated defenses (their manifests' baseline names).
-DEFENSE_NAMES = {"full": "ISM defense", "none": "no defense", "magnet": "MagNet", "adv-only": "adversarial training only",
-                 "distill-only": "distillation only"}
+DEFENSE_NAMES = {"full": "ISM defense", "none": "no defense", "magnet": "MagNet",
+                 "adv-only": "adversarial training only", "distill-only": "distillation only"}
 
 
 def _ci95(p: float, n: int) -> float:
@@ -183,7 +191,8 @@ def plot_accuracy_vs_eps(results: dict[str, Any] | Sequence[dict[str, Any]], pat
     threats = [t for t in ("oblivious", "known", "adaptive") if any(c["threat"] == t for r in rs for c in r["cells"])]
     markers = {"fgsm": "s", "pgd": "o", "square": "^"}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(2, len(threats), figsize=(4.6 * len(threats), 7.5), squeeze=False, sharex=True, sharey=True)
+    fig, axes = plt.subplots(2, len(threats), figsize=(4.6 * len(threats), 7.5), squeeze=False, sharex=True,
+                             sharey=True)
 
     def curve(ax: Any, pts: list[tuple[float, float, int]], fmt: str, color: str, label: str, **kw: Any) -> None:
         ax.errorbar([e for e, _, _ in pts], [100 * v for _, v, _ in pts], yerr=[_ci95(v, n) for _, v, n in pts],
@@ -197,17 +206,20 @@ def plot_accuracy_vs_eps(results: dict[str, Any] | Sequence[dict[str, Any]], pat
             name = DEFENSE_NAMES.get(base, base) + (f" ({r['name']})" if r.get("name") not in (base, None) else "")
             clean, n0 = r["clean"], r["n"]
             for attack, marker in markers.items():
-                cs = sorted((c for c in r["cells"] if c["threat"] == threat and c["attack"] == attack), key=lambda c: c["eps"])
+                cs = sorted((c for c in r["cells"] if c["threat"] == threat and c["attack"] == attack),
+                            key=lambda c: c["eps"])
                 if not cs:
                     continue
                 at = attack.upper()
                 curve(top, [(0.0, clean["accuracy"], n0)] + [(c["eps"], c["accuracy"], c["n"]) for c in cs],
                       f"-{marker}", color, f"{name}: accuracy, {at}")
                 if base != "none":  # C alone is the defense's classifier without M and the detectors
-                    curve(top, [(0.0, clean["classifier_accuracy"], n0)] + [(c["eps"], c["classifier_accuracy"], c["n"]) for c in cs],
+                    curve(top, [(0.0, clean["classifier_accuracy"], n0)]
+                          + [(c["eps"], c["classifier_accuracy"], c["n"]) for c in cs],
                           f":{marker}", color, f"{name}: C alone, {at}", alpha=0.7)
                 if threat == "oblivious" and clean.get("undefended_accuracy") is not None and k == 0:
-                    curve(top, [(0.0, clean["undefended_accuracy"], n0)] + [(c["eps"], c["source_accuracy"], c["n"]) for c in cs],
+                    curve(top, [(0.0, clean["undefended_accuracy"], n0)]
+                          + [(c["eps"], c["source_accuracy"], c["n"]) for c in cs],
                           f"--{marker}", "0.45", f"undefended C: accuracy, {at}")
                 curve(bottom, [(c["eps"], c["defended_accuracy"], c["n"]) for c in cs], f"-{marker}", color,
                       f"{name}: defended (flagged or correct), {at}")
@@ -215,10 +227,12 @@ def plot_accuracy_vs_eps(results: dict[str, Any] | Sequence[dict[str, Any]], pat
                     fpr = clean["fpr"].get("any") or 0.0
                     curve(bottom, [(0.0, fpr, n0)] + [(c["eps"], c["detection_rate"], c["n"]) for c in cs],
                           f"--{marker}", color, f"{name}: flagged (ε = 0: false positives), {at}", alpha=0.7)
-            claims = {e: claim_for(r.get("dataset", ""), base, "pgd", e) for e in sorted({c["eps"] for c in r["cells"]})}
+            claims = {e: claim_for(r.get("dataset", ""), base, "pgd", e)
+                      for e in sorted({c["eps"] for c in r["cells"]})}
             pts = [(e, v) for e, v in claims.items() if v is not None]
             if pts:
-                top.plot([e for e, _ in pts], [100 * v for _, v in pts], "x", ms=8, color=color, label=f"{name}: paper's claim")
+                top.plot([e for e, _ in pts], [100 * v for _, v in pts], "x", ms=8, color=color,
+                         label=f"{name}: paper's claim")
         for ax, title in ((top, "accuracy"), (bottom, "defended accuracy and detection")):
             classes = rs[0].get("num_classes") if rs else None
             if classes:

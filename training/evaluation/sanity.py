@@ -42,7 +42,8 @@ def _pct(v: float) -> str:
 Cells = dict[tuple[str, str, float], dict[str, Any]]
 
 
-def _pairs(plain: list[dict[str, Any]], by_key: Cells, attack: str, other: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+def _pairs(plain: list[dict[str, Any]], by_key: Cells, attack: str,
+           other: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(cell of ``attack``, cell of ``other`` at the same threat and ε) for every ε > 0 where both ran."""
     out = []
     for c in plain:
@@ -68,7 +69,8 @@ def sanity_checks(result: dict[str, Any]) -> list[dict[str, Any]]:
            or abs(c["detection_rate"] - clean["fpr"]["any"]) > 1e-9]
     checks.append(_check("ε = 0 equals clean accuracy", None if not zero else not bad,
                          "no ε = 0 cell" if not zero else "; ".join(bad) if bad
-                         else f"{len(zero)} cells equal clean accuracy {_pct(clean['accuracy'])} and FPR {_pct(clean['fpr']['any'])}"))
+                         else f"{len(zero)} cells equal clean accuracy {_pct(clean['accuracy'])} "
+                              f"and FPR {_pct(clean['fpr']['any'])}"))
 
     series: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for c in plain:
@@ -80,7 +82,8 @@ def sanity_checks(result: dict[str, Any]) -> list[dict[str, Any]]:
         cs = sorted(cs, key=lambda c: c["eps"])
         for lo, hi in zip(cs, cs[1:], strict=False):
             if hi[m] > lo[m] + tol:
-                bad.append(f"{threat}/{attack} {m} {_pct(lo[m])} at ε={eps_label(lo['eps'])} → {_pct(hi[m])} at ε={eps_label(hi['eps'])}")
+                bad.append(f"{threat}/{attack} {m} {_pct(lo[m])} at ε={eps_label(lo['eps'])} → "
+                           f"{_pct(hi[m])} at ε={eps_label(hi['eps'])}")
     checks.append(_check("PGD: accuracy falls as ε grows", not bad if series else None,
                          "; ".join(bad) if bad else f"{len(series)} series non-increasing (tolerance {_pct(tol)})"))
 
@@ -92,7 +95,8 @@ def sanity_checks(result: dict[str, Any]) -> list[dict[str, Any]]:
                          ", ".join(f"{c['threat']} {_pct(c[target_metric(c['threat'])])}" for c in unb)))
 
     pairs = _pairs(plain, by_key, "pgd", "fgsm")
-    bad = [f"{p['threat']} ε={eps_label(p['eps'])}: PGD {_pct(p[target_metric(p['threat'])])} > FGSM {_pct(f[target_metric(p['threat'])])}"
+    bad = [f"{p['threat']} ε={eps_label(p['eps'])}: PGD {_pct(p[target_metric(p['threat'])])} > "
+           f"FGSM {_pct(f[target_metric(p['threat'])])}"
            for p, f in pairs if p[target_metric(p["threat"])] > f[target_metric(p["threat"])] + tol]
     checks.append(_check("PGD at least as strong as FGSM", None if not pairs else not bad,
                          "no PGD/FGSM pair" if not pairs else "; ".join(bad) if bad else f"{len(pairs)} pairs"))
@@ -105,17 +109,20 @@ def sanity_checks(result: dict[str, Any]) -> list[dict[str, Any]]:
         if base is None:
             continue
         m = target_metric(c["threat"])
-        rows.append(f"{c['threat']} ε={eps_label(c['eps'])}: {_pct(base[m])} → {_pct(c[m])} with ×{c['steps_factor']} steps")
+        rows.append(f"{c['threat']} ε={eps_label(c['eps'])}: {_pct(base[m])} → {_pct(c[m])} "
+                    f"with ×{c['steps_factor']} steps")
         if c[m] > base[m] + tol:
             bad.append(rows[-1])
     checks.append(_check("more steps never help the defense", None if not rows else not bad,
                          "no more-steps cell" if not rows else "; ".join(bad or rows)))
 
     pairs = _pairs(plain, by_key, "square", "pgd")
-    bad = [f"{s['threat']} ε={eps_label(s['eps'])}: Square {_pct(s[target_metric(s['threat'])])} < PGD {_pct(p[target_metric(s['threat'])])}"
+    bad = [f"{s['threat']} ε={eps_label(s['eps'])}: Square {_pct(s[target_metric(s['threat'])])} < "
+           f"PGD {_pct(p[target_metric(s['threat'])])}"
            for s, p in pairs if s[target_metric(s["threat"])] < p[target_metric(s["threat"])] - tol]
     checks.append(_check("Square (black-box) does not beat white-box PGD", None if not pairs else not bad,
-                         "Square not run (add it to --attacks)" if not pairs else "; ".join(bad) if bad else f"{len(pairs)} pairs"))
+                         "Square not run (add it to --attacks)" if not pairs
+                         else "; ".join(bad) if bad else f"{len(pairs)} pairs"))
 
     rows = []
     bad = []

@@ -12,7 +12,8 @@ STAGES = ("undefended", "adversarial", "distill", "mapper", "finetune", "perturb
 STAGE_HELP = {
     "undefended": "plain classifier (no defense): the source model of the oblivious threat model",
     "adversarial": "teacher trained on adversarial examples (random-start FGSM at 8/255 by default), best epoch kept",
-    "distill": "deployed student trained on adversarial examples crafted against itself, with the teacher's soft labels at T",
+    "distill": "deployed student trained on adversarial examples crafted against itself, "
+               "with the teacher's soft labels at T",
     "mapper": "mapping network M on (attacked, clean) and (clean, clean) pairs + sparsity + D",
     "finetune": "deployed C fine-tuned on M's outputs (clean and attacked) beside fresh adversarial examples",
     "perturbation": "perturbation classifier P on residuals x - M(x), clean vs attacked",
@@ -27,7 +28,8 @@ BASELINE_HELP = {
     "adv-only": "adversarial training alone: C trained on adversarial examples at T = 1; no reformer, no detectors",
     "distill-only": "defensive distillation alone (Papernot et al. 2016): teacher and student at T, no adversarial "
                     "examples; no reformer, no detectors",
-    "full": "the full defense: adversarial training, distillation, the instance sparsity mapping network, P, three detectors",
+    "full": "the full defense: adversarial training, distillation, the instance sparsity mapping network, P, "
+            "three detectors",
 }
 BASELINE_STAGES = {
     "none": ("undefended",),

@@ -65,7 +65,8 @@ class TrainRequest:
     limit: int | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
     init_from: Path | None = None  # a bundle whose undefended/adversarial stages this one shares
-    weights_dtype: str | None = None  # how the bundle stores its weights; None keeps the existing bundle's (float32 if new)
+    # how the bundle stores its weights; None keeps the existing bundle's (float32 if new)
+    weights_dtype: str | None = None
 
 
 class Checkpointer:
@@ -87,7 +88,8 @@ class Checkpointer:
         try:
             return torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt checkpoint
-            raise IsmEdgeError(f"checkpoint {self.path} cannot be read ({type(e).__name__}): delete it and train without --resume") from None
+            raise IsmEdgeError(f"checkpoint {self.path} cannot be read ({type(e).__name__}): "
+                               "delete it and train without --resume") from None
 
 
 def _seed_everything(seed: int) -> None:
@@ -207,7 +209,8 @@ class RecipeRunner:
         def measure(epoch: int) -> dict[str, float]:
             if not adv or not cfg.guard_examples:
                 return {}
-            clean, robust = heldout_accuracy(surrogate, guard_data, self.device, eps=guard_eps, steps=cfg.guard_pgd_steps)
+            clean, robust = heldout_accuracy(surrogate, guard_data, self.device, eps=guard_eps,
+                                             steps=cfg.guard_pgd_steps)
             kept = best.update(epoch, robust)
             return {"heldout_clean_acc": clean, "heldout_pgd_acc": robust, "kept": float(kept)}
 
@@ -218,15 +221,16 @@ class RecipeRunner:
                 out["best_epoch"] = best.epoch + 1
             out["clean_acc_heldout"] = clean_accuracy(net, calib, self.device)
             if adv and cfg.guard_examples:
-                clean, robust = heldout_accuracy(surrogate, guard_data, self.device, eps=guard_eps, steps=cfg.guard_pgd_steps)
+                clean, robust = heldout_accuracy(surrogate, guard_data, self.device, eps=guard_eps,
+                                                 steps=cfg.guard_pgd_steps)
                 out.update(guard={"n": len(guard_data), "eps": guard_eps, "pgd_steps": cfg.guard_pgd_steps,
                                   "clean_acc": clean, "pgd_acc": robust})
             return out
 
         return self._epochs(stage, epochs, [opt, sched, best], state, b, train,
-                            lambda ctx: classifier_epoch(net, opt, ctx, temperature=temp, adversarial=adv, teacher=teacher,
-                                                         teacher_scale=teacher_scale, scheduler=per_batch,
-                                                         attack_target=surrogate),
+                            lambda ctx: classifier_epoch(net, opt, ctx, temperature=temp, adversarial=adv,
+                                                         teacher=teacher, teacher_scale=teacher_scale,
+                                                         scheduler=per_batch, attack_target=surrogate),
                             after=after, measure=measure)
 
     def _pool(self, b: DefenseBundle, train: ImageArrays) -> torch.Tensor:
@@ -238,7 +242,8 @@ class RecipeRunner:
                       f"in {time.perf_counter() - t0:.0f} s")
         return self._adv_pool
 
-    def _mapper_stage(self, b: DefenseBundle, train: ImageArrays, calib: ImageArrays, state: dict[str, Any]) -> dict[str, Any]:
+    def _mapper_stage(self, b: DefenseBundle, train: ImageArrays, calib: ImageArrays,
+                      state: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
         opt_m = _optimizer(b.mapper.parameters(), cfg)
         opt_d = torch.optim.Adam(b.networks["discriminator"].parameters(), lr=cfg.lr, betas=(0.5, 0.999))
@@ -280,12 +285,14 @@ class RecipeRunner:
 
         pool = self._pool(b, train) if cfg.epochs_finetune > 0 else None
         result = self._epochs("finetune", cfg.epochs_finetune, [opt, sched], state, b, train,
-                              lambda ctx: finetune_epoch(net, b.mapper, opt, ctx, attack_target=surrogate, temperature=temp),
+                              lambda ctx: finetune_epoch(net, b.mapper, opt, ctx, attack_target=surrogate,
+                                                         temperature=temp),
                               after=after, pool=pool)
         self._adv_pool = None  # crafted against C before it changed: P gets a new one
         return result
 
-    def _perturbation_stage(self, b: DefenseBundle, train: ImageArrays, calib: ImageArrays, state: dict[str, Any]) -> dict[str, Any]:
+    def _perturbation_stage(self, b: DefenseBundle, train: ImageArrays, calib: ImageArrays,
+                            state: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
         opt = _optimizer(b.perturbation.parameters(), cfg)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs_perturbation, 1))
@@ -317,7 +324,8 @@ class RecipeRunner:
                          "score_quantiles": {k: [float(q) for q in np.quantile(scores[k], [0.5, 0.9, 0.99])]
                                              for k in b.thresholds}}
         self.echo("calibrated thresholds: " + ", ".join(f"{k} {v:.4g}" for k, v in b.thresholds.items())
-                  + f" (target FPR {self.cfg.target_fpr:.2%} each; any-detector FPR {any_flag.mean():.2%} on {len(calib)} held-out)")
+                  + f" (target FPR {self.cfg.target_fpr:.2%} each; "
+                    f"any-detector FPR {any_flag.mean():.2%} on {len(calib)} held-out)")
         return dict(b.calibration)
 
     def _epochs(self, stage: str, epochs: int, stateful: list[Any], state: dict[str, Any], b: DefenseBundle,
@@ -381,7 +389,8 @@ class RecipeRunner:
             if ck is None:
                 self.echo(f"--resume: no checkpoint at {self.ckpt.path}; starting from scratch")
             else:
-                if not isinstance(ck.get("recipe"), dict) or _recipe_of(ck["recipe"]) != self.cfg or ck.get("preset") != b.preset:
+                if (not isinstance(ck.get("recipe"), dict) or _recipe_of(ck["recipe"]) != self.cfg
+                        or ck.get("preset") != b.preset):
                     raise IsmEdgeError(f"checkpoint {self.ckpt.path} was written with another preset or recipe: "
                                        "rerun with the same options, or delete it and train without --resume")
                 run_stages = ck.get("run_stages")
@@ -465,7 +474,8 @@ class RecipeRunner:
             raise BundleError(f"--init-from {source}: the bundle records no recipe; it cannot be shared")
         mine = self.cfg.to_dict()
         common = ("epochs_classifier", "batch_size", "clf_lr", "lr_schedule", "weight_decay", "augment", "seed")
-        adversarial = (*common, "adv_ratio", "adv_eps", "adv_attack", "adv_pgd_steps", "guard_examples", "guard_pgd_steps")
+        adversarial = (*common, "adv_ratio", "adv_eps", "adv_attack", "adv_pgd_steps", "guard_examples",
+                       "guard_pgd_steps")
         for stage, keys in (("undefended", common), ("adversarial", adversarial)):
             if stage not in self.stages or stage in self._completed:
                 continue

@@ -71,14 +71,16 @@ class EpochContext:
         return random.Random(self.cfg.seed * 1_000_003 + self.epoch * 101 + salt)
 
 
-def _craft(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, eps: float, cfg: RecipeConfig) -> torch.Tensor:
+def _craft(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, eps: float,
+           cfg: RecipeConfig) -> torch.Tensor:
     if kind == "fgsm-rs":  # Wong, Rice & Kolter 2020: a uniform random start, then one FGSM step of 1.25·ε
         return make_attack("pgd", model, eps, steps=1, alpha=1.25 * eps, random_start=True)(x, y)
     kw = {"steps": cfg.adv_pgd_steps} if kind == "pgd" else {}
     return make_attack(kind, model, eps, **kw)(x, y)
 
 
-def adversarial_mix(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RecipeConfig, rng: random.Random) -> torch.Tensor:
+def adversarial_mix(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RecipeConfig,
+                    rng: random.Random) -> torch.Tensor:
     """Replace the first ``adv_ratio`` of the batch by adversarial examples against ``model``.
 
     ε is drawn uniformly from ``cfg.adv_eps`` per batch; the attack is ``cfg.adv_attack``
@@ -388,13 +390,15 @@ def adversarial_pool(model: nn.Module, data: ImageArrays, cfg: RecipeConfig, dev
     for start in track(progress, it, len(it), "adversarial pool", meter):
         x = to_tensor(data.x[start:start + cfg.batch_size]).to(device)
         y = torch.from_numpy(data.y[start:start + cfg.batch_size]).long().to(device)
-        pool[start:start + x.shape[0]] = _craft(model, x, y, rng.choice(cfg.pert_attacks), rng.choice(cfg.pert_eps), cfg).cpu()
+        pool[start:start + x.shape[0]] = _craft(model, x, y, rng.choice(cfg.pert_attacks), rng.choice(cfg.pert_eps),
+                                                cfg).cpu()
         meter.update(x.shape[0])
     return pool
 
 
 @torch.no_grad()
-def defense_scores(defense: Defense, data: ImageArrays, device: torch.device, batch_size: int = 256) -> dict[str, np.ndarray]:
+def defense_scores(defense: Defense, data: ImageArrays, device: torch.device,
+                   batch_size: int = 256) -> dict[str, np.ndarray]:
     """Run the defense on clean data; return numpy arrays of every score, labels and flags."""
     out: dict[str, list[np.ndarray]] = {"recon_error": [], "jsd": [], "p_score": [], "label": [], "label_raw": [],
                                         "label_reformed": [], "flagged": []}
