@@ -245,6 +245,7 @@ class VideoFileOutput(FrameSink):
     """
 
     kind = "video"
+    path: Path
 
     def __init__(self, path: str | os.PathLike[str], fps: float = 30.0) -> None:
         self.path = Path(path)
