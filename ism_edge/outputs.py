@@ -157,7 +157,9 @@ class VerdictLog:
             needs_newline = p.is_file() and p.stat().st_size > 0 and _last_byte(p) != b"\n"
             self._fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as e:
-            raise OutputError(f"verdict log {p} cannot be opened for appending ({e.strerror}): check the path and permissions") from None
+            raise OutputError(
+                f"verdict log {p} cannot be opened for appending ({e.strerror}): check the path and permissions"
+            ) from None
         if needs_newline:
             self._append(b"\n")
 
@@ -170,7 +172,9 @@ class VerdictLog:
                 self._stdout.flush()
             except OSError as e:
                 self.failed = True
-                raise OutputError(f"the verdict log (stdout) cannot be written ({e.strerror or e}) after {self.lines} lines") from None
+                raise OutputError(
+                    f"the verdict log (stdout) cannot be written ({e.strerror or e}) after {self.lines} lines"
+                ) from None
         else:
             self._append(line.encode())
         self.lines += 1
@@ -203,7 +207,9 @@ class VerdictLog:
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.EROFS, errno.ENOTSUP):  # not a regular file (a pipe, /dev/null)
                 self.failed = True
-                raise OutputError(f"verdict log {self.path} cannot be saved ({e.strerror or e}): check free disk space") from None
+                raise OutputError(
+                    f"verdict log {self.path} cannot be saved ({e.strerror or e}): check free disk space"
+                ) from None
         finally:
             os.close(fd)
 
@@ -263,10 +269,13 @@ class VideoFileOutput(FrameSink):
     def _open(self, width: int, height: int) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".partial{self.path.suffix}", dir=self.path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".partial{self.path.suffix}",
+                                       dir=self.path.parent)
             os.close(fd)
         except OSError as e:
-            raise OutputError(f"output {self.path} cannot be created ({e.strerror}): check the folder and permissions") from None
+            raise OutputError(
+                f"output {self.path} cannot be created ({e.strerror}): check the folder and permissions"
+            ) from None
         self._tmp = Path(tmp)
         writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter.fourcc(*self._fourcc), self.fps, (width, height))
         if not writer.isOpened():
@@ -393,7 +402,8 @@ class DisplayOutput(FrameSink):
         try:
             cv2.namedWindow(self.name, cv2.WINDOW_NORMAL)
         except cv2.error as e:
-            raise OutputError(f"display://0: cannot open a window ({str(e).strip().splitlines()[-1]}): is DISPLAY set? or pass --headless") from None
+            raise OutputError(f"display://0: cannot open a window ({str(e).strip().splitlines()[-1]}): "
+                              "is DISPLAY set? or pass --headless") from None
         self._shown = False
 
     def write(self, image: np.ndarray) -> None:
