@@ -53,7 +53,8 @@ def parse_output(text: str) -> OutputURI:
             return OutputURI("display", rest or "0", raw)
         if scheme != "file":
             raise OutputError(
-                f"output {raw!r}: scheme {scheme!r} is not supported: write a file (file://out.mp4), a folder, or use display://0"
+                f"output {raw!r}: scheme {scheme!r} is not supported: "
+                "write a file (file://out.mp4), a folder, or use display://0"
             )
         raw_path = rest
     else:
