@@ -105,7 +105,8 @@ def library_versions(backend: str, *, opset: int | None = None) -> dict[str, str
             v["onnxruntime"] = ort
     v.update({"numpy": numpy.__version__, "python": platform.python_version()})
     if from_bundle:
-        v.update({"torch": _version("torch", "train", purpose), "onnx": _version("onnx", "train", purpose), "opset": str(opset)})
+        v.update({"torch": _version("torch", "train", purpose), "onnx": _version("onnx", "train", purpose),
+                  "opset": str(opset)})
     if backend == "tensorrt":
         from engines.tensorrt_build import tensorrt_version
 

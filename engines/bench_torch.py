@@ -48,7 +48,8 @@ class TorchEagerChain:
         self.defense = Defense(bundle, feedback_rounds=feedback_rounds).eval()
 
     def describe(self) -> str:
-        return f"torch {self._torch.__version__} eager on {self.device} ({self.threads} threads), bundle {self.bundle_dir}"
+        return (f"torch {self._torch.__version__} eager on {self.device} ({self.threads} threads), "
+                f"bundle {self.bundle_dir}")
 
     def _sync(self) -> float:
         if self.device.type == "cuda":
@@ -72,10 +73,14 @@ class TorchEagerChain:
             jsd = js_divergence(logits_raw, logits_ref, d.t_detector)
             p = torch.sigmoid(d.perturbation(xt - x_hat))  # type: ignore[misc]
             if all(s in d.thresholds for s in SCORES):
-                flagged = (recon > d.thresholds["recon_error"]) | (jsd > d.thresholds["jsd"]) | (p > d.thresholds["p_score"])
+                flagged = (
+                    (recon > d.thresholds["recon_error"]) | (jsd > d.thresholds["jsd"]) | (p > d.thresholds["p_score"])
+                )
             else:
                 flagged = torch.zeros(xt.shape[0], dtype=torch.bool, device=xt.device)
-            logits = torch.where(flagged.view(-1, 1), logits_ref, logits_raw) if d.label_source == "auto" else logits_ref
+            logits = (
+                torch.where(flagged.view(-1, 1), logits_ref, logits_raw) if d.label_source == "auto" else logits_ref
+            )
             labels = logits.argmax(dim=1)
             t4 = self._sync()
             result = ChainResult({}, labels.cpu().numpy(), flagged.cpu().numpy())

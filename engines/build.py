@@ -69,7 +69,8 @@ def check_options(backend: str, precision: str, batch: tuple[int, int, int], wor
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
     if backend == "tensorrt" and precision == "int8":
-        raise EngineError("INT8 TensorRT engines are not supported: build with --precision fp16 (TensorRT) or --backend onnxruntime --precision int8")
+        raise EngineError("INT8 TensorRT engines are not supported: "
+                          "build with --precision fp16 (TensorRT) or --backend onnxruntime --precision int8")
     if len(batch) != 3 or not 1 <= batch[0] <= batch[1] <= batch[2]:
         raise ValueError(f"batch must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {batch}")
     if workspace_mb < 1:
@@ -113,16 +114,20 @@ def build_engines(
         parity.raise_on_failure(ex.report[gated[0]], gated[0].upper(), ex.sample_source)
         built: Built
         if backend == "onnxruntime":
-            built = ort_build.build(ex, precision, opt_batch=batch[1], calibration_samples=calibration_samples, steps=steps)
+            built = ort_build.build(ex, precision, opt_batch=batch[1], calibration_samples=calibration_samples,
+                                    steps=steps)
         else:
-            built = tensorrt_build.build(ex.graphs[precision], ex.root, precision, steps, batch=tensorrt_build.BatchProfile(*batch),
-                                         workspace_mb=workspace_mb, timing_cache=timing_cache)
+            built = tensorrt_build.build(ex.graphs[precision], ex.root, precision, steps,
+                                         batch=tensorrt_build.BatchProfile(*batch), workspace_mb=workspace_mb,
+                                         timing_cache=timing_cache)
         report = {**ex.report, **built.report}
         if built.measured:
             gated.append("engine")
         report["gated"] = gated
         report["ok"] = all(report[g]["ok"] for g in gated)
-        report["sources"] = {p.relative_to(ex.root).as_posix(): sha256_file(p) for p in sorted((ex.root / ONNX_DIR).glob("*.onnx"))}
+        report["sources"] = {
+            p.relative_to(ex.root).as_posix(): sha256_file(p) for p in sorted((ex.root / ONNX_DIR).glob("*.onnx"))
+        }
         if "engine" in gated:
             parity.raise_on_failure(report["engine"], f"built {precision.upper()}", ex.sample_source)
 
@@ -154,7 +159,9 @@ def build_engines(
     return out_dir
 
 
-def _engine_file(role: str, built: Built, root: Path, input_shape: tuple[int, int, int], num_classes: int) -> EngineFile:
+def _engine_file(
+    role: str, built: Built, root: Path, input_shape: tuple[int, int, int], num_classes: int
+) -> EngineFile:
     engine, source = built.engines[role], built.sources[role]
     ins, outs = tensor_specs(role, input_shape, num_classes)
     return EngineFile(role=role, file=engine.relative_to(root).as_posix(), onnx=source.relative_to(root).as_posix(),

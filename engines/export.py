@@ -48,7 +48,9 @@ PARITY_BATCH = 64
 BATCH_DIM = "N"
 
 
-def tensor_specs(role: str, input_shape: tuple[int, int, int], num_classes: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+def tensor_specs(
+    role: str, input_shape: tuple[int, int, int], num_classes: int
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """Input and output specs of a role's graph (``-1`` is the dynamic batch axis)."""
     image = (-1, *input_shape)
     shapes = {"x": image, "x_hat": image, "recon_error": (-1,), "logits": (-1, num_classes), "p_score": (-1,)}
@@ -270,7 +272,9 @@ def load_deployable(bundle_dir: Path) -> DefenseBundle:
     return bundle
 
 
-def export_graphs(bundle: DefenseBundle, onnx_dir: Path, steps: Steps, *, metadata: dict[str, str]) -> dict[str, dict[str, Path]]:
+def export_graphs(
+    bundle: DefenseBundle, onnx_dir: Path, steps: Steps, *, metadata: dict[str, str]
+) -> dict[str, dict[str, Path]]:
     """Export the FP32 graphs to ``onnx_dir`` and convert each to FP16; ``{precision: {role: path}}``."""
     from engines.fp16 import fp16_from_onnx
 
@@ -280,7 +284,8 @@ def export_graphs(bundle: DefenseBundle, onnx_dir: Path, steps: Steps, *, metada
     paths: dict[str, dict[str, Path]] = {"fp32": {}, "fp16": {}}
     for role in ROLES:
         with steps(f"export {role} to ONNX"):
-            paths["fp32"][role] = onnx_from_module(modules[role], role, onnx_dir / f"{role}.onnx", input_shape, metadata=metadata)
+            paths["fp32"][role] = onnx_from_module(modules[role], role, onnx_dir / f"{role}.onnx", input_shape,
+                                                   metadata=metadata)
     for role in ROLES:
         with steps(f"convert {role} to FP16"):
             paths["fp16"][role] = fp16_from_onnx(paths["fp32"][role], onnx_dir / f"{role}.fp16.onnx")
@@ -360,7 +365,8 @@ def exported(
         }
         for prec in ("fp32", "fp16"):
             with steps(f"parity of the {prec.upper()} graphs"):
-                report[prec] = parity_of_files(graphs[prec], tmp, prec, bundle, x, reference, torch_defense, PARITY_BATCH)
+                report[prec] = parity_of_files(graphs[prec], tmp, prec, bundle, x, reference, torch_defense,
+                                               PARITY_BATCH)
         yield Exported(bundle=bundle, bundle_sha256=digest, root=tmp, graphs=graphs, x=x, sample_source=sample_source,
                        reference=reference, torch_defense=torch_defense, report=report)
 

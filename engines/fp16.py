@@ -111,7 +111,9 @@ def fp16_from_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> 
                 for k, name in enumerate(seq):
                     if name == out.name:
                         seq[k] = inner
-        nodes.append(helper.make_node("Cast", [inner], [out.name], name=f"{out.name}_output_cast", to=TensorProto.FLOAT))
+        nodes.append(
+            helper.make_node("Cast", [inner], [out.name], name=f"{out.name}_output_cast", to=TensorProto.FLOAT)
+        )
 
     used = {i for n in nodes for i in n.input}
     kept = [t for t in graph.initializer if t.name in used]
@@ -129,7 +131,9 @@ def precision_summary(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     from onnx import TensorProto
 
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output, *model.graph.input)}
+    types = {
+        v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output, *model.graph.input)
+    }
     types.update({t.name: t.data_type for t in model.graph.initializer})
     out: dict[str, set[str]] = {"fp16": set(), "fp32": set()}
     for n in model.graph.node:

@@ -91,7 +91,9 @@ def optimized_model_from_onnx(src: str | os.PathLike[str], dst: str | os.PathLik
         ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise EngineError(f"ONNX Runtime cannot optimize {src} ({first}): re-export it with 'ism-edge export'") from None
+        raise EngineError(
+            f"ONNX Runtime cannot optimize {src} ({first}): re-export it with 'ism-edge export'"
+        ) from None
     if not dst.is_file():
         raise EngineError(f"ONNX Runtime did not write the optimized model {dst}: check free disk space")
     return dst
@@ -207,14 +209,17 @@ def parity_of_files(
     for role, path in files.items():
         feed = parity.graph_inputs(role, x, reference)
         ours = parity.run_batched(runners[role], feed, batch)
-        graphs[role] = parity.graph_report(role, path.relative_to(root).as_posix(), sha256_file(path), ours, reference[role], tol)
+        graphs[role] = parity.graph_report(role, path.relative_to(root).as_posix(), sha256_file(path), ours,
+                                           reference[role], tol)
     ours_defense = parity.defense_outputs(files, root, bundle, x, batch=batch)
     defense = parity.compare_defense(ours_defense, torch_defense, tol, bundle.thresholds)
     ok = all(g["ok"] for g in graphs.values()) and defense["ok"]
     return {"precision": precision, "graphs": graphs, "defense": defense, "ok": ok}
 
 
-def build(ex: Exported, precision: str, *, opt_batch: int, calibration_samples: np.ndarray | None, steps: Steps) -> Built:
+def build(
+    ex: Exported, precision: str, *, opt_batch: int, calibration_samples: np.ndarray | None, steps: Steps
+) -> Built:
     """Optimized ONNX Runtime models of the exported graphs, checked against PyTorch.
 
     FP32 and FP16 builds compile the graphs with their transposed convolutions rewritten as
@@ -230,7 +235,8 @@ def build(ex: Exported, precision: str, *, opt_batch: int, calibration_samples: 
             sources = _subpixel_sources(ex.graphs[precision])
     engines = optimized_models(sources, ex.root, precision, steps)
     with steps(f"parity of the built {precision.upper()} engines"):
-        report["engine"] = parity_of_files(engines, ex.root, precision, ex.bundle, ex.x, ex.reference, ex.torch_defense, ex.parity_batch)
+        report["engine"] = parity_of_files(engines, ex.root, precision, ex.bundle, ex.x, ex.reference, ex.torch_defense,
+                                           ex.parity_batch)
     if precision == "int8":
         with steps("INT8 vs FP32 latency"):
             report["int8_latency_ms"] = _int8_latency(ex.graphs["fp32"], engines, ex.x, ex.reference, opt_batch)
@@ -261,10 +267,12 @@ def _quantize(ex: Exported, calibration: np.ndarray | None, steps: Steps, report
         else:
             cal = np.ascontiguousarray(calibration, dtype=np.float32)
             if cal.ndim != 4 or cal.shape[1:] != input_shape:
-                raise ValueError(f"calibration_samples must be float32 N×{'×'.join(map(str, input_shape))} pixels in [0, 1], got {cal.shape}")
+                raise ValueError(f"calibration_samples must be float32 N×{'×'.join(map(str, input_shape))} pixels "
+                                 f"in [0, 1], got {cal.shape}")
             source = f"{len(cal)} user-supplied clean images"
         x_hat = runner(session(fp32["mapper"]))({"x": cal})["x_hat"]
-    report["calibration"] = {"n": int(len(cal)), "source": source, "method": "minmax, static QDQ, per-channel S8 weights, U8 activations"}
+    report["calibration"] = {"n": int(len(cal)), "source": source,
+                             "method": "minmax, static QDQ, per-channel S8 weights, U8 activations"}
     feeds = {"mapper": {"x": cal}, "classifier": {"x": np.concatenate([cal, x_hat])},
              "perturbation": {"x": cal, "x_hat": x_hat}}
     out: dict[str, Path] = {}

@@ -178,7 +178,8 @@ def gate_manifest(files: Mapping[str, Path], root: Path, bundle: DefenseBundle, 
     for role in ROLES:
         rel = Path(files[role]).relative_to(root).as_posix()
         ins, outs = tensor_specs(role, input_shape, cfg.num_classes)
-        engines[role] = EngineFile(role=role, file=rel, onnx=rel, sha256=sha256_file(files[role]), inputs=ins, outputs=outs)
+        engines[role] = EngineFile(role=role, file=rel, onnx=rel, sha256=sha256_file(files[role]), inputs=ins,
+                                   outputs=outs)
     return EngineManifest(
         backend="onnxruntime",
         precision="fp32",
@@ -210,13 +211,17 @@ def runtime_defense_outputs(
 
     cls = select_backend(backend, manifest, directory)
     with cls(directory, manifest, device=device) as runner:
-        out = ChainOutput.concatenate([runner.infer(np.ascontiguousarray(x[s])) for s in _batches(len(x), runner.max_batch)])
+        out = ChainOutput.concatenate(
+            [runner.infer(np.ascontiguousarray(x[s])) for s in _batches(len(x), runner.max_batch)]
+        )
     decided = decide(out, manifest)
     flags = {f"flag_{s}": f for s, f in decided.detector_flags.items()}
     return {"label": decided.labels, "flagged": decided.flags, **decided.scores, **flags}
 
 
-def defense_outputs(files: Mapping[str, Path], root: Path, bundle: DefenseBundle, x: np.ndarray, *, batch: int = 64) -> dict[str, np.ndarray]:
+def defense_outputs(
+    files: Mapping[str, Path], root: Path, bundle: DefenseBundle, x: np.ndarray, *, batch: int = 64
+) -> dict[str, np.ndarray]:
     """The deployed defense on ``x`` with the graph ``files`` under ``root``, as the runtime computes it.
 
     :func:`runtime_defense_outputs` with :func:`gate_manifest`: first-pass recon error, feedback
@@ -246,7 +251,9 @@ def torch_defense_outputs(bundle: DefenseBundle, x: np.ndarray, batch: int = 64)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def compare_defense(ours: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], tol: Tolerance, thresholds: Mapping[str, float]) -> dict[str, Any]:
+def compare_defense(
+    ours: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], tol: Tolerance, thresholds: Mapping[str, float]
+) -> dict[str, Any]:
     """Label and flag agreement of the pipeline on graph outputs against PyTorch's ``Defense``."""
     n = len(ref["label"])
     report: dict[str, Any] = {
@@ -259,7 +266,9 @@ def compare_defense(ours: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray
     for s in SCORES:
         agree = ours[f"flag_{s}"] == ref[f"flag_{s}"]
         diff = np.abs(np.asarray(ours[s], np.float64) - np.asarray(ref[s], np.float64))
-        entry: dict[str, Any] = {"agreement": float(agree.mean()), "max_abs": float(diff.max()), "flips": int(np.sum(~agree))}
+        entry: dict[str, Any] = {
+            "agreement": float(agree.mean()), "max_abs": float(diff.max()), "flips": int(np.sum(~agree))
+        }
         if s in thresholds:
             band = tol.max_abs * (1.0 + abs(thresholds[s]))
             entry["borderline"] = int(np.sum(~agree & (np.abs(np.asarray(ref[s], np.float64) - thresholds[s]) <= band)))
@@ -270,7 +279,9 @@ def compare_defense(ours: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray
     return report
 
 
-def graph_report(role: str, file: str, sha256: str, ours: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], tol: Tolerance) -> dict[str, Any]:
+def graph_report(
+    role: str, file: str, sha256: str, ours: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], tol: Tolerance
+) -> dict[str, Any]:
     """Parity entry of one graph file (outputs, plus label agreement for the classifier)."""
     outputs = compare_outputs(ours, ref, tol)
     entry: dict[str, Any] = {"file": file, "sha256": sha256, "outputs": outputs}

@@ -70,7 +70,9 @@ def rebuild_from_onnx(
             path = engine_dir / name
             want = recorded.get(name)
             if not path.is_file():
-                raise EngineError(f"{path} ({what}) is missing: rebuild from the bundle with 'ism-edge build BUNDLE --out {target}'")
+                raise EngineError(
+                    f"{path} ({what}) is missing: rebuild from the bundle with 'ism-edge build BUNDLE --out {target}'"
+                )
             if want is None or sha256_file(path) != want:
                 raise EngineError(
                     f"{path} ({what}) does not match the hash recorded in {engine_dir / MANIFEST_NAME} "
@@ -86,17 +88,21 @@ def rebuild_from_onnx(
         if new_backend == "onnxruntime":
             built = ort_build.optimized_models(role_sources, tmp, precision, steps)
         else:
-            built = tensorrt_build.plans_from_onnx(role_sources, tmp, precision, steps, batch=tensorrt_build.BatchProfile(*prof),
-                                                   workspace_mb=workspace_mb, timing_cache=timing_cache)
+            built = tensorrt_build.plans_from_onnx(role_sources, tmp, precision, steps,
+                                                   batch=tensorrt_build.BatchProfile(*prof), workspace_mb=workspace_mb,
+                                                   timing_cache=timing_cache)
         engines = {role: replace(ef, file=built[role].relative_to(tmp).as_posix(), sha256=sha256_file(built[role]))
                    for role, ef in old.engines.items()}
         versions = {k: v for k, v in old.versions.items() if k not in ("onnxruntime", "tensorrt")}
         versions.update(new_versions)
         report = dict(old.parity)
-        report["engine"] = {"measured": False, "ok": True, "reason": "rebuilt from the hash-verified ONNX sources; engines not re-measured"}
-        report["rebuilt"] = {"from": {"backend": old.backend, "versions": dict(old.versions), "gpu": old.gpu, "created": old.created},
+        report["engine"] = {"measured": False, "ok": True,
+                            "reason": "rebuilt from the hash-verified ONNX sources; engines not re-measured"}
+        report["rebuilt"] = {"from": {"backend": old.backend, "versions": dict(old.versions), "gpu": old.gpu,
+                                      "created": old.created},
                              "created": now()}
-        manifest = replace(old, backend=new_backend, engines=engines, batch={"min": prof[0], "opt": prof[1], "max": prof[2]},
+        manifest = replace(old, backend=new_backend, engines=engines,
+                           batch={"min": prof[0], "opt": prof[1], "max": prof[2]},
                            versions=versions, gpu=gpu, parity=report, created=now())
         with steps("write manifest"):
             manifest.save(tmp)

@@ -53,7 +53,9 @@ def phase_offsets(kernel: int, stride: int, pad_begin: int) -> list[list[int]]:
     return [[d for d in range(-kernel, kernel + 1) if 0 <= stride * d + r + pad_begin < kernel] for r in range(stride)]
 
 
-def subpixel_weights(weight: np.ndarray, stride: int, pads: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def subpixel_weights(
+    weight: np.ndarray, stride: int, pads: tuple[int, int]
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """A ``ConvTranspose`` weight ``[C_in, C_out, k_h, k_w]`` → the sub-pixel ``Conv`` weight and pads.
 
     Returns the weight ``[s²·C_out, C_in, n_h, n_w]`` (output channel ``(r_y·s + r_x)·C_out + c``,

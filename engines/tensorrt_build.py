@@ -145,7 +145,9 @@ def engine_from_onnx(
         tensor = network.get_input(i)
         shape = _dims(tensor.shape)
         if len(shape) < 1 or shape[0] != -1 or any(d < 0 for d in shape[1:]):
-            raise EngineError(f"{onnx_path}: input {tensor.name!r} has shape {shape}; only the batch axis may be dynamic")
+            raise EngineError(
+                f"{onnx_path}: input {tensor.name!r} has shape {shape}; only the batch axis may be dynamic"
+            )
         rest = list(shape[1:])
         profile.set_shape(
             tensor.name,
@@ -240,7 +242,9 @@ def plans_from_onnx(
     for role, src in sources.items():
         with steps(f"build TensorRT engine {role}"):
             dst = root / engine_file_name("tensorrt", precision, role)
-            out[role] = engine_from_onnx(src, dst, batch=batch, workspace_mb=workspace_mb, timing_cache=timing_cache).path
+            out[role] = engine_from_onnx(
+                src, dst, batch=batch, workspace_mb=workspace_mb, timing_cache=timing_cache
+            ).path
     return out
 
 
@@ -260,7 +264,8 @@ def build(
     they are built from passed the export's parity gate.
     """
     sources = dict(graphs)
-    engines = plans_from_onnx(sources, root, precision, steps, batch=batch, workspace_mb=workspace_mb, timing_cache=timing_cache)
+    engines = plans_from_onnx(sources, root, precision, steps, batch=batch, workspace_mb=workspace_mb,
+                              timing_cache=timing_cache)
     engine = {"measured": False, "ok": True,
               "reason": "TensorRT engines are not run at build time; the graph they were built from is gated"}
     return Built(engines=engines, sources=sources, report={"engine": engine}, measured=False)

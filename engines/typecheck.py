@@ -58,7 +58,8 @@ def repair_stub(text: str) -> str:
             lines.append(line)
             continue
         line = _IN_PARAM.sub(r"\1in_: ", line)
-        line = line.replace("power: Weights = None, channel_axis: int)", "power: Weights = None, channel_axis: int = ...)")
+        line = line.replace("power: Weights = None, channel_axis: int)",
+                            "power: Weights = None, channel_axis: int = ...)")
         lines.append(_BOOL.sub(r"\1builtins.bool", line))
     return _HEADER + "\n".join(lines) + "\n"
 

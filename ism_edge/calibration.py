@@ -126,7 +126,9 @@ def calibrate(
         )
     for k in SCORE_NAMES:
         if not np.isfinite(scores[k]).all():
-            raise DataError(f"the {k} score is not finite on some frames: the engines or frames are broken; rebuild the engines")
+            raise DataError(
+                f"the {k} score is not finite on some frames: the engines or frames are broken; rebuild the engines"
+            )
     new = {k: float(np.quantile(scores[k], 1.0 - fpr, method="higher")) for k in SCORE_NAMES}
 
     def rates(thresholds: dict[str, float]) -> tuple[dict[str, float], float]:

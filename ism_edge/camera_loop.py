@@ -302,10 +302,14 @@ class _Outputs:
         """Per output with a file: what it is, where, how many frames are in it, and whether every write worked."""
         written: list[dict[str, Any]] = []
         if self.log is not None:
-            written.append({"output": "log", "path": self.log.path, "frames": self.log.lines, "complete": not self.log.failed})
+            written.append(
+                {"output": "log", "path": self.log.path, "frames": self.log.lines, "complete": not self.log.failed}
+            )
         for kind, sink in [*((s.kind, s) for s in self.sinks), ("purified", self.purified)]:
             if sink is not None and sink.path is not None:
-                written.append({"output": kind, "path": str(sink.path), "frames": sink.frames, "complete": not sink.failed})
+                written.append(
+                    {"output": kind, "path": str(sink.path), "frames": sink.frames, "complete": not sink.failed}
+                )
         return written
 
 

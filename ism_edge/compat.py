@@ -93,7 +93,8 @@ def check_compatible(
     With ``bundle``, also refuse engines built from another defense bundle.
     """
     directory = Path(directory)
-    fix = f"rebuild with 'ism-edge build {directory} --out {directory}' (from the stored ONNX) or pass --rebuild-on-mismatch"
+    fix = (f"rebuild with 'ism-edge build {directory} --out {directory}' (from the stored ONNX) "
+           "or pass --rebuild-on-mismatch")
     if bundle is not None:
         want = bundle_sha256(bundle)
         if want != manifest.bundle_sha256:

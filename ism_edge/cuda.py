@@ -179,7 +179,9 @@ class _CudaPythonDriver(_Driver):
         try:
             result = fn(*args)
         except RuntimeError as e:  # cuda-python < 12.8 raises "Failed to dlopen libcuda.so.1" without a driver
-            raise CudaError(f"CUDA call {what} failed: {e}: install the NVIDIA driver, or use --backend onnxruntime") from None
+            raise CudaError(
+                f"CUDA call {what} failed: {e}: install the NVIDIA driver, or use --backend onnxruntime"
+            ) from None
         return (result[0], tuple(result[1:])) if isinstance(result, tuple) else (result, ())
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -216,7 +218,8 @@ class _CudaPythonDriver(_Driver):
             return f"{name}: check the GPU and driver (nvidia-smi)"
         drv, rt = self._versions()
         if drv == 0:
-            return f"{name}: no NVIDIA driver is loaded (libcuda): install the NVIDIA driver, or use --backend onnxruntime"
+            return (f"{name}: no NVIDIA driver is loaded (libcuda): "
+                    "install the NVIDIA driver, or use --backend onnxruntime")
         major, minor = drv // 1000, drv % 1000 // 10
         pin = CUDA_PYTHON_PINS.get(major, f"cuda-python>={major},<{major + 1}")
         if rt // 1000 == major:  # same major: this driver lacks minor-version compatibility
@@ -344,7 +347,8 @@ class _PycudaDriver(_Driver):
     def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``, with pycuda's errors (and a failed ``cuInit``) raised as :class:`CudaError`."""
         if self._init_error is not None:
-            raise CudaError(f"CUDA call {self._init_error}: check the GPU and driver (nvidia-smi)")  # "cuInit failed: …"
+            # _init_error reads "cuInit failed: …"
+            raise CudaError(f"CUDA call {self._init_error}: check the GPU and driver (nvidia-smi)")
         try:
             return fn(*args)
         except self.drv.Error as e:

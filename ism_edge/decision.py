@@ -67,7 +67,9 @@ def decide(out: ChainOutput, manifest: EngineManifest) -> Decisions:
         "p_score": out.p_score.astype(np.float64),
     }
     detector_flags = {k: per_sample[k] > manifest.thresholds[k] for k in SCORE_NAMES}
-    decided = Decisions(per_sample, detector_flags, scores.softmax(out.logits_reformed, manifest.temperatures["deploy"]))
+    decided = Decisions(
+        per_sample, detector_flags, scores.softmax(out.logits_reformed, manifest.temperatures["deploy"])
+    )
     if manifest.label_source == "auto":
         raw = scores.softmax(out.logits_raw, manifest.temperatures["deploy"])
         decided = Decisions(per_sample, detector_flags, np.where(decided.flags[:, None], decided.probs, raw))

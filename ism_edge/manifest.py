@@ -182,15 +182,21 @@ class EngineManifest:
             if ef.role != role:
                 raise check.FieldError(f"engines.{role}.role must be {role!r}, got {ef.role!r}")
             ef.check(f"engines.{role}")
-            for kind, specs, want in (("inputs", ef.inputs, GRAPH_IO[role][0]), ("outputs", ef.outputs, GRAPH_IO[role][1])):
+            for kind, specs, want in (
+                ("inputs", ef.inputs, GRAPH_IO[role][0]), ("outputs", ef.outputs, GRAPH_IO[role][1])
+            ):
                 if tuple(t.name for t in specs) != want:
-                    raise check.FieldError(f"engines.{role}.{kind} must name {list(want)}, got {[t.name for t in specs]}")
+                    raise check.FieldError(
+                        f"engines.{role}.{kind} must name {list(want)}, got {[t.name for t in specs]}"
+                    )
         unknown = sorted(set(self.thresholds) - set(SCORE_NAMES))
         if unknown:
             raise check.FieldError(f"thresholds has unknown scores {unknown} (expected {', '.join(SCORE_NAMES)})")
         thresholds = {k: check.number(v, f"thresholds.{k}", 0.0, MAX_THRESHOLD) for k, v in self.thresholds.items()}
-        temperatures = {check.text(k, "temperatures key", max_len=64): check.number(v, f"temperatures.{k}", *TEMPERATURE_RANGE)
-                        for k, v in self.temperatures.items()}
+        temperatures = {
+            check.text(k, "temperatures key", max_len=64): check.number(v, f"temperatures.{k}", *TEMPERATURE_RANGE)
+            for k, v in self.temperatures.items()
+        }
         object.__setattr__(self, "thresholds", thresholds)
         object.__setattr__(self, "temperatures", temperatures)
         object.__setattr__(self, "target_fpr", check.number(self.target_fpr, "target_fpr", 0.0, 0.5, lo_open=True))
@@ -205,8 +211,8 @@ class EngineManifest:
         if not lo <= opt <= hi:
             raise check.FieldError(f"batch must have min <= opt <= max, got min {lo}, opt {opt}, max {hi}")
         if hi * c * h * w > MAX_BATCH_ELEMENTS:
-            raise check.FieldError(f"batch.max {hi} of {c}x{h}x{w} inputs needs more than {MAX_BATCH_ELEMENTS * 4 >> 30} GiB "
-                                   "per buffer")
+            raise check.FieldError(f"batch.max {hi} of {c}x{h}x{w} inputs needs more than "
+                                   f"{MAX_BATCH_ELEMENTS * 4 >> 30} GiB per buffer")
         if not 1 <= len(self.class_names) <= MAX_CLASSES:
             raise check.FieldError(f"class_names must list 1 to {MAX_CLASSES} names, got {len(self.class_names)}")
         for i, name in enumerate(self.class_names):
@@ -221,7 +227,8 @@ class EngineManifest:
         if self.gpu is not None:
             gpu = check.obj(self.gpu, "gpu")
             check.text(check.require(gpu, "name", "gpu.name"), "gpu.name", max_len=256)
-            check.text(check.require(gpu, "compute_capability", "gpu.compute_capability"), "gpu.compute_capability", max_len=16)
+            check.text(check.require(gpu, "compute_capability", "gpu.compute_capability"), "gpu.compute_capability",
+                       max_len=16)
         check.text(self.created, "created", max_len=64)
         sources = check.obj(check.obj(self.parity, "parity").get("sources", {}), "parity.sources")
         for name, digest in sources.items():
@@ -246,7 +253,9 @@ class EngineManifest:
             raise EngineError(f"{where} is not a JSON object: {_FIX}")
         fmt = d.get("format")
         if fmt != ENGINE_FORMAT:
-            raise EngineError(f"{where}: not an ism-edge engine manifest (format {check.show(fmt)}, expected {ENGINE_FORMAT!r})")
+            raise EngineError(
+                f"{where}: not an ism-edge engine manifest (format {check.show(fmt)}, expected {ENGINE_FORMAT!r})"
+            )
         ver = d.get("format_version")
         if ver != ENGINE_FORMAT_VERSION:
             raise EngineError(
@@ -254,8 +263,9 @@ class EngineManifest:
                 f"(expects {ENGINE_FORMAT_VERSION}): {_FIX}"
             )
         try:
-            req = {k: check.require(d, k, k) for k in ("backend", "precision", "input_shape", "class_names", "thresholds",
-                                                       "temperatures", "target_fpr", "batch", "engines", "bundle_sha256")}
+            req = {k: check.require(d, k, k) for k in ("backend", "precision", "input_shape", "class_names",
+                                                       "thresholds", "temperatures", "target_fpr", "batch", "engines",
+                                                       "bundle_sha256")}
             engines = check.obj(req["engines"], "engines")
             return cls(
                 backend=req["backend"],
@@ -307,10 +317,14 @@ def load_manifest(directory: str | os.PathLike[str], *, verify_files: bool = Tru
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise EngineError(f"engine directory {directory} does not exist: build it with 'ism-edge build BUNDLE --out {directory}'")
+        raise EngineError(
+            f"engine directory {directory} does not exist: build it with 'ism-edge build BUNDLE --out {directory}'"
+        )
     path = directory / MANIFEST_NAME
     if not path.is_file():
-        raise EngineError(f"{path} is missing: {directory} is not an engine directory (build one with 'ism-edge build')")
+        raise EngineError(
+            f"{path} is missing: {directory} is not an engine directory (build one with 'ism-edge build')"
+        )
     try:
         raw = check.read_json(path)
     except check.TooLargeError as e:
@@ -343,7 +357,8 @@ def _check_calibration(cal: dict[str, Any]) -> None:
         return
     check.integer(check.require(cal, "frames", "calibration.frames"), "calibration.frames", 1, 1 << 40)
     check.text(check.require(cal, "source", "calibration.source"), "calibration.source", max_len=4096)
-    check.number(check.require(cal, "target_fpr", "calibration.target_fpr"), "calibration.target_fpr", 0.0, 0.5, lo_open=True)
+    check.number(check.require(cal, "target_fpr", "calibration.target_fpr"), "calibration.target_fpr", 0.0, 0.5,
+                 lo_open=True)
     check.text(cal.get("created", ""), "calibration.created", max_len=64)
     check.choice(check.require(cal, "mode", "calibration.mode"), "calibration.mode", CALIBRATION_MODES)
     grid = cal.get("tile_grid")

@@ -53,7 +53,8 @@ def parse_output(text: str) -> OutputURI:
             return OutputURI("display", rest or "0", raw)
         if scheme != "file":
             raise OutputError(
-                f"output {raw!r}: scheme {scheme!r} is not supported: write a file (file://out.mp4), a folder, or use display://0"
+                f"output {raw!r}: scheme {scheme!r} is not supported: "
+                "write a file (file://out.mp4), a folder, or use display://0"
             )
         raw_path = rest
     else:
@@ -157,7 +158,9 @@ class VerdictLog:
             needs_newline = p.is_file() and p.stat().st_size > 0 and _last_byte(p) != b"\n"
             self._fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as e:
-            raise OutputError(f"verdict log {p} cannot be opened for appending ({e.strerror}): check the path and permissions") from None
+            raise OutputError(
+                f"verdict log {p} cannot be opened for appending ({e.strerror}): check the path and permissions"
+            ) from None
         if needs_newline:
             self._append(b"\n")
 
@@ -170,7 +173,9 @@ class VerdictLog:
                 self._stdout.flush()
             except OSError as e:
                 self.failed = True
-                raise OutputError(f"the verdict log (stdout) cannot be written ({e.strerror or e}) after {self.lines} lines") from None
+                raise OutputError(
+                    f"the verdict log (stdout) cannot be written ({e.strerror or e}) after {self.lines} lines"
+                ) from None
         else:
             self._append(line.encode())
         self.lines += 1
@@ -203,7 +208,9 @@ class VerdictLog:
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.EROFS, errno.ENOTSUP):  # not a regular file (a pipe, /dev/null)
                 self.failed = True
-                raise OutputError(f"verdict log {self.path} cannot be saved ({e.strerror or e}): check free disk space") from None
+                raise OutputError(
+                    f"verdict log {self.path} cannot be saved ({e.strerror or e}): check free disk space"
+                ) from None
         finally:
             os.close(fd)
 
@@ -245,6 +252,7 @@ class VideoFileOutput(FrameSink):
     """
 
     kind = "video"
+    path: Path
 
     def __init__(self, path: str | os.PathLike[str], fps: float = 30.0) -> None:
         self.path = Path(path)
@@ -262,10 +270,13 @@ class VideoFileOutput(FrameSink):
     def _open(self, width: int, height: int) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".partial{self.path.suffix}", dir=self.path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".partial{self.path.suffix}",
+                                       dir=self.path.parent)
             os.close(fd)
         except OSError as e:
-            raise OutputError(f"output {self.path} cannot be created ({e.strerror}): check the folder and permissions") from None
+            raise OutputError(
+                f"output {self.path} cannot be created ({e.strerror}): check the folder and permissions"
+            ) from None
         self._tmp = Path(tmp)
         writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter.fourcc(*self._fourcc), self.fps, (width, height))
         if not writer.isOpened():
@@ -392,7 +403,8 @@ class DisplayOutput(FrameSink):
         try:
             cv2.namedWindow(self.name, cv2.WINDOW_NORMAL)
         except cv2.error as e:
-            raise OutputError(f"display://0: cannot open a window ({str(e).strip().splitlines()[-1]}): is DISPLAY set? or pass --headless") from None
+            raise OutputError(f"display://0: cannot open a window ({str(e).strip().splitlines()[-1]}): "
+                              "is DISPLAY set? or pass --headless") from None
         self._shown = False
 
     def write(self, image: np.ndarray) -> None:

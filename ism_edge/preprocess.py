@@ -60,7 +60,9 @@ def check_frame(frame: object) -> np.ndarray:
         return frame
     if frame.dtype in (np.float32, np.float64):
         if not np.isfinite(frame).all():
-            raise FrameError("frame contains NaN or infinite values: check the camera driver or the conversion before process()")
+            raise FrameError(
+                "frame contains NaN or infinite values: check the camera driver or the conversion before process()"
+            )
         lo, hi = float(frame.min()), float(frame.max())
         if lo < 0.0 or hi > 1.0:
             raise FrameError(
@@ -86,7 +88,8 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if image.shape[0] == height and image.shape[1] == width:
         return image
     shrink = height * width < image.shape[0] * image.shape[1]
-    out = cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    out = cv2.resize(np.ascontiguousarray(image), (width, height),
+                     interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     return out if out.ndim == 3 else out[:, :, None]
 
 
@@ -136,7 +139,9 @@ def tile_positions(length: int, tile: int) -> list[int]:
     return [round(i * (length - tile) / (count - 1)) for i in range(count)]
 
 
-def tiled_size(frame_size: tuple[int, int], input_shape: tuple[int, int, int], grid: tuple[int, int] | None = None) -> tuple[int, int]:
+def tiled_size(
+    frame_size: tuple[int, int], input_shape: tuple[int, int, int], grid: tuple[int, int] | None = None
+) -> tuple[int, int]:
     """(height, width) of the image that a frame of ``frame_size`` is cut into tiles from."""
     _, th, tw = input_shape
     fh, fw = frame_size
@@ -148,7 +153,9 @@ def tiled_size(frame_size: tuple[int, int], input_shape: tuple[int, int, int], g
     return fh, fw
 
 
-def tile_count(frame_size: tuple[int, int], input_shape: tuple[int, int, int], grid: tuple[int, int] | None = None) -> int:
+def tile_count(
+    frame_size: tuple[int, int], input_shape: tuple[int, int, int], grid: tuple[int, int] | None = None
+) -> int:
     """How many tiles :func:`tile_input` makes of a frame of ``frame_size`` (height, width)."""
     _, th, tw = input_shape
     ih, iw = tiled_size(frame_size, input_shape, grid)
@@ -186,7 +193,8 @@ def tile_input(
     if out is None:
         out = np.empty((rows * cols, image.shape[2], th, tw), dtype=np.float32)
     elif out.shape != (rows * cols, image.shape[2], th, tw) or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous float32 array of shape {(rows * cols, image.shape[2], th, tw)}, got {out.dtype} {out.shape}")
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {(rows * cols, image.shape[2], th, tw)}, "
+                         f"got {out.dtype} {out.shape}")
     _to_nchw(tiles, out.reshape(rows, cols, image.shape[2], th, tw))
     sy, sx = fh / ih, fw / iw
     boxes = tuple(
@@ -203,7 +211,9 @@ def from_model_output(x: np.ndarray, *, color_order: str = "BGR", model_order: s
     return np.ascontiguousarray(image[:, :, ::-1]) if color_order != model_order else image
 
 
-def stitch_tiles(tiles: np.ndarray, layout: TileLayout, *, color_order: str = "BGR", model_order: str = "RGB") -> np.ndarray:
+def stitch_tiles(
+    tiles: np.ndarray, layout: TileLayout, *, color_order: str = "BGR", model_order: str = "RGB"
+) -> np.ndarray:
     """Purified tiles ``[T, C, H, W]`` → one ``H×W×3`` uint8 image at the tiled resolution.
 
     Overlapping pixels are averaged.

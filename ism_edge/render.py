@@ -37,14 +37,19 @@ def heat_overlay(image: np.ndarray, verdict: Verdict, alpha: float = 0.35) -> np
 
 def annotate(image: np.ndarray, verdict: Verdict, *, fps: float | None = None) -> np.ndarray:
     """A copy of the BGR ``image`` with the verdict drawn on it (the input is not modified)."""
-    out = np.ascontiguousarray(image if image.ndim == 3 and image.shape[2] == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR))
+    out = np.ascontiguousarray(
+        image if image.ndim == 3 and image.shape[2] == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    )
     out = heat_overlay(out.copy(), verdict)
     h, w = out.shape[:2]
     colour = RED if verdict.flagged else GREEN
     border = max(3, round(min(h, w) / 80))
     cv2.rectangle(out, (0, 0), (w - 1, h - 1), colour, thickness=border)
 
-    lines = [f"{verdict.label} {verdict.confidence:.0%}", "FLAGGED: " + ", ".join(SHORT.get(s, s) for s in verdict.flagged_by) if verdict.flagged else "clean"]
+    lines = [
+        f"{verdict.label} {verdict.confidence:.0%}",
+        "FLAGGED: " + ", ".join(SHORT.get(s, s) for s in verdict.flagged_by) if verdict.flagged else "clean",
+    ]
     lines += [f"{SHORT.get(k, k)} {v:.3g}/{verdict.thresholds[k]:.3g}" for k, v in verdict.scores.items()]
     if fps is not None:
         lines.append(f"{fps:.1f} FPS")
@@ -59,5 +64,6 @@ def annotate(image: np.ndarray, verdict: Verdict, *, fps: float | None = None) -
     panel[:] = (panel * 0.4).astype(np.uint8)
     for i, text in enumerate(lines):
         y = y0 + 2 + th + i * step
-        cv2.putText(out, text, (x0 + 3, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour if i == 1 else (255, 255, 255), thick, cv2.LINE_AA)
+        cv2.putText(out, text, (x0 + 3, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour if i == 1 else (255, 255, 255),
+                    thick, cv2.LINE_AA)
     return out

@@ -93,15 +93,17 @@ class RuntimeOptions:
         if self.mode not in preprocess.MODES:
             raise ValueError(f"mode must be one of {', '.join(preprocess.MODES)}, got {self.mode!r}")
         if self.color_order not in preprocess.COLOR_ORDERS:
-            raise ValueError(f"color_order must be one of {', '.join(preprocess.COLOR_ORDERS)}, got {self.color_order!r}")
+            raise ValueError(
+                f"color_order must be one of {', '.join(preprocess.COLOR_ORDERS)}, got {self.color_order!r}"
+            )
         if self.tile_grid is not None and (len(self.tile_grid) != 2 or min(self.tile_grid) < 1):
             raise ValueError(f"tile_grid must be (rows, cols) with both >= 1, got {self.tile_grid!r}")
         if self.feedback_rounds is not None and self.feedback_rounds < 0:
             raise ValueError(f"feedback_rounds must be >= 0, got {self.feedback_rounds}")
         if self.threads is not None and not 1 <= self.threads <= max_threads():
             raise ValueError(
-                f"threads must be between 1 and {max_threads()} ({THREADS_PER_CORE} per core on the {cores_available()} "
-                f"cores available), got {self.threads}"
+                f"threads must be between 1 and {max_threads()} ({THREADS_PER_CORE} per core on the "
+                f"{cores_available()} cores available), got {self.threads}"
             )
 
 
@@ -155,10 +157,13 @@ class DefenseRuntime:
         for key in ("deploy", "detector"):
             if key not in self.manifest.temperatures:
                 raise EngineError(
-                    f"{self.directory / MANIFEST_NAME} has no temperatures[{key!r}]: rebuild the engines with 'ism-edge build'"
+                    f"{self.directory / MANIFEST_NAME} has no temperatures[{key!r}]: "
+                    "rebuild the engines with 'ism-edge build'"
                 )
         if self.manifest.color_order not in preprocess.COLOR_ORDERS:
-            raise EngineError(f"{self.directory / MANIFEST_NAME}: color_order {self.manifest.color_order!r} is not RGB or BGR")
+            raise EngineError(
+                f"{self.directory / MANIFEST_NAME}: color_order {self.manifest.color_order!r} is not RGB or BGR"
+            )
         cls = select_backend(self.options.backend, self.manifest, self.directory)
         if cls.name == self.manifest.backend:
             _check_compatible(self.manifest, self.directory, self.options.device)
@@ -219,7 +224,9 @@ class DefenseRuntime:
     def __enter__(self) -> DefenseRuntime:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def warmup(self, batch: int = 1) -> None:
@@ -367,7 +374,8 @@ class DefenseRuntime:
             flagged=tuple(bool(f) for f in decided.flags[sl]),
             labels=tuple(self.manifest.class_names[int(i)] for i in decided.labels[sl]),
             severity=tuple(
-                severity({k: tile_scores[k][j] for k in SCORE_NAMES}, self.thresholds) for j in range(meta.stop - meta.start)
+                severity({k: tile_scores[k][j] for k in SCORE_NAMES}, self.thresholds)
+                for j in range(meta.stop - meta.start)
             ),
         )
 
@@ -381,7 +389,9 @@ class DefenseRuntime:
         return preprocess.from_model_output(out.x_hat[meta.start], **kw)
 
 
-def _frame_timings(meta: _FrameMeta, jobs: Sequence[Job], parts: Sequence[ChainOutput], host_ms: float) -> dict[str, float]:
+def _frame_timings(
+    meta: _FrameMeta, jobs: Sequence[Job], parts: Sequence[ChainOutput], host_ms: float
+) -> dict[str, float]:
     """A frame's stage times in ms: its preprocessing, the device stages of every job that held
     one of its rows, and the host's decision time (charged to ``detectors``)."""
     timings = {"preprocess": meta.preprocess_ms, **{s: 0.0 for s in STAGES}}

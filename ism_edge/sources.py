@@ -194,7 +194,9 @@ class CaptureSource(FrameSource):
     :data:`OPEN_TIMEOUT`. Fixed when the stream is opened (OpenCV takes it only then).
     """
 
-    def __init__(self, uri: SourceURI, *, capture: Callable[..., Any] | None = None, read_timeout: float = READ_TIMEOUT) -> None:
+    def __init__(
+        self, uri: SourceURI, *, capture: Callable[..., Any] | None = None, read_timeout: float = READ_TIMEOUT
+    ) -> None:
         super().__init__(uri)
         if read_timeout <= 0:
             raise ValueError(f"read_timeout must be > 0 seconds, got {read_timeout}")
@@ -222,7 +224,9 @@ class CaptureSource(FrameSource):
             return (csi_pipeline(int(loc)), cv2.CAP_GSTREAMER)
         if kind == "network":
             open_ms, read_ms = int(1e3 * max(self.read_timeout, OPEN_TIMEOUT)), max(int(1e3 * self.read_timeout), 1)
-            return (loc, cv2.CAP_FFMPEG, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, open_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, read_ms])
+            return (
+                loc, cv2.CAP_FFMPEG, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, open_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, read_ms]
+            )
         return (loc,)
 
     def open(self) -> None:
@@ -239,14 +243,18 @@ class CaptureSource(FrameSource):
     def _open_failure(self) -> str:
         kind, loc = self.uri.kind, self.uri.location
         if kind == "camera":
-            return f"camera {loc} could not be opened: check it is connected and not used by another program (ls /dev/video*)"
+            return (f"camera {loc} could not be opened: "
+                    "check it is connected and not used by another program (ls /dev/video*)")
         if kind == "v4l2":
-            return f"{self.uri}: V4L2 device {loc} could not be opened: check it exists (ls /dev/video*) and you may read it (group 'video')"
+            return (f"{self.uri}: V4L2 device {loc} could not be opened: "
+                    "check it exists (ls /dev/video*) and you may read it (group 'video')")
         if kind == "csi":
-            return f"{self.uri}: the CSI camera could not be opened: check the ribbon cable and that nvargus-daemon is running"
+            return (f"{self.uri}: the CSI camera could not be opened: "
+                    "check the ribbon cable and that nvargus-daemon is running")
         if kind == "network":
             return f"stream {loc} could not be opened: check the URL, credentials and network"
-        return f"video file {loc} could not be opened: it is not a video OpenCV can decode (corrupt or unsupported codec)"
+        return (f"video file {loc} could not be opened: "
+                "it is not a video OpenCV can decode (corrupt or unsupported codec)")
 
     def read(self) -> np.ndarray | None:
         if self._cap is None:
@@ -450,8 +458,9 @@ class Skipped:
 class ReaderOptions:
     """``queue_size`` frames kept (live sources drop the oldest beyond it; ``drop`` overrides
     the per-source default), ``stall_timeout`` seconds without a frame before a source counts as
-    stalled (a live one then gets as long again to be reopened), ``reconnect_attempts`` tries to reopen a lost live source with delays starting at
-    ``reconnect_delay`` s and doubling up to ``reconnect_max_delay`` s."""
+    stalled (a live one then gets as long again to be reopened), ``reconnect_attempts`` tries to
+    reopen a lost live source with delays starting at ``reconnect_delay`` s and doubling up to
+    ``reconnect_max_delay`` s."""
 
     queue_size: int = 2
     drop: bool | None = None
@@ -528,7 +537,9 @@ class FrameReader:
     def __enter__(self) -> FrameReader:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def __iter__(self) -> Iterator[Captured | Skipped]:

@@ -29,8 +29,9 @@ def main(bundle_dir: str, data_path: str) -> None:
             continue
         y = data.y[m]
         per = "  ".join(f"{k} {float((s[k][m] > v).mean()):.2%}" for k, v in bundle.thresholds.items())
-        print(f"{name}: n {int(m.sum())}  labels {np.mean(s['label'][m] == y):.2%}  C(x) {np.mean(s['label_raw'][m] == y):.2%}  "
-              f"C(M(x)) {np.mean(s['label_reformed'][m] == y):.2%}  FPR any {s['flagged'][m].mean():.2%}  {per}")
+        print(f"{name}: n {int(m.sum())}  labels {np.mean(s['label'][m] == y):.2%}  "
+              f"C(x) {np.mean(s['label_raw'][m] == y):.2%}  C(M(x)) {np.mean(s['label_reformed'][m] == y):.2%}  "
+              f"FPR any {s['flagged'][m].mean():.2%}  {per}")
 
 
 if __name__ == "__main__":

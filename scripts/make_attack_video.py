@@ -108,7 +108,8 @@ def main() -> None:
     (a.out / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
     n_att = len(truth["attacked"])  # type: ignore[arg-type]
     print(f"video {video_path} ({codec}, {a.frames} frames of {W}x{H}): {n_att} attacked with PGD-{a.steps} "
-          f"at eps {a.eps}; the runtime's input differs from the crafted one by {truth['mean_input_deviation'] * 255:.2f}/255 "
+          f"at eps {a.eps}; the runtime's input differs from the crafted one by "
+          f"{truth['mean_input_deviation'] * 255:.2f}/255 "
           f"on average (max {worst * 255:.1f}/255, where the frame saturates)")
 
 

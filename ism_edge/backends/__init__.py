@@ -133,7 +133,8 @@ class Backend(abc.ABC):
         if rounds < 0:
             raise ValueError(f"feedback_rounds must be >= 0, got {rounds}")
         if device not in self.devices and check.cuda_index(device) is None:
-            raise ValueError(f"device must be one of {', '.join(self.devices)} or cuda:N for the {self.name} backend{self.device_hint}, got {device!r}")
+            raise ValueError(f"device must be one of {', '.join(self.devices)} or cuda:N for the {self.name} "
+                             f"backend{self.device_hint}, got {device!r}")
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.device = device
@@ -178,7 +179,9 @@ class Backend(abc.ABC):
     def __enter__(self) -> Backend:
         return self.activate()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.deactivate()
 
     # -- inference ---------------------------------------------------------------------------
@@ -197,7 +200,9 @@ class Backend(abc.ABC):
         expected = self.input_shape
         if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4 or tuple(x.shape[1:]) != expected:
             got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, np.ndarray) else type(x).__name__
-            raise ValueError(f"backend input must be float32 [N, {expected[0]}, {expected[1]}, {expected[2]}], got {got}")
+            raise ValueError(
+                f"backend input must be float32 [N, {expected[0]}, {expected[1]}, {expected[2]}], got {got}"
+            )
         n = int(x.shape[0])
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"batch of {n} is outside [1, {self.max_batch}] (the engines' batch profile)")
@@ -228,7 +233,9 @@ class Backend(abc.ABC):
         with this backend's rounds and the manifest's ``recon_error`` threshold; rounds per sample."""
         return feedback_reformation(self.feedback_rounds, self.manifest.thresholds["recon_error"], n, remap, replace)
 
-    def _check_io(self, role: str, path: Path, inputs: TensorInfo, outputs: TensorInfo, *, extra_outputs: bool = False) -> None:
+    def _check_io(
+        self, role: str, path: Path, inputs: TensorInfo, outputs: TensorInfo, *, extra_outputs: bool = False
+    ) -> None:
         """Refuse a loaded network whose I/O disagrees with the manifest (a mismatched directory).
 
         The tensor names must be those of ``manifest.engines[role]`` (extra outputs are ignored
@@ -249,17 +256,23 @@ class Backend(abc.ABC):
             for t in specs:
                 dtype = tensors[t.name][0]
                 if dtype != t.dtype:
-                    raise EngineMismatchError(f"{path} ({role}) {kind} {t.name!r} is {dtype}, expected {t.dtype}: {fix}")
+                    raise EngineMismatchError(
+                        f"{path} ({role}) {kind} {t.name!r} is {dtype}, expected {t.dtype}: {fix}"
+                    )
         c, h, w = self.manifest.input_shape
         for name, (_, shape) in inputs.items():
-            if shape is not None and (len(shape) != 4 or any(d is not None and d != e for d, e in zip(shape[1:], (c, h, w), strict=True))):
+            if shape is not None and (
+                len(shape) != 4 or any(d is not None and d != e for d, e in zip(shape[1:], (c, h, w), strict=True))
+            ):
                 raise EngineMismatchError(
-                    f"{path} ({role}) input {name!r} has shape {list(shape)}, but the manifest says [N, {c}, {h}, {w}]: {fix}"
+                    f"{path} ({role}) input {name!r} has shape {list(shape)}, "
+                    f"but the manifest says [N, {c}, {h}, {w}]: {fix}"
                 )
         logits = outputs.get("logits", ("", None))[1] if role == "classifier" else None
         if logits and logits[-1] is not None and logits[-1] != self.manifest.num_classes:
             raise EngineMismatchError(
-                f"{path} (classifier) outputs {logits[-1]} logits, but the manifest names {self.manifest.num_classes} classes: {fix}"
+                f"{path} (classifier) outputs {logits[-1]} logits, "
+                f"but the manifest names {self.manifest.num_classes} classes: {fix}"
             )
 
     @abc.abstractmethod

@@ -49,11 +49,13 @@ def load_engine_dirs(dirs: Sequence[str | Path], bundle: str | Path | None = Non
     for d, m in out[1:]:
         if m.bundle_sha256 != first.bundle_sha256 or tuple(m.input_shape) != tuple(first.input_shape):
             raise EngineError(
-                f"{d} and {first_dir} were built from different bundles: benchmark engine directories of one bundle together"
+                f"{d} and {first_dir} were built from different bundles: "
+                "benchmark engine directories of one bundle together"
             )
     if bundle is not None and bundle_sha256(bundle) != first.bundle_sha256:
         raise EngineError(
-            f"bundle {bundle} is not the one the engines in {first_dir} were built from: pass the bundle given to 'ism-edge build'"
+            f"bundle {bundle} is not the one the engines in {first_dir} were built from: "
+            "pass the bundle given to 'ism-edge build'"
         )
     return out
 
@@ -70,13 +72,15 @@ def engine_columns(engines: Sequence[tuple[Path, EngineManifest]], *, threads: i
             continue
         name = f"onnxruntime-{m.precision}"
         if name not in columns:
-            columns[name] = runtime_column(name, f"ONNX Runtime {m.precision.upper()}", d, backend="onnxruntime", threads=threads,
-                                           device=device, spinning=spinning)
+            columns[name] = runtime_column(name, f"ONNX Runtime {m.precision.upper()}", d, backend="onnxruntime",
+                                           threads=threads, device=device, spinning=spinning)
     trt_dirs = [(d, m) for d, m in engines if m.backend == "tensorrt"]
     if "onnxruntime-fp32" not in columns:
-        columns["onnxruntime-fp32"] = Column("onnxruntime-fp32", "ONNX Runtime FP32", reason="no ONNX Runtime FP32 engine directory given")
+        columns["onnxruntime-fp32"] = Column("onnxruntime-fp32", "ONNX Runtime FP32",
+                                             reason="no ONNX Runtime FP32 engine directory given")
     if "onnxruntime-int8" not in columns:
-        columns["onnxruntime-int8"] = Column("onnxruntime-int8", "ONNX Runtime INT8", reason=f"no INT8 engine directory given: {INT8_HINT}")
+        columns["onnxruntime-int8"] = Column("onnxruntime-int8", "ONNX Runtime INT8",
+                                             reason=f"no INT8 engine directory given: {INT8_HINT}")
     trt = backend_class("tensorrt")
     try:
         trt.check_available()
@@ -85,9 +89,11 @@ def engine_columns(engines: Sequence[tuple[Path, EngineManifest]], *, threads: i
         trt_reason = f"not available here: {e}"
     if trt_dirs and trt_reason is None:
         d, m = trt_dirs[0]
-        columns["tensorrt"] = runtime_column("tensorrt", f"TensorRT {m.precision.upper()}", d, backend="tensorrt", threads=threads)
+        columns["tensorrt"] = runtime_column("tensorrt", f"TensorRT {m.precision.upper()}", d, backend="tensorrt",
+                                             threads=threads)
     else:
-        reason = trt_reason or "no TensorRT engine directory given: build one on this GPU with 'ism-edge build BUNDLE --backend tensorrt --out DIR'"
+        reason = trt_reason or ("no TensorRT engine directory given: "
+                                "build one on this GPU with 'ism-edge build BUNDLE --backend tensorrt --out DIR'")
         columns["tensorrt"] = Column("tensorrt", "TensorRT FP16", reason=reason)
     order = ["onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "tensorrt"]
     return [columns[k] for k in order if k in columns]

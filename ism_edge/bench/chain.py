@@ -153,10 +153,11 @@ class RuntimeChain:
         self.runtime.close()
 
 
-def runtime_column(name: str, title: str, engine_dir: str | Path, *, backend: str, threads: int | None, device: str = "auto",
-                   spinning: bool | None = None) -> Column:
+def runtime_column(name: str, title: str, engine_dir: str | Path, *, backend: str, threads: int | None,
+                   device: str = "auto", spinning: bool | None = None) -> Column:
     """A column for an engine directory on ``backend`` (built when the benchmark reaches it)."""
-    return Column(name, title, lambda: RuntimeChain(engine_dir, backend=backend, threads=threads, device=device, spinning=spinning))
+    return Column(name, title,
+                  lambda: RuntimeChain(engine_dir, backend=backend, threads=threads, device=device, spinning=spinning))
 
 
 # -- inputs ----------------------------------------------------------------------------------------
@@ -256,7 +257,9 @@ def measure(chain: Chain, pool: InputPool, batch: int, config: BenchConfig) -> d
         "calls": calls,
         "images_per_s": images_per_s,
         "frames_per_s": images_per_s / pool.tiles_per_frame,
-        "latency_ms": {"p50": _percentile(latencies, 50), "p99": _percentile(latencies, 99), "mean": sum(latencies) / calls},
+        "latency_ms": {
+            "p50": _percentile(latencies, 50), "p99": _percentile(latencies, 99), "mean": sum(latencies) / calls
+        },
         "stages_ms": mean_ms,
     }
 
@@ -337,8 +340,9 @@ def run_chain_bench(
     input_shape = tuple(manifest.input_shape)
     pool = input_pool(2 * max(config.batches), input_shape, manifest, config, photos)  # type: ignore[arg-type]
     check = pool.x[: min(len(pool.x), 256)]
-    say(f"inputs: {len(pool.x)} model inputs from {pool.frames} frames of {config.frame_size[1]}x{config.frame_size[0]} "
-        f"({config.mode} mode, {pool.tiles_per_frame} per frame); preprocessing {prep_text(pool.preprocess_ms)}")
+    say(f"inputs: {len(pool.x)} model inputs from {pool.frames} frames of "
+        f"{config.frame_size[1]}x{config.frame_size[0]} ({config.mode} mode, {pool.tiles_per_frame} per frame); "
+        f"preprocessing {prep_text(pool.preprocess_ms)}")
     reports: list[dict[str, Any]] = []
     decisions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for column in columns:
@@ -375,7 +379,8 @@ def run_chain_bench(
             res["gflops"] = None if achieved is None else achieved / 1e9
             res["peak_share"] = None if achieved is None or not peak_flops else achieved / peak_flops
             if res["peak_share"] is not None and (best is None or res["peak_share"] > best["peak_share"]):
-                best = {"column": entry["name"], "batch": res["batch"], "peak_share": res["peak_share"], "gflops": res["gflops"]}
+                best = {"column": entry["name"], "batch": res["batch"], "peak_share": res["peak_share"],
+                        "gflops": res["gflops"]}
         if entry["name"] in decisions and reference is not None:
             ref_labels, ref_flags = decisions[reference]
             labels, flags = decisions[entry["name"]]

@@ -99,7 +99,8 @@ def graph_macs(path: str | Path, *, batch: int = 1) -> dict[str, int]:
     try:
         model = onnx.load(str(path))
     except Exception as e:  # onnx raises DecodeError and friends
-        raise EngineError(f"{path} cannot be read as an ONNX graph ({type(e).__name__}): rebuild the engines with 'ism-edge build'") from None
+        raise EngineError(f"{path} cannot be read as an ONNX graph ({type(e).__name__}): "
+                          "rebuild the engines with 'ism-edge build'") from None
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
         if len(dims) and not dims[0].HasField("dim_value"):
@@ -132,7 +133,8 @@ def graph_macs(path: str | Path, *, batch: int = 1) -> dict[str, int]:
             a = ins[0]
             count = None if out is None or a is None else math.prod(out) * a[-1]
         if count is None:
-            raise EngineError(f"{path}: the shapes around {node.op_type} node {node.name!r} cannot be inferred, so its FLOPs are unknown")
+            raise EngineError(f"{path}: the shapes around {node.op_type} node {node.name!r} cannot be inferred, "
+                              "so its FLOPs are unknown")
         macs[node.op_type] = macs.get(node.op_type, 0) + int(count)
     return macs
 

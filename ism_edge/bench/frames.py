@@ -25,10 +25,14 @@ def load_photos(folder: str | Path | None = None) -> list[np.ndarray]:
     folder = Path(folder) if folder is not None else DEFAULT_PHOTOS
     if not folder.is_dir():
         raise SourceError(f"photo folder {folder} does not exist: pass --images DIR with a few photographs")
-    read = (cv2.imread(str(p), cv2.IMREAD_COLOR) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS)
+    read = (
+        cv2.imread(str(p), cv2.IMREAD_COLOR) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS
+    )
     images: list[np.ndarray] = [np.asarray(im) for im in read if im is not None]
     if not images:
-        raise SourceError(f"photo folder {folder} has no readable images ({', '.join(IMAGE_EXTENSIONS)}): pass --images DIR")
+        raise SourceError(
+            f"photo folder {folder} has no readable images ({', '.join(IMAGE_EXTENSIONS)}): pass --images DIR"
+        )
     return images
 
 

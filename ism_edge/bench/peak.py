@@ -71,7 +71,10 @@ def _matmul_model(size: int) -> bytes:
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["a", "b"], ["c"])],
         "gemm_probe",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, shape), helper.make_tensor_value_info("b", TensorProto.FLOAT, shape)],
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, shape),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, shape),
+        ],
         [helper.make_tensor_value_info("c", TensorProto.FLOAT, shape)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -88,7 +91,9 @@ def onnxruntime_probe(threads: int | None, size: int = DEFAULT_SIZE, repeats: in
     try:
         model = _matmul_model(size)
     except ImportError:
-        raise MissingDependencyError("the ONNX Runtime GEMM probe needs the Python module 'onnx': pip install onnx") from None
+        raise MissingDependencyError(
+            "the ONNX Runtime GEMM probe needs the Python module 'onnx': pip install onnx"
+        ) from None
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

@@ -46,8 +46,8 @@ class OnnxRuntimeBackend(Backend):
     ``"cuda"`` or ``"cuda:N"``. ``threads``: intra-op threads (``None``: ONNX Runtime's default,
     one per core). ``spinning``: whether idle intra-op threads spin waiting for work (lower
     latency per operator, but they burn their core; ``None``: off, faster for this chain of three
-    sessions — docs/performance.md, "Session options"). Runs the directory's ONNX Runtime models, or the ONNX sources of a TensorRT
-    engine directory.
+    sessions — docs/performance.md, "Session options"). Runs the directory's ONNX Runtime models,
+    or the ONNX sources of a TensorRT engine directory.
     """
 
     name = "onnxruntime"
@@ -102,8 +102,12 @@ class OnnxRuntimeBackend(Backend):
         # (the saved models hold CPU-only fused ops) — the stored ONNX sources, hash-checked below and
         # optimized for the provider by ONNX Runtime at load.
         use_source = self.manifest.backend != "onnxruntime" or providers != ["CPUExecutionProvider"]
-        self.model_files = {role: self.directory / (self.manifest.engines[role].onnx if use_source else self.manifest.engines[role].file)
-                            for role in ROLES}
+        self.model_files = {
+            role: self.directory / (
+                self.manifest.engines[role].onnx if use_source else self.manifest.engines[role].file
+            )
+            for role in ROLES
+        }
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
@@ -117,7 +121,8 @@ class OnnxRuntimeBackend(Backend):
             if not path.is_file():
                 raise EngineError(f"{path} ({role}) is missing: rebuild the engines with 'ism-edge build'")
             source = self.manifest.engines[role].onnx
-            if use_source and source in recorded and sha256_file(path) != recorded[source]:  # engine files: load_manifest checked them
+            # The ONNX sources only: load_manifest checked the engine files.
+            if use_source and source in recorded and sha256_file(path) != recorded[source]:
                 raise EngineError(
                     f"{path} ({role} ONNX source) does not match the hash recorded in the manifest "
                     "(corrupted or modified): rebuild the engines with 'ism-edge build'"
@@ -129,7 +134,8 @@ class OnnxRuntimeBackend(Backend):
                     f"{path} ({role}) cannot be loaded by ONNX Runtime {ort.__version__} ({_first_line(e)}): "
                     "the file is corrupt or was written for a newer runtime; rebuild with 'ism-edge build'"
                 ) from None
-            self._check_io(role, path, self._tensors(session.get_inputs()), self._tensors(session.get_outputs()), extra_outputs=True)
+            self._check_io(role, path, self._tensors(session.get_inputs()), self._tensors(session.get_outputs()),
+                           extra_outputs=True)
             self._sessions[role] = session
         self.providers = list(self._sessions["mapper"].get_providers())
         self._bindings["mapper"] = self._sessions["mapper"].io_binding()
@@ -138,7 +144,10 @@ class OnnxRuntimeBackend(Backend):
     def _tensors(args: Any) -> TensorInfo:
         """A session's inputs or outputs as :data:`~ism_edge.backends.TensorInfo` (symbolic dims: None)."""
         dtypes = {"tensor(float)": "float32", "tensor(float16)": "float16"}
-        return {a.name: (dtypes.get(a.type, a.type), tuple(d if isinstance(d, int) else None for d in a.shape)) for a in args}
+        return {
+            a.name: (dtypes.get(a.type, a.type), tuple(d if isinstance(d, int) else None for d in a.shape))
+            for a in args
+        }
 
     def _deactivate_impl(self) -> None:
         self._sessions.clear()

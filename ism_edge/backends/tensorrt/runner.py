@@ -115,7 +115,8 @@ class _Engine:
             return
         for name in self.inputs:
             if not self.context.set_input_shape(name, (n, *self._chw)):
-                raise EngineError(f"{self.path} ({self.role}): batch {n} is outside the engine's profile [{self.min_batch}, {self.max_batch}]")
+                raise EngineError(f"{self.path} ({self.role}): batch {n} is outside the engine's profile "
+                                  f"[{self.min_batch}, {self.max_batch}]")
         for name in self.outputs:
             got = _dims(self.context.get_tensor_shape(name))
             want = (n, *self._out_rows[name])
@@ -134,7 +135,9 @@ class _Engine:
 
     def execute(self, stream: cuda.Stream) -> None:
         if not self.context.execute_async_v3(stream.handle):
-            raise EngineError(f"{self.path} ({self.role}): TensorRT failed to enqueue the engine (see the TensorRT log above)")
+            raise EngineError(
+                f"{self.path} ({self.role}): TensorRT failed to enqueue the engine (see the TensorRT log above)"
+            )
 
 
 @dataclass
@@ -200,7 +203,8 @@ class TensorRTBackend(Backend):
         cuda.driver()
         if cuda.device_count() < 1:
             raise cuda.CudaError(
-                "the TensorRT backend needs an NVIDIA GPU, but CUDA reports none: check nvidia-smi, or use --backend onnxruntime"
+                "the TensorRT backend needs an NVIDIA GPU, but CUDA reports none: "
+                "check nvidia-smi, or use --backend onnxruntime"
             )
 
     @property
@@ -400,7 +404,9 @@ class TensorRTBackend(Backend):
             t = {
                 "upload": slot.host_ms.get("upload", 0.0) + ev["uploaded"].elapsed_ms(ev["upload_start"]),
                 "mapping": ev["mapped"].elapsed_ms(ev["map_start"]),
-                "classifier": ev["clf_raw_end"].elapsed_ms(ev["clf_start"]) + ev["classified"].elapsed_ms(ev["clf_ref_start"]),
+                "classifier": (
+                    ev["clf_raw_end"].elapsed_ms(ev["clf_start"]) + ev["classified"].elapsed_ms(ev["clf_ref_start"])
+                ),
                 "detectors": ev["p_end"].elapsed_ms(ev["p_start"]),
                 "download": ev["done"].elapsed_ms(ev["download_start"]),
             }

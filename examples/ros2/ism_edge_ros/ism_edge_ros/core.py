@@ -248,7 +248,8 @@ class DefenseCore:
         if received == received0:
             level, text = WARN, f"no images in the last {period:.1f} s"
         elif rejected > rejected0:
-            level, text = WARN, f"{rejected - rejected0} images rejected in the last {period:.1f} s (see the node's log)"
+            level, text = WARN, (f"{rejected - rejected0} images rejected in the last {period:.1f} s "
+                                 "(see the node's log)")
         else:
             level, text = OK, f"{(processed - processed0) / period:.1f} verdicts/s, {flagged} of {processed} flagged"
         pct = (lambda q: f"{np.percentile(lat, q):.2f}") if lat.size else (lambda q: "")

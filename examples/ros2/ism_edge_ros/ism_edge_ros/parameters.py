@@ -27,7 +27,9 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
 def check(values: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the parameter for values the node cannot start with."""
     if not values["engine_dir"]:
-        raise ValueError("parameter engine_dir is not set: pass the directory 'ism-edge build' wrote (engine_dir:=/path)")
+        raise ValueError(
+            "parameter engine_dir is not set: pass the directory 'ism-edge build' wrote (engine_dir:=/path)"
+        )
     if not values["diagnostics_period"] > 0:
         raise ValueError(f"parameter diagnostics_period must be > 0 seconds, got {values['diagnostics_period']}")
 

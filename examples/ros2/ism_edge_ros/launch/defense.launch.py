@@ -20,6 +20,10 @@ def generate_launch_description() -> LaunchDescription:
         for name, (default, text) in PARAMETERS.items()
     ]
     # value_type keeps every parameter at its declared type ("0" stays an int, a path a string).
-    parameters = {name: ParameterValue(LaunchConfiguration(name), value_type=type(default)) for name, (default, _) in PARAMETERS.items()}
-    node = Node(package="ism_edge_ros", executable="defense_node", name="ism_edge_defense", parameters=[parameters], output="screen")
+    parameters = {
+        name: ParameterValue(LaunchConfiguration(name), value_type=type(default))
+        for name, (default, _) in PARAMETERS.items()
+    }
+    node = Node(package="ism_edge_ros", executable="defense_node", name="ism_edge_defense", parameters=[parameters],
+                output="screen")
     return LaunchDescription([*arguments, node])
