@@ -124,8 +124,8 @@ def int8_from_onnx(
     ``calibration`` maps each graph input to float32 arrays (clean pixels in [0, 1] for ``x``).
     Only ``Conv`` is quantized (per-channel signed INT8 weights, unsigned INT8 activations,
     min-max calibration, the combination ONNX Runtime recommends for x86-64 and ARM64 CPUs):
-    also quantizing ``Gemm`` and ``ConvTranspose`` flipped up to 35 % of the defense's labels on
-    small trained bundles (measured; see docs/engines.md). The reconstruction error, the input
+    also quantizing ``Gemm`` and ``ConvTranspose`` flipped many of the defense's labels on small
+    trained bundles (docs/engines.md). The reconstruction error, the input
     normalisation, the k-sparse selection, the dense layers and the sigmoids stay FP32.
     """
     try:

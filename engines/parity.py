@@ -23,11 +23,10 @@ fp16       2e-2 · (1 + scale)                  2e-3 · (1 + scale)             
 int8       0.15 · (1 + scale)                  3e-2 · (1 + scale)                   ≥ 95 %
 =========  ==================================  ===================================  =========
 
-FP32 differences come from operation order only (measured ~1e-7 on x̂); FP16 keeps 11
-significant bits (relative step 4.9e-4) through ~10 layers, and the k-sparse code can swap its
-k-th entry for an almost equal one, hence the wider max bound and its per-sample share (on the
-shipped CIFAR-10 bundle, 1 of 256 samples' x̂ moved by 0.043 in FP16 against a 0.040 bound, the
-others by at most 0.02, with every label and flag unchanged); INT8 quantises the convolutions to
+FP32 differences come from operation order only; FP16 keeps 11 significant bits (relative step
+4.9e-4) through ~10 layers, and the k-sparse code can swap its k-th entry for an almost equal one,
+hence the wider max bound and its per-sample share (docs/engines.md has the measured
+differences); INT8 quantises the convolutions to
 256 levels. Label/flag agreement is the share of samples whose decision matches PyTorch. Per
 detector the report counts ``flips`` and, of those, ``borderline`` ones: the PyTorch score lay
 within the precision's max-|Δ| bound of the threshold, so the tolerated error explains the flip.

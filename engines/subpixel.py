@@ -1,8 +1,8 @@
 """Strided ``ConvTranspose`` → sub-pixel ``Conv`` + ``DepthToSpace`` for ONNX Runtime's CPU provider.
 
 ONNX Runtime's CPU ``ConvTranspose`` is a GEMM followed by a scalar col2im; its ``Conv`` runs in the
-blocked NCHWc layout with the activation fused. On the ``small`` preset the mapping network's four
-transposed convolutions took 77 % of its time (docs/performance.md). A transposed convolution of
+blocked NCHWc layout with the activation fused, so the mapping network's transposed convolutions
+dominate its CPU time (measured in docs/performance.md). A transposed convolution of
 stride ``s`` whose output is exactly ``s`` times its input is the same map as one convolution with
 ``s²·C_out`` output channels (one group per output phase ``(r_y, r_x)``) followed by
 ``DepthToSpace(s, DCR)``:
