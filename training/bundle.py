@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +205,11 @@ class DefenseBundle:
     def calibrated(self) -> bool:
         """Every deployed detector has a threshold (vacuously true for a bundle without detectors)."""
         return all(s in self.thresholds for s in self.defense.detectors)
+
+    def deployed_only(self) -> DefenseBundle:
+        """This bundle with only the networks its defense deploys (what ships; see ``scripts/ship_bundle.py``):
+        no teacher, discriminator or undefended classifier."""
+        return replace(self, networks={n: self.networks[n] for n in self.defense.required_networks()})
 
     def to(self, device: torch.device | str) -> DefenseBundle:
         for m in self.networks.values():

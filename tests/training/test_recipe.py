@@ -98,6 +98,34 @@ def test_calibrate_stage_alone_on_an_existing_bundle(trained_bundle_dir: Path, t
     assert torch.equal(b.mapper.state_dict()["fc.weight"], before.mapper.state_dict()["fc.weight"])
 
 
+def test_a_shipped_bundle_keeps_only_c_m_p_and_a_later_stage_saves_no_stand_ins(
+        trained_bundle_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    shipped = tmp_path / "shipped"
+    run = subprocess.run([sys.executable, "scripts/ship_bundle.py", str(trained_bundle_dir), str(shipped)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert {p.stem for p in shipped.glob("*.safetensors")} == {"classifier", "mapper", "perturbation"}
+    b = DefenseBundle.load(shipped)
+    assert b.provenance["shipped_from"]["path"] == str(trained_bundle_dir)
+    req = TrainRequest(data=[CIFAR_TRAIN], out=shipped, recipe=RecipeConfig(target_fpr=0.05), stages=["calibrate"],
+                       device="cpu")
+    train_bundle(req, echo=lambda _m: None)
+    # The run filled teacher, discriminator and undefended with untrained stand-ins; none is saved.
+    assert {p.stem for p in shipped.glob("*.safetensors")} == {"classifier", "mapper", "perturbation"}
+    assert set(DefenseBundle.load(shipped).networks) == {"classifier", "mapper", "perturbation"}
+    req = TrainRequest(data=[CIFAR_TRAIN], out=shipped, stages=["distill"], device="cpu")
+    with pytest.raises(BundleError, match="holds no teacher network"):
+        train_bundle(req, echo=lambda _m: None)
+    run = subprocess.run([sys.executable, "scripts/ship_bundle.py", str(shipped), str(shipped / "inside")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "is " in run.stderr and "or inside it" in run.stderr
+
+
 def test_resume_continues_after_an_interruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = RecipeConfig(epochs_classifier=2, batch_size=256, adv_ratio=0.0)
     out = tmp_path / "b"

@@ -155,8 +155,12 @@ class RecipeRunner:
             if tuple(b.class_names) != tuple(train.class_names):
                 raise BundleError(f"{out} was trained on classes {list(b.class_names)[:4]}…, the data has "
                                   f"{list(train.class_names)[:4]}…: use the same dataset")
+            # Networks the bundle does not hold (a shipped bundle keeps only the deployed ones) get
+            # untrained stand-ins; they are saved only once a stage of this run has trained them.
             for n, net in DefenseBundle.create(b.config, b.class_names).networks.items():
-                b.networks.setdefault(n, net)
+                if n not in b.networks:
+                    b.networks[n] = net
+                    self._absent.add(n)
             return b.to(self.device)
         if needs_existing and first not in ("undefended", "adversarial"):
             prior = [s for s in STAGES[: STAGES.index(first)] if s not in ("undefended",)]
@@ -378,6 +382,7 @@ class RecipeRunner:
         _seed_everything(self.cfg.seed)
         size = model_preset(self.req.preset).image_size
         train, calib = self._load_data(size)
+        self._absent: set[str] = set()
         b = self._initial_bundle(train)
         if self.req.weights_dtype is not None:
             b.weights_dtype = self.req.weights_dtype
@@ -433,6 +438,10 @@ class RecipeRunner:
                 b.stages[stage] = {"skipped": "distillation disabled: the adversarially trained classifier is deployed"}
                 self._completed.append(stage)
                 continue
+            if stage == "distill" and "teacher" in self._untrained():
+                raise BundleError(f"{self.req.out} holds no teacher network (a shipped bundle keeps only the deployed "
+                                  "ones): distil from the bundle the teacher was trained in, or run the adversarial "
+                                  "stage too")
             t0 = time.perf_counter()
             st = state if state.get("stage") == stage else {}
             if stage in ("undefended", "adversarial", "distill"):
@@ -506,8 +515,18 @@ class RecipeRunner:
         if self.cfg.baseline in ("none", "magnet") and "undefended" in self._completed:
             b.classifier.load_state_dict(b.networks["undefended"].state_dict())
 
+    def _untrained(self) -> set[str]:
+        """Stand-in networks no stage of this run (trained, shared or resumed) has filled."""
+        trained = {"undefended": {"undefended"}, "adversarial": {"teacher" if self.cfg.distill else "classifier"},
+                   "distill": {"classifier"}, "mapper": {"mapper", "discriminator"}, "finetune": {"classifier"},
+                   "perturbation": {"perturbation"}}
+        return self._absent - set().union(*(trained.get(s, set()) for s in self._completed))
+
     def _save(self, b: DefenseBundle) -> DefenseBundle:
-        """Save the networks the baseline trained (all of them for the full defense)."""
+        """Save the networks the baseline trained (all of them for the full defense), never a stand-in."""
+        untrained = self._untrained()
+        if untrained:
+            b = replace(b, networks={n: m for n, m in b.networks.items() if n not in untrained})
         keep = set(self.spec.required_networks()) | {"undefended"}
         if self.cfg.distill:
             keep.add("teacher")
