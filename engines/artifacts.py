@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from ism_edge.errors import EngineError, missing_dependency
-from ism_edge.manifest import MANIFEST_NAME
+from ism_edge.manifest import (
+    DEFAULT_DETECTOR_TEMPERATURE,
+    MANIFEST_NAME,
+    MAX_THRESHOLD,
+    SCORE_NAMES,
+)
 
 ONNX_DIR = "onnx"
 EXPORT_REPORT = "export.json"
@@ -112,3 +117,18 @@ def library_versions(backend: str, *, opset: int | None = None) -> dict[str, str
 
         v["tensorrt"] = tensorrt_version()
     return v
+
+
+def decision_fields(bundle: Any) -> dict[str, Any]:
+    """A ``training.bundle.DefenseBundle``'s facts the runtime decides with, as engine-manifest
+    fields (the build writes them; the parity gate runs with them). A detector without a threshold
+    never flags. (``Any``: this module is type-checked with the TensorRT builder, apart from torch.)"""
+    return {
+        "class_names": tuple(bundle.class_names),
+        "thresholds": {s: float(bundle.thresholds.get(s, MAX_THRESHOLD)) for s in SCORE_NAMES},
+        "temperatures": {"deploy": float(bundle.temperatures.get("deploy", 1.0)),
+                         "detector": float(bundle.temperatures.get("detector", DEFAULT_DETECTOR_TEMPERATURE))},
+        "target_fpr": float(bundle.target_fpr),
+        "feedback_rounds": int(bundle.feedback_rounds),
+        "label_source": bundle.label_source,
+    }

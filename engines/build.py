@@ -30,17 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from engines import ort_build, parity, tensorrt_build
-from engines.artifacts import ONNX_DIR, Built, check_out_dir, library_versions, now
-from engines.export import OPSET, PARITY_SAMPLES, exported, tensor_specs
+from engines.artifacts import ONNX_DIR, Built, check_out_dir, decision_fields, library_versions, now
+from engines.export import OPSET, PARITY_SAMPLES, engine_file, exported
 from engines.progress import StepCallback, Steps
 from ism_edge._io import sha256_file
 from ism_edge.errors import EngineError
 from ism_edge.manifest import (
     BACKENDS,
-    DEFAULT_DETECTOR_TEMPERATURE,
     ROLES,
-    SCORE_NAMES,
-    EngineFile,
     EngineManifest,
 )
 
@@ -137,18 +134,13 @@ def build_engines(
                 backend=backend,
                 precision=precision,
                 input_shape=shape,
-                class_names=tuple(bundle.class_names),
-                thresholds={s: float(bundle.thresholds[s]) for s in SCORE_NAMES},
-                temperatures={"deploy": float(bundle.temperatures.get("deploy", 1.0)),
-                              "detector": float(bundle.temperatures.get("detector", DEFAULT_DETECTOR_TEMPERATURE))},
-                target_fpr=float(bundle.target_fpr),
+                **decision_fields(bundle),  # every threshold is there: checked before the build started
                 batch={"min": batch[0], "opt": batch[1], "max": batch[2]},
-                engines={role: _engine_file(role, built, ex.root, shape, bundle.config.num_classes) for role in ROLES},
+                engines={role: engine_file(role, built.engines[role], built.sources[role], ex.root, shape,
+                                           bundle.config.num_classes) for role in ROLES},
                 bundle_sha256=ex.bundle_sha256,
                 bundle_name=bundle_dir.resolve().name,
                 color_order="RGB",
-                label_source=bundle.label_source,
-                feedback_rounds=int(bundle.feedback_rounds),
                 versions=versions,
                 gpu=gpu,
                 parity=report,
@@ -157,12 +149,3 @@ def build_engines(
             manifest.save(ex.root)
     steps.done()
     return out_dir
-
-
-def _engine_file(
-    role: str, built: Built, root: Path, input_shape: tuple[int, int, int], num_classes: int
-) -> EngineFile:
-    engine, source = built.engines[role], built.sources[role]
-    ins, outs = tensor_specs(role, input_shape, num_classes)
-    return EngineFile(role=role, file=engine.relative_to(root).as_posix(), onnx=source.relative_to(root).as_posix(),
-                      sha256=sha256_file(engine), inputs=ins, outputs=outs)

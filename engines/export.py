@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 from engines.artifacts import EXPORT_REPORT, check_out_dir, library_versions, now
 from engines.progress import StepCallback, Steps
-from ism_edge._io import atomic_directory
+from ism_edge._io import atomic_directory, sha256_file
 from ism_edge.errors import BundleError, EngineError, caused_by_interrupt, missing_dependency
-from ism_edge.manifest import GRAPH_IO, ROLES, SCORE_NAMES, TensorSpec
+from ism_edge.manifest import GRAPH_IO, ROLES, SCORE_NAMES, EngineFile, TensorSpec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -56,6 +56,14 @@ def tensor_specs(
     shapes = {"x": image, "x_hat": image, "recon_error": (-1,), "logits": (-1, num_classes), "p_score": (-1,)}
     ins, outs = GRAPH_IO[role]
     return tuple(TensorSpec(n, shapes[n]) for n in ins), tuple(TensorSpec(n, shapes[n]) for n in outs)
+
+
+def engine_file(role: str, engine: Path, source: Path, root: Path, input_shape: tuple[int, int, int],
+                num_classes: int) -> EngineFile:
+    """A role's manifest entry: its engine file (hashed) and ONNX source under ``root``, and its graph I/O."""
+    ins, outs = tensor_specs(role, input_shape, num_classes)
+    return EngineFile(role=role, file=engine.relative_to(root).as_posix(), onnx=source.relative_to(root).as_posix(),
+                      sha256=sha256_file(engine), inputs=ins, outputs=outs)
 
 
 def graph_modules(bundle: DefenseBundle) -> dict[str, nn.Module]:

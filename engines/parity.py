@@ -41,15 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ism_edge._io import sha256_file
 from ism_edge.errors import ParityError
 from ism_edge.manifest import (
-    DEFAULT_DETECTOR_TEMPERATURE,
     GRAPH_IO,
-    MAX_THRESHOLD,
     ROLES,
     SCORE_NAMES,
-    EngineFile,
     EngineManifest,
 )
 
@@ -169,30 +165,20 @@ def gate_manifest(files: Mapping[str, Path], root: Path, bundle: DefenseBundle, 
     A threshold the bundle lacks (not yet calibrated) turns its detector off (the largest allowed
     threshold), as :func:`torch_defense_outputs` does; ``bundle_sha256`` is a placeholder.
     """
-    from engines.export import tensor_specs
+    from engines.artifacts import decision_fields
+    from engines.export import engine_file
 
     cfg = bundle.config
     input_shape = (cfg.channels, cfg.image_size, cfg.image_size)
-    engines = {}
-    for role in ROLES:
-        rel = Path(files[role]).relative_to(root).as_posix()
-        ins, outs = tensor_specs(role, input_shape, cfg.num_classes)
-        engines[role] = EngineFile(role=role, file=rel, onnx=rel, sha256=sha256_file(files[role]), inputs=ins,
-                                   outputs=outs)
     return EngineManifest(
         backend="onnxruntime",
         precision="fp32",
         input_shape=input_shape,
-        class_names=tuple(bundle.class_names),
-        thresholds={s: float(bundle.thresholds.get(s, MAX_THRESHOLD)) for s in SCORES},
-        temperatures={"deploy": float(bundle.temperatures.get("deploy", 1.0)),
-                      "detector": float(bundle.temperatures.get("detector", DEFAULT_DETECTOR_TEMPERATURE))},
-        target_fpr=float(bundle.target_fpr),
+        **decision_fields(bundle),
         batch={"min": 1, "opt": batch, "max": batch},
-        engines=engines,
+        engines={role: engine_file(role, Path(files[role]), Path(files[role]), root, input_shape, cfg.num_classes)
+                 for role in ROLES},
         bundle_sha256="0" * 64,
-        feedback_rounds=int(bundle.feedback_rounds),
-        label_source=bundle.label_source,
     )
 
 
