@@ -177,6 +177,17 @@ class RecipeRunner:
         return b.to(self.device)
 
     # -- stages --------------------------------------------------------------------------
+    def _guard_set(self, calib: ImageArrays) -> ImageArrays:
+        """The held-out images the guard measures PGD accuracy on (the first ``guard_examples``)."""
+        n = self.cfg.guard_examples
+        return calib.subset(np.arange(min(n, len(calib)))) if n else calib
+
+    def _guard(self, model: torch.nn.Module, data: ImageArrays, eps: float) -> dict[str, Any]:
+        """A stage's guard record: clean and PGD accuracy of ``model`` on ``data`` at ``eps``."""
+        clean, robust = heldout_accuracy(model, data, self.device, eps=eps, steps=self.cfg.guard_pgd_steps)
+        return {"n": len(data), "eps": eps, "pgd_steps": self.cfg.guard_pgd_steps, "clean_acc": clean,
+                "pgd_acc": robust}
+
     def _classifier_stage(self, stage: str, b: DefenseBundle, train: ImageArrays, calib: ImageArrays,
                           state: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
@@ -207,7 +218,7 @@ class RecipeRunner:
         logit_temp = cfg.teacher_temperature if stage == "distill" else temp
         surrogate = ScaledLogits(net, 1.0 / logit_temp) if logit_temp != 1.0 else net
         guard_eps = cfg.adv_eps[1] if adv else 0.0
-        guard_data = calib.subset(np.arange(min(cfg.guard_examples, len(calib)))) if cfg.guard_examples else calib
+        guard_data = self._guard_set(calib)
         best = BestEpoch(net)
 
         def measure(epoch: int) -> dict[str, float]:
@@ -225,10 +236,7 @@ class RecipeRunner:
                 out["best_epoch"] = best.epoch + 1
             out["clean_acc_heldout"] = clean_accuracy(net, calib, self.device)
             if adv and cfg.guard_examples:
-                clean, robust = heldout_accuracy(surrogate, guard_data, self.device, eps=guard_eps,
-                                                 steps=cfg.guard_pgd_steps)
-                out.update(guard={"n": len(guard_data), "eps": guard_eps, "pgd_steps": cfg.guard_pgd_steps,
-                                  "clean_acc": clean, "pgd_acc": robust})
+                out["guard"] = self._guard(surrogate, guard_data, guard_eps)
             return out
 
         return self._epochs(stage, epochs, [opt, sched, best], state, b, train,
@@ -274,17 +282,14 @@ class RecipeRunner:
         surrogate = ScaledLogits(net, 1.0 / temp) if temp != 1.0 else net
         opt = _optimizer(net.parameters(), cfg, lr=cfg.finetune_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs_finetune, 1))
-        guard_data = calib.subset(np.arange(min(cfg.guard_examples, len(calib)))) if cfg.guard_examples else calib
+        guard_data = self._guard_set(calib)
 
         def after() -> dict[str, Any]:
             s = defense_scores(Defense(b, feedback_rounds=0), calib, self.device)
             out: dict[str, Any] = {"heldout_acc_raw": float((s["label_raw"] == calib.y).mean()),
                                    "heldout_acc_reformed": float((s["label_reformed"] == calib.y).mean())}
             if cfg.guard_examples and cfg.adv_eps[1] > 0:
-                clean, robust = heldout_accuracy(surrogate, guard_data, self.device, eps=cfg.adv_eps[1],
-                                                 steps=cfg.guard_pgd_steps)
-                out["guard"] = {"n": len(guard_data), "eps": cfg.adv_eps[1], "pgd_steps": cfg.guard_pgd_steps,
-                                "clean_acc": clean, "pgd_acc": robust}
+                out["guard"] = self._guard(surrogate, guard_data, cfg.adv_eps[1])
             return out
 
         pool = self._pool(b, train) if cfg.epochs_finetune > 0 else None
