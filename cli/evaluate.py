@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -14,6 +15,38 @@ from cli.choices import DataKind
 def _names(baselines: list[str], dirs: list[Path]) -> list[str]:
     """Report labels: the baseline name, with the directory name where two bundles share one."""
     return [b if baselines.count(b) == 1 else f"{b} ({d.name})" for b, d in zip(baselines, dirs, strict=True)]
+
+
+def _earlier_results(out_dir: Path) -> dict[str, tuple[dict[str, Any], dict[str, Any] | None]]:
+    """Bundle hash → (result, cross-check or None) of an earlier run's ``results.json`` in ``out_dir``.
+
+    The file is data: anything that is not the shape this command writes is refused with one line.
+    """
+    from ism_edge._checks import read_json
+    from ism_edge.errors import IsmEdgeError
+
+    path = out_dir / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = read_json(path)
+    except (OSError, ValueError) as e:
+        raise IsmEdgeError(f"--resume: cannot read {path}: {e}") from None
+    bundles = raw.get("bundles") if isinstance(raw, dict) else None
+    checks = raw.get("crosscheck") or [] if isinstance(raw, dict) else []
+    if not isinstance(bundles, list) or not isinstance(checks, list) or \
+            not all(isinstance(r, dict) and isinstance(r.get("bundle"), dict) and isinstance(r.get("config"), dict)
+                    and isinstance(r["bundle"].get("sha256"), str) for r in bundles) or \
+            not all(isinstance(c, dict) for c in checks):
+        raise IsmEdgeError(f"--resume: {path} is not an ism-edge evaluate report: write to another --out")
+    # Cross-checks are appended in the order of the bundles (one per bundle, or none at all).
+    return {r["bundle"]["sha256"]: (r, checks[i] if len(checks) == len(bundles) else None)
+            for i, r in enumerate(bundles)}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal once both went through JSON (tuples and lists alike), as a report stores them."""
+    return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
 
 
 @cli_errors
@@ -59,6 +92,9 @@ def evaluate(
         "Keep only exact-pixel images (CIFAR *_jpegfill .npz files)."))] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for the subset and the attacks' random starts.")] = 0,
+    resume: Annotated[bool, typer.Option(help=(
+        "Reuse the results an earlier run wrote to --out for bundles with the same contents (hash), images "
+        "and options, and evaluate only the others: a long comparison can be split over runs."))] = False,
 ) -> None:
     """Evaluate defense bundles on the same images: for every threat model, attack and ε, clean
     accuracy, accuracy under attack, detection rate, FPR on clean data and defended accuracy
@@ -142,15 +178,28 @@ def evaluate(
         atomic_write_bytes(out_dir / "results.csv", csv_text(results).encode())
         plot_accuracy_vs_eps(results, out_dir / "accuracy_vs_eps.png")
 
+    earlier = _earlier_results(out_dir) if resume else {}
     with make_progress() as progress:
         for path, b, name in zip(bundles, loaded, names, strict=True):
-            r = evaluate_bundle(b, arrays, cfg, device=dev, progress=progress, name=name, echo=echo)
-            r["bundle"] = {"path": str(path.resolve()), "sha256": bundle_hash(path), "preset": b.preset,
+            digest = bundle_hash(path)
+            old, old_check = earlier.get(digest, ({}, None))
+            if old and _same(old.get("config"), cfg.to_dict()) and _same(old.get("data"), arrays.provenance):
+                r = {**old, "name": name}
+                typer.echo(f"{name}: results of {out_dir / 'results.json'} reused (same bundle, images and options)",
+                           err=True)
+            else:
+                r = evaluate_bundle(b, arrays, cfg, device=dev, progress=progress, name=name, echo=echo)
+                old_check = None
+            r["bundle"] = {"path": str(path.resolve()), "sha256": digest, "preset": b.preset,
                            "baseline": b.defense.baseline}
             if crosscheck:
                 from training.evaluation.crosscheck import crosscheck as run_crosscheck
 
-                checks.append(run_crosscheck(b, arrays, check_cfg, device=dev, progress=progress, name=name, echo=echo))
+                if old_check is not None and _same(old_check.get("config"), check_cfg.to_dict()):
+                    checks.append({**old_check, "name": name})
+                else:
+                    check = run_crosscheck(b, arrays, check_cfg, device=dev, progress=progress, name=name, echo=echo)
+                    checks.append({**check, "config": check_cfg.to_dict()})
             results.append(r)
             write_reports()
     console.print(rich_table(results, title=f"{', '.join(names)}: {results[0]['n']} images"))

@@ -104,6 +104,42 @@ def test_a_stopped_multi_bundle_evaluation_keeps_the_bundles_it_finished(
     assert "(partial: full (copy) not evaluated yet)" in (out / "results.md").read_text()
 
 
+def test_resume_reuses_the_bundles_an_earlier_run_finished(
+        tmp_path: Path, trained_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.evaluation
+
+    out = tmp_path / "eval"
+    opts = ["--data", str(CIFAR_TEST), "--n", "6", "--eps", "0.3", "--attacks", "fgsm", "--threat", "known",
+            "--no-sanity", "--out", str(out), "--device", "cpu"]
+    r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), *opts])
+    assert r.exit_code == 0, r.output + r.stderr
+    first = json.loads((out / "results.json").read_text())["bundles"][0]
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_bundle_dir, copy)
+    real = training.evaluation.evaluate_bundle
+    calls: list[str] = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["name"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training.evaluation, "evaluate_bundle", counted)
+    r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), str(copy), *opts, "--resume"])
+    assert r.exit_code == 0, r.output + r.stderr
+    res = json.loads((out / "results.json").read_text())
+    # The copy has the same contents (hash): both bundles reuse the earlier cells, none is evaluated again.
+    assert calls == [] and res["complete"] is True and "reused" in r.stderr
+    assert [b["cells"] for b in res["bundles"]] == [first["cells"], first["cells"]]
+    # Other options (here n) are not the same evaluation: nothing is reused.
+    r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), *opts[:3], "5", *opts[4:], "--resume"])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert len(calls) == 1
+    (out / "results.json").write_text("[1, 2]")
+    r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), *opts, "--resume"])
+    assert r.exit_code != 0 and "is not an ism-edge evaluate report" in r.output + r.stderr
+    assert len((r.output + r.stderr).strip().splitlines()) == 1
+
+
 def test_baseline_option_is_checked(tmp_path: Path) -> None:
     r = runner.invoke(app, ["train", "--data", str(CIFAR_TRAIN), "--out", str(tmp_path / "b"), "--baseline", "nope"])
     assert r.exit_code == 2 and "'nope' is not one of 'full', 'none', 'magnet'" in r.output + r.stderr
