@@ -32,6 +32,9 @@ def train(
     epochs_finetune: Annotated[int, typer.Option(help=(
         "Epochs of the finetune stage: C on M's outputs beside fresh adversarial examples "
         "(0 = keep C as distilled)."))] = 2,
+    finetune_clean: Annotated[bool, typer.Option(help=(
+        "Give the finetune stage the clean images too (raises clean accuracy; --no-finetune-clean: "
+        "adversarial and reformed rows only)."))] = True,
     stages: Annotated[str, typer.Option(help=(
         "Comma-separated stages to run, in recipe order: undefended, adversarial, distill, mapper, finetune, "
         "perturbation, calibrate."))] = "all",
@@ -121,7 +124,8 @@ def train(
             epochs_classifier=base.epochs_classifier if ec is None else ec,
             epochs_mapper=base.epochs_mapper if em is None else em,
             epochs_perturbation=base.epochs_perturbation if ep is None else ep,
-            epochs_distill=epochs_distill, epochs_finetune=epochs_finetune, batch_size=batch_size, lr=lr, clf_lr=clf_lr,
+            epochs_distill=epochs_distill, epochs_finetune=epochs_finetune, finetune_clean=finetune_clean,
+            batch_size=batch_size, lr=lr, clf_lr=clf_lr,
             lr_schedule=lr_schedule,
             adv_ratio=adv_ratio, adv_eps=(eps[0], eps[1]), adv_attack=adv_attack, guard_examples=guard_examples,
             temperature=temperature, distill=distill, distill_method=distill_method, label_source=label_source,

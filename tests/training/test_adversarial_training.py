@@ -120,6 +120,24 @@ def test_baselines_share_the_classifier_stages_of_a_bundle(trained_bundle_dir: P
     assert not (tmp_path / "none").exists()
 
 
+def test_a_full_run_shares_the_distilled_classifier_and_trains_a_new_mapper(trained_bundle_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    from tests.conftest import TRAINED_RECIPE
+    from training.bundle import DefenseBundle
+
+    full = DefenseBundle.load(trained_bundle_dir)
+    recipe = RecipeConfig(**{**TRAINED_RECIPE, "epochs_mapper": 1})
+    b = train_bundle(TrainRequest(data=[CIFAR_TRAIN], out=tmp_path / "m2", recipe=recipe, device="cpu",
+                                  stages=["undefended", "adversarial", "distill", "mapper"], limit=256,
+                                  model_overrides={"latent_dim": 256, "sparsity_k": 64},
+                                  init_from=trained_bundle_dir), echo=lambda _m: None)
+    assert all(torch.equal(v, full.classifier.state_dict()[k]) for k, v in b.classifier.state_dict().items())
+    assert b.stages["distill"]["shared_from"] == str(trained_bundle_dir)
+    assert b.stages["distill"]["shared_classifier_after"] == "finetune"  # the fixture's C was fine-tuned
+    assert "acc_clean" in full.stages["finetune"]["history"][0]  # its finetune stage had the clean rows
+    assert b.config.latent_dim == 256 and "shared_from" not in b.stages["mapper"]
+
+
 def test_thresholds_hold_the_rate_within_every_group() -> None:
     from training.recipe.stages import calibrate_thresholds
 

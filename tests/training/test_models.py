@@ -53,6 +53,27 @@ def test_paper_preset_has_the_papers_sizes() -> None:
     cfg = PRESETS["paper"]
     assert cfg.clf_widths == (128, 256, 128, 64) and cfg.clf_dense == 1024
     assert cfg.map_widths == (64, 128, 256, 256) and cfg.latent_dim == 128 and cfg.sparsity_k == 32
+    assert cfg.map_skip is False and not any(n.startswith("skip.") for n in MappingNetwork(cfg).state_dict())
+
+
+def test_the_residual_decoder_path_carries_detail_the_code_cannot() -> None:
+    cfg = preset("small", map_skip=True)
+    m = MappingNetwork(cfg).eval()
+    assert "skip.weight" in m.state_dict()
+    a, b = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        # Same code for both images (the sparse code alone would give the same output), other detail.
+        za = m.encoder(a)
+        qa, qb = m.encoder[:4](a), m.encoder[:4](b)
+        from training.models import k_sparse as ks
+
+        za = ks(za, cfg.sparsity_k)
+        assert not torch.allclose(m.decode(za, qa), m.decode(za, qb))
+        assert torch.allclose(m.decode(za, qa), m(a), atol=1e-6)
+    with pytest.raises(ValueError, match="residual path"):
+        m.decode(za)
+    # Bundles written before the field existed load as the paper's structure.
+    assert ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "map_skip"}).map_skip is False
 
 
 @pytest.mark.parametrize("bad", [dict(image_size=40), dict(sparsity_k=0), dict(sparsity_k=200), dict(num_classes=1),

@@ -181,3 +181,20 @@ def test_same_seed_same_weights(tmp_path: Path) -> None:
     w = [o.networks["teacher"].state_dict()["head.3.weight"] for o in outs]
     assert torch.allclose(w[0], w[1])
     assert np.isfinite(w[0].numpy()).all()
+
+
+def test_exact_pixel_pairs_weigh_as_much_as_reencoded_ones_in_p_s_loss() -> None:
+    import numpy as np
+
+    from training.data.arrays import ImageArrays
+    from training.recipe.stages import EpochContext
+
+    n = 20
+    exact = np.arange(n) < 2  # 10 % exact pixels, as in the CIFAR-10 copy
+    data = ImageArrays(np.zeros((n, 32, 32, 3), np.uint8), np.zeros(n, np.int64), ("a", "b"), {}, exact)
+    ctx = EpochContext(RecipeConfig(), data, torch.device("cpu"), 0, None, "")
+    w = ctx.exact_weights(np.arange(n))
+    assert w is not None and float(w[exact].sum()) == pytest.approx(float(w[~exact].sum()))
+    assert float(w.mean()) == pytest.approx(1.0)
+    same = ImageArrays(data.x, data.y, data.class_names, {}, np.ones(n, bool))
+    assert EpochContext(RecipeConfig(), same, torch.device("cpu"), 0, None, "").exact_weights(np.arange(n)) is None

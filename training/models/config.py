@@ -21,7 +21,10 @@ class ModelConfig:
     ``clf_widths``/``clf_dense``: classifier C (paper Table 1: 128, 256, 128, 64 and 1024).
     ``map_widths``/``latent_dim``/``sparsity_k``: mapping network M (paper Table 2: 64, 128,
     256, 256 and FC 128; k = 32 largest-magnitude latent entries kept per instance).
-    ``pert_widths``: perturbation classifier P; ``disc_widths``: discriminator D.
+    ``map_skip``: a residual decoder path (not in the paper; off in its preset): M's encoder
+    features at a quarter of the input resolution are added, through a 1×1 convolution, to the
+    decoder's at the same resolution (U-Net style), so that M keeps detail its sparse code cannot
+    carry. ``pert_widths``: perturbation classifier P; ``disc_widths``: discriminator D.
     ``image_size`` must be a multiple of 16 (M has four stride-2 stages) and at least 32.
     """
 
@@ -33,6 +36,7 @@ class ModelConfig:
     map_widths: tuple[int, int, int, int] = (64, 128, 256, 256)
     latent_dim: int = 128
     sparsity_k: int = 32
+    map_skip: bool = False
     pert_widths: tuple[int, int, int] = (32, 64, 128)
     disc_widths: tuple[int, int, int] = (64, 128, 256)
     mean: tuple[float, ...] = CIFAR10_MEAN
@@ -93,14 +97,16 @@ PRESETS: dict[str, ModelConfig] = {
         pert_widths=(16, 32, 32),
         disc_widths=(16, 32, 64),
     ),
-    # Twice small's widths and a wider latent code: the shipped CIFAR-10 defense, whose whole
-    # recipe trains on all 50,000 images within hours on 2 CPU cores (docs/training.md).
+    # Twice small's widths, a wider latent code and M's residual decoder path: the shipped
+    # CIFAR-10 defense, whose whole recipe trains on all 50,000 images within hours on 2 CPU
+    # cores (docs/training.md).
     "medium": ModelConfig(
         clf_widths=(32, 64, 64, 32),
         clf_dense=512,
         map_widths=(32, 64, 128, 128),
         latent_dim=256,
         sparsity_k=64,
+        map_skip=True,
         pert_widths=(16, 32, 64),
         disc_widths=(32, 64, 128),
     ),

@@ -70,6 +70,8 @@ class MappingNetwork(nn.Module):
     Encoder Conv(w0,7×7,s2)-LReLU(0.2)-Conv(w1,3×3,s2)-LReLU-Conv(w2,3×3,s2)-LReLU-
     Conv(w3,5×5,s2)-FC(latent) → z, then the k-sparse code, then a mirrored decoder of
     transposed convolutions ending in a sigmoid: x̂ = M(x) at the input resolution, in [0, 1].
+    With ``cfg.map_skip`` the encoder's features after its second stage (¼ resolution) are added
+    through a 1×1 convolution to the decoder's after its second stage (see :class:`ModelConfig`).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -102,19 +104,29 @@ class MappingNetwork(nn.Module):
             nn.ConvTranspose2d(w0, cfg.channels, 7, stride=2, padding=3, output_padding=1),
             nn.Sigmoid(),
         )
+        self.skip = nn.Conv2d(w1, w1, 1) if cfg.map_skip else None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense latent z (before sparsification)."""
         return self.encoder(x)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         h = self.fc(z).view(z.shape[0], self.w3, self.grid, self.grid)
-        return self.decoder(h)
+        if self.skip is None:
+            return self.decoder(h)
+        if skip is None:
+            raise ValueError("this mapping network has a residual path: decode needs the encoder's features")
+        h = self.decoder[:4](h)  # two stages: ¼ resolution, w1 channels
+        return self.decoder[4:](h + self.skip(skip))
 
     def forward_with_code(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (x̂, sparse code); the code feeds the L1 sparsity penalty during training."""
-        z = k_sparse(self.encode(x), self.k)
-        return self.decode(z), z
+        if self.skip is None:
+            z = k_sparse(self.encode(x), self.k)
+            return self.decode(z), z
+        quarter = self.encoder[:4](x)  # two stride-2 stages
+        z = k_sparse(self.encoder[4:](quarter), self.k)
+        return self.decode(z, quarter), z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_code(x)[0]

@@ -70,7 +70,8 @@ class RecipeConfig:
     trained teacher directly. ``detector_temperature`` is MagNet's JSD temperature.
     ``epochs_finetune`` epochs (stage ``finetune``, after M) train the deployed C on M(x) and
     M(x′) of the adversarial pool beside fresh adversarial examples (cosine from
-    ``finetune_lr``), so that reformed inputs keep their labels. ``pert_variations`` is the
+    ``finetune_lr``), so that reformed inputs keep their labels, and with ``finetune_clean`` on
+    the clean images as well. ``pert_variations`` is the
     fraction of P's training pairs given one camera variation (JPEG re-encoding, sensor noise or
     blur), the same on the clean image and its attacked version, so that P does not learn such
     processing as the mark of an attack.
@@ -92,6 +93,7 @@ class RecipeConfig:
     lr: float = 1e-3
     clf_lr: float = 2e-3
     finetune_lr: float = 5e-4
+    finetune_clean: bool = True
     lr_schedule: str = "onecycle"
     weight_decay: float = 5e-4
     augment: bool = True
@@ -119,6 +121,8 @@ class RecipeConfig:
     pert_eps: tuple[float, ...] = (2 / 255, 4 / 255, 6 / 255, 8 / 255, 10 / 255, 0.1, 0.2, 0.3)
     # Camera variations applied alike to clean and attacked inputs of P (fraction of rows).
     pert_variations: float = 0.5
+    # Exact-pixel and re-encoded images weigh alike in P's loss (see stages.perturbation_epoch).
+    pert_balance_exact: bool = True
     # Calibration.
     target_fpr: float = 0.01
     calib_fraction: float = 0.1

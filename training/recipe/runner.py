@@ -471,12 +471,14 @@ class RecipeRunner:
         return self._save(b)
 
     def _share_stages(self, b: DefenseBundle, source: Path) -> None:
-        """Take the undefended and adversarial stages from the bundle at ``source`` instead of training them.
+        """Take the classifier stages from the bundle at ``source`` instead of training them.
 
         Baselines trained for a comparison share the classifier stages the recipe allows (the
         undefended classifier; the adversarially trained classifier when it is trained at the
         same temperature with the same options), so the comparison is of the defenses, not of
-        two training runs. Refused when the classifier sizes or those options differ.
+        two training runs. A run that trains a new M and P around the same C (another mapping
+        network, say) shares the distilled classifier too. Refused when the classifier sizes or
+        those options differ.
         """
         src = DefenseBundle.load(source)
         clf_fields = ("image_size", "channels", "num_classes", "clf_widths", "clf_dense", "mean", "std")
@@ -490,9 +492,12 @@ class RecipeRunner:
         common = ("epochs_classifier", "batch_size", "clf_lr", "lr_schedule", "weight_decay", "augment", "seed")
         adversarial = (*common, "adv_ratio", "adv_eps", "adv_attack", "adv_pgd_steps", "guard_examples",
                        "guard_pgd_steps")
-        for stage, keys in (("undefended", common), ("adversarial", adversarial)):
+        distill = (*adversarial, "epochs_distill", "temperature", "distill", "distill_method", "distill_init")
+        for stage, keys in (("undefended", common), ("adversarial", adversarial), ("distill", distill)):
             if stage not in self.stages or stage in self._completed:
                 continue
+            if stage == "distill" and not (self.cfg.distill and src_recipe.get("distill")):
+                continue  # nothing distilled to share: the stage runs (or is skipped) here
             done = src.stages.get(stage)
             if not isinstance(done, dict) or "skipped" in done:
                 raise BundleError(f"--init-from {source}: it has no trained {stage!r} stage to share")
@@ -505,6 +510,8 @@ class RecipeRunner:
                                   f"({', '.join(differ)}): pass the same options or train the stage here")
             if stage == "undefended":
                 src_net, dst_net = src.networks.get("undefended"), b.networks["undefended"]
+            elif stage == "distill":
+                src_net, dst_net = src.networks.get("classifier"), b.classifier
             else:
                 src_net = src.networks.get("teacher" if src_cfg.distill else "classifier")
                 dst_net = b.networks["teacher"] if self.cfg.distill else b.classifier
@@ -512,6 +519,10 @@ class RecipeRunner:
                 raise BundleError(f"--init-from {source}: the network of its {stage!r} stage is not in the bundle")
             dst_net.load_state_dict(src_net.state_dict())
             b.stages[stage] = {**done, "shared_from": str(source), "shared_bundle_sha256": bundle_hash(source)}
+            if stage == "distill":  # the source's C as it is now: after its finetune stage, if that ran
+                ft = src.stages.get("finetune")
+                b.stages[stage]["shared_classifier_after"] = (
+                    "finetune" if isinstance(ft, dict) and "skipped" not in ft and ft.get("epochs") else "distill")
             self._completed.append(stage)
             self.echo(f"{stage}: shared from {source} (not trained again)")
 

@@ -46,13 +46,31 @@ class EpochContext:
 
     def pairs(self) -> Any:
         """Shuffled (clean, adversarial, label) batches from the adversarial pool (no augmentation)."""
+        for _, x, x_adv, y in self.indexed_pairs():
+            yield x, x_adv, y
+
+    def indexed_pairs(self) -> Any:
+        """:meth:`pairs` with the batch's indices into ``data`` first."""
         assert self.pool is not None
         order = np.random.default_rng(self.cfg.seed * 1000 + self.epoch).permutation(len(self.data))
         for start in range(0, len(order), self.cfg.batch_size):
             idx = np.sort(order[start:start + self.cfg.batch_size])
             x = to_tensor(self.data.x[idx]).to(self.device)
             y = torch.from_numpy(self.data.y[idx]).long().to(self.device)
-            yield x, self.pool[torch.from_numpy(idx)].to(self.device), y
+            yield idx, x, self.pool[torch.from_numpy(idx)].to(self.device), y
+
+    def exact_weights(self, idx: np.ndarray) -> torch.Tensor | None:
+        """Per-row loss weights that give exact-pixel and re-encoded images equal total weight.
+
+        ``None`` when the data does not say which images are exact, or all are of one kind. The
+        weights average 1 over the whole training set.
+        """
+        exact = self.data.exact
+        if exact is None or exact.all() or not exact.any():
+            return None
+        share = float(exact.mean())
+        w = np.where(exact[idx], 0.5 / share, 0.5 / (1.0 - share)).astype(np.float32)
+        return torch.from_numpy(w).to(self.device)
 
     def clean_pairs(self) -> Any:
         """Shuffled (noisy clean, clean, label) batches: MagNet's denoising-autoencoder inputs.
@@ -319,8 +337,10 @@ def finetune_epoch(
 
     Every batch of the adversarial pool gives three rows per image, each with the true label:
     a fresh adversarial example crafted against C (``cfg.adv_attack`` at ``cfg.adv_eps``, as in
-    adversarial training), M(x) and M(x′) with x′ the pool's attacked version. The loss is the
-    mean cross-entropy of C's logits / ``temperature`` (the temperature C was trained at).
+    adversarial training), M(x) and M(x′) with x′ the pool's attacked version — and, with
+    ``cfg.finetune_clean``, a fourth: the clean x itself, which buys back clean accuracy that
+    adversarial training alone gives away (the rows weigh alike). The loss is the mean
+    cross-entropy of C's logits / ``temperature`` (the temperature C was trained at).
     """
     meter = Meter()
     rng = ctx.rng(3)
@@ -329,16 +349,19 @@ def finetune_epoch(
         fresh = adversarial_mix(attack_target, x, y, ctx.cfg, rng)
         with torch.no_grad():
             reformed = mapper(torch.cat([x, x_adv]))
+        rows = [fresh, reformed, x] if ctx.cfg.finetune_clean else [fresh, reformed]
         classifier.train()
-        logits = classifier(torch.cat([fresh, reformed]))
+        logits = classifier(torch.cat(rows))
         n = x.shape[0]
-        loss = F.cross_entropy(logits / temperature, torch.cat([y, y, y]))
+        labels = y.repeat(logits.shape[0] // n)
+        loss = F.cross_entropy(logits / temperature, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        hit = (logits.argmax(1) == torch.cat([y, y, y])).float()
+        hit = (logits.argmax(1) == labels).float()
+        extra = {"acc_clean": hit[3 * n:].mean().item()} if ctx.cfg.finetune_clean else {}
         meter.update(n, loss=loss.item(), acc_adv=hit[:n].mean().item(), acc_reformed=hit[n:2 * n].mean().item(),
-                     acc_reformed_adv=hit[2 * n:].mean().item())
+                     acc_reformed_adv=hit[2 * n:3 * n].mean().item(), **extra)
     return meter.mean()
 
 
@@ -353,12 +376,14 @@ def perturbation_epoch(
 
     Every batch is used twice: clean (label 0) and its adversarial-pool version (label 1), a
     fraction ``cfg.pert_variations`` of the pairs with the same camera variation on both
-    (:func:`camera_variations`).
+    (:func:`camera_variations`). With ``cfg.pert_balance_exact`` the exact-pixel pairs weigh as
+    much in the loss as the re-encoded ones (:meth:`EpochContext.exact_weights`): in a training
+    set of mostly JPEG-decoded images, "sharp" would otherwise mean "attacked" to P.
     """
     meter = Meter()
     mapper.eval()
     rng = np.random.default_rng(ctx.cfg.seed * 1000 + ctx.epoch + 7)
-    for x, x_adv, _ in track(ctx.progress, ctx.pairs(), ctx.n_batches(), ctx.description, meter):
+    for idx, x, x_adv, _ in track(ctx.progress, ctx.indexed_pairs(), ctx.n_batches(), ctx.description, meter):
         x, x_adv = camera_variations(x, x_adv, ctx.cfg.pert_variations, rng)
         inp = torch.cat([x, x_adv])
         target = torch.cat([torch.zeros(x.shape[0]), torch.ones(x.shape[0])]).to(inp.device)
@@ -366,7 +391,8 @@ def perturbation_epoch(
             residual = inp - mapper(inp)
         perturbation.train()
         logit = perturbation(residual)
-        loss = F.binary_cross_entropy_with_logits(logit, target)
+        w = ctx.exact_weights(idx) if ctx.cfg.pert_balance_exact else None
+        loss = F.binary_cross_entropy_with_logits(logit, target, weight=None if w is None else torch.cat([w, w]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
