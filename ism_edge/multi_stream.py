@@ -32,6 +32,7 @@ the purified images per source, Ctrl-C, and a summary per source and in total.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -145,7 +146,7 @@ class MultiStream:
     def __init__(
         self,
         runtime: DefenseRuntime,
-        sources: Sequence[FrameSource | SourceURI | str | int],
+        sources: Sequence[FrameSource | SourceURI | str | int | os.PathLike[str]],
         *,
         reader_options: ReaderOptions | None = None,
         batch_timeout: float = BATCH_TIMEOUT,
@@ -167,7 +168,8 @@ class MultiStream:
         self.stop = stop or threading.Event()
         timeout = self.options.stall_timeout
         self.streams = [
-            _Stream(i, s if isinstance(s, FrameSource) else make_source(s, read_timeout=timeout))
+            _Stream(i, s if isinstance(s, FrameSource)
+                    else make_source(s if isinstance(s, (SourceURI, str, int)) else os.fspath(s), read_timeout=timeout))
             for i, s in enumerate(sources)
         ]
         self._arrived = threading.Condition()
