@@ -138,9 +138,10 @@ class MultiStream:
     ``sources``: URIs (as for ``ism-edge run``) or :class:`FrameSource` objects, not opened yet.
     Iterate for :class:`StreamVerdict` ``(source, frame_index, verdict)``; :meth:`events` also
     yields the frames and their latencies, skipped frames and source changes. ``max_frames``
-    stops each source after that many frames; ``stop`` (an event, e.g. set by a signal handler)
-    ends the run after the batch in flight is answered. ``open_timeout``-free: opening happens on
-    the caller's thread first, then retries of live sources on their own threads.
+    stops each source after that many frames; ``stop`` (an event, e.g. set by a signal handler or
+    a timer) ends the run after the batch in flight is answered, and is set when the run ends.
+    Every source is first opened on the caller's thread (when iteration starts); a live source that
+    fails is retried on a thread of its own with the reconnection backoff of ``reader_options``.
     """
 
     def __init__(
