@@ -227,6 +227,7 @@ def run(
 
     cv_logging.setLogLevel(cv_logging.LOG_LEVEL_ERROR)
     source_uris, output = split_arguments(args or [], camera or [], output_opt)
+    headless = headless or (output_opt is not None and output_opt.strip().lower() == "none")  # no window either
     if len(source_uris) > 1:
         from cli.run_many import run_many
 

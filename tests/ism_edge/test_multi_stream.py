@@ -16,7 +16,7 @@ from ism_edge import DefenseRuntime
 from ism_edge.errors import SourceError
 from ism_edge.multi_stream import MultiStream, SourceEvent, SourceOutputs, run_multi_stream
 from ism_edge.outputs import VerdictLog, VideoFileOutput
-from ism_edge.sources import ReaderOptions, make_source
+from ism_edge.sources import PacedSource, ReaderOptions, make_source
 from tests.ism_edge.conftest import ScriptedSource, count_video_frames, video_frames, write_video
 
 FAST_RETRY = ReaderOptions(reconnect_attempts=2, reconnect_delay=0.05, reconnect_max_delay=0.05, stall_timeout=5.0)
@@ -60,6 +60,22 @@ def test_two_files_of_other_sizes_and_rates_are_batched_and_logged_per_source(
     assert [o["output"] for o in summary.total.to_json()["outputs"]].count("log") == 1
     data = json.loads(json.dumps(summary.to_json()))
     assert [s["frames"] for s in data["sources"]] == list(counts) and data["total"]["frames"] == sum(counts)
+
+
+def test_live_sources_at_other_rates_and_one_that_ends_while_the_other_is_live(
+    runtime: DefenseRuntime, sample_video: Path, small_video: Path
+) -> None:
+    """Two videos paced like cameras (40 fps for 0.3 s, 7 fps for 1 s): the first ends while the
+    second is live; every frame of each is judged or counted as dropped."""
+    fast = PacedSource(make_source(sample_video), 40.0)
+    slow = PacedSource(make_source(small_video), 7.0)
+    events: list[SourceEvent] = []
+    summary = run_multi_stream(runtime, MultiStream(runtime, [fast, slow]), on_event=events.append)
+    assert summary.failure is None and summary.stopped == "end"
+    assert summary.sources[0].frames + summary.sources[0].dropped == 12
+    assert summary.sources[1].frames + summary.sources[1].dropped == 7 and summary.sources[1].frames >= 5
+    ended = [e.source for e in events if e.kind == "ended"]
+    assert ended == [0, 1]  # the fast one first, the other still live then
 
 
 def test_the_python_api_yields_source_frame_and_verdict(runtime: DefenseRuntime, sample_video: Path,
