@@ -64,7 +64,7 @@ def print_chain_report(report: dict[str, Any]) -> None:
                   f"preprocessing {prep_text(inp['preprocess_ms_per_input'])}")
     table = Table(title="defense chain: per call of BATCH model inputs (times in ms)")
     for name in ("chain", "batch", "img/s", "p50", "p99", "prep", "upload", "map", "clf", "det", "down", "other",
-                 "x eager", "GFLOP/s", "% peak"):
+                 "x eager", "x peer", "GFLOP/s", "% peak"):
         table.add_column(name, justify="left" if name == "chain" else "right")
     for col in report["columns"]:
         for r in col["results"]:
@@ -74,13 +74,19 @@ def print_chain_report(report: dict[str, Any]) -> None:
                 f"{r['latency_ms']['p50']:.2f}", f"{r['latency_ms']['p99']:.2f}",
                 *(f"{s[k]:.2f}" for k in ("preprocess", "upload", "mapping", "classifier", "detectors", "download",
                                           "other")),
-                _num(r["vs_eager"], ".2f"), _num(r["gflops"], ".1f"),
+                _num(r["vs_eager"], ".2f"), _num(r.get("vs_fastest_peer"), ".2f"), _num(r["gflops"], ".1f"),
                 _num(None if r["peak_share"] is None else 100 * r["peak_share"], ".1f"),
             )  # fmt: skip
     console.print(table)
+    console.print("x peer: throughput over the fastest PyTorch column at that batch (eager or torch.compile)")
     for col in report["columns"]:
         if col["status"] != "ok":
             console.print(f"{col['title']}: {col['reason']}", markup=False)
+        compiled = [(r["batch"], r["compile_s"]) for r in col["results"] if "compile_s" in r]
+        if compiled:
+            console.print(f"{col['title']}: compilation and warm-up "
+                          + ", ".join(f"{s:.1f} s at batch {b}" for b, s in compiled)
+                          + " (the first call at each batch; not in the timed calls)", markup=False)
     for col in report["columns"]:
         a = col.get("agreement")
         if a and col["name"] != a["against"]:
@@ -115,6 +121,49 @@ def print_stream_report(report: dict[str, Any]) -> None:
     console.print(table)
 
 
+def print_multi_stream_report(report: dict[str, Any]) -> None:
+    """The multi-stream camera-rate report: the totals, one row per stream, the latency per window."""
+    from rich.table import Table
+
+    console = _console()
+    lat = report["latency_ms"]
+    src = report["source"]
+    console.print(f"[bold]camera rate[/] {report['streams_count']} streams of {src['frame_size'][1]}x"
+                  f"{src['frame_size'][0]} at {src['fps']:g} fps, {report['mode']} mode, for {report['seconds']:.0f} s"
+                  f" — {report['runtime']}")
+    console.print(f"  total {_num(report['total_fps'], '.1f')} FPS, latency p50 {_num(lat['p50'], '.1f')} ms, "
+                  f"p99 {_num(lat['p99'], '.1f')} ms, max {_num(lat['max'], '.1f')} ms; {report['frames_judged']} of "
+                  f"{report['frames_captured']} frames judged, {report['dropped']} dropped; {report['batches']} "
+                  f"batches of {_num(report['mean_batch'], '.2f')} frames (timeout {report['batch_timeout_ms']:g} ms);"
+                  f" trend {_num(report['latency_trend_ms_per_min'], '+.2f')} ms/min; "
+                  f"process CPU {_num(report['process_cpu_percent'], '.0f')} %; "
+                  f"{'holds' if report['holds'] else 'does not hold'} {src['fps']:g} fps per stream")
+    table = Table(title="per stream (latency capture → verdict, ms)")
+    for name in ("stream", "captured", "judged", "dropped", "FPS", "p50", "p99"):
+        table.add_column(name, justify="right")
+    for i, st in enumerate(report["streams"]):
+        table.add_row(str(i), str(st["frames_captured"]), str(st["frames_judged"]), str(st["dropped"]),
+                      _num(st["fps"], ".1f"), _num(st["latency_p50_ms"], ".1f"), _num(st["latency_p99_ms"], ".1f"))
+    console.print(table)
+
+
+def print_stream_search(search: dict[str, Any]) -> None:
+    """One row per trial of the search for the largest number of streams, and the answer."""
+    from rich.table import Table
+
+    console = _console()
+    table = Table(title="streams that hold the camera rate (no drops, p99 < one frame period, ≥ 97 % of the rate)")
+    for name in ("streams", "holds", "slowest FPS", "p99 ms", "dropped", "mean batch", "CPU %"):
+        table.add_column(name, justify="right")
+    for t in search["trials"]:
+        slowest = min((s["fps"] for s in t["streams"] if s["fps"] is not None), default=None)
+        table.add_row(str(t["streams_count"]), "yes" if t["holds"] else "no", _num(slowest, ".1f"),
+                      _num(t["latency_ms"]["p99"], ".1f"), str(t["dropped"]), _num(t["mean_batch"], ".2f"),
+                      _num(t["process_cpu_percent"], ".0f"))
+    console.print(table)
+    console.print(f"[bold]largest number of streams that holds:[/] {search['max_streams']}")
+
+
 @cli_errors
 def bench(
     engine_dirs: Annotated[list[Path], typer.Argument(help=(
@@ -146,16 +195,27 @@ def bench(
     video: Annotated[Path | None, typer.Option(help=(
         "--camera-rate: video file to pace (default: a 10 s clip made from --images, looped)."))] = None,
     window: Annotated[float, typer.Option(help="--camera-rate: seconds per latency window.", min=0.1)] = 10.0,
+    streams: Annotated[int, typer.Option(help=(
+        "--camera-rate: paced sources judged together through the multi-stream loop of 'ism-edge run' "
+        "(with --find-streams: the most tried)."), min=1)] = 1,
+    find_streams: Annotated[bool, typer.Option("--find-streams", help=(
+        "--camera-rate: search for the largest number of streams that holds --fps each (no drops, p99 under "
+        "one frame period): doubling, then bisecting; each trial lasts --seconds."))] = False,
+    batch_timeout: Annotated[float, typer.Option(help=(
+        "--camera-rate with several streams: milliseconds a batch waits for the other streams."), min=0.0)] = 20.0,
+    torch_compile: Annotated[bool, typer.Option("--torch-compile/--no-torch-compile", help=(
+        "With --bundle: also the torch.compile (inductor) column; compiling takes a while per batch size."))] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
 ) -> None:
     """Measure the defense chain: throughput, latency and per-stage times side by side.
 
-    On the same camera-like inputs, runs the full chain through PyTorch eager (with --bundle),
-    ONNX Runtime FP32, ONNX Runtime INT8 (when such a directory is given) and TensorRT (when
-    present), at each batch size; reports images/s, latency p50/p99, per-stage times, the ratio to
-    PyTorch eager and the share of the machine's GEMM peak (measured in the same process) that the
-    chain reaches. With --camera-rate, runs the 'ism-edge run' loop on a 30 fps video paced like a
-    live camera instead.
+    On the same camera-like inputs, runs the full chain through PyTorch eager and torch.compile
+    (with --bundle), ONNX Runtime FP32, ONNX Runtime INT8 (when such a directory is given) and
+    TensorRT (when present), at each batch size; reports images/s, latency p50/p99, per-stage
+    times, the ratios to PyTorch eager and to the fastest PyTorch column, and the share of the
+    machine's GEMM peak (measured in the same process) that the chain reaches. With --camera-rate,
+    runs the 'ism-edge run' loop on 30 fps videos paced like live cameras instead (--streams N of
+    them through one engine chain).
     """
     from ism_edge._io import atomic_write_json
     from ism_edge.bench import BenchConfig, default_threads, engine_columns, load_engine_dirs
@@ -172,7 +232,27 @@ def bench(
     photos = load_photos(images)
     report: dict[str, Any]
 
-    if camera_rate:
+    if (streams > 1 or find_streams) and not camera_rate:
+        raise typer.BadParameter("--streams and --find-streams need --camera-rate")
+    if camera_rate and (streams > 1 or find_streams):
+        from ism_edge.bench.stream import find_max_streams, run_multi_stream_bench
+
+        def trial(n: int) -> dict[str, Any]:
+            return run_multi_stream_bench(engines[0][0], n, mode=mode.value, seconds=seconds, fps=fps,
+                                          frame_size=size, video=video, threads=n_threads, spinning=spinning,
+                                          tile_grid=grid, window_s=window, batch_timeout=batch_timeout / 1e3,
+                                          photos=photos)  # fmt: skip
+
+        if find_streams:
+            limit = streams if streams > 1 else 64
+            typer.echo(f"searching the largest number of streams (up to {limit}), {seconds:g} s each ...", err=True)
+            report = find_max_streams(trial, fps, limit=limit, say=lambda m: typer.echo(m, err=True))
+            print_stream_search(report)
+        else:
+            typer.echo(f"camera-rate run of {streams} streams through {engines[0][0]} for {seconds:g} s ...", err=True)
+            report = trial(streams)
+            print_multi_stream_report(report)
+    elif camera_rate:
         from ism_edge.bench.stream import run_stream_bench
 
         first_dir = engines[0][0]
@@ -192,6 +272,7 @@ def bench(
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         columns = [_eager_column(bundle, n_threads, device, engines[0][1].thresholds),
+                   _compiled_column(bundle, n_threads, device, engines[0][1].thresholds, torch_compile),
                    *engine_columns(engines, threads=n_threads, device=device, spinning=spinning)]
         typer.echo(f"GEMM probe ({n_threads} threads) ...", err=True)
         peak = gemm_peak(n_threads)
@@ -225,3 +306,32 @@ def _eager_column(bundle: Path | None, threads: int, device: str, thresholds: di
         return TorchEagerChain(bundle, threads=threads, device=device, thresholds=thresholds)
 
     return Column(EAGER, title, factory)
+
+
+def _compiled_column(bundle: Path | None, threads: int, device: str, thresholds: dict[str, float],
+                     wanted: bool) -> Any:
+    """The torch.compile column (the fastest thing a PyTorch user would deploy), or why it does not run."""
+    from ism_edge.bench import COMPILED, Column
+
+    title = "torch.compile"
+    if not wanted:
+        return Column(COMPILED, title, reason="not run: --no-torch-compile")
+    if bundle is None:
+        return Column(COMPILED, title, reason="no --bundle given (the bundle the engines were built from)")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return Column(COMPILED, title,
+                      reason="not available here: torch is not installed (pip install 'ism-edge[train]')")
+    from engines.bench_torch import cxx_compiler
+
+    if device.startswith("cpu") and cxx_compiler() is None:
+        return Column(COMPILED, title,
+                      reason="not available here: inductor needs a C++ compiler on PATH (g++, clang++)")
+
+    def factory() -> Any:
+        from engines.bench_torch import TorchCompiledChain
+
+        return TorchCompiledChain(bundle, threads=threads, device=device, thresholds=thresholds)
+
+    return Column(COMPILED, title, factory)

@@ -31,6 +31,46 @@ def input_uri(input: str | None, camera: int | None, what: str = "input") -> Sou
     return parse_source(camera if camera is not None else str(input))
 
 
+def split_arguments(args: list[str], cameras: list[int], output: str | None) -> tuple[list[SourceURI], str | None]:
+    """The inputs and the OUTPUT of ``run``'s arguments, ``--camera`` options and ``--output``.
+
+    ``INPUT OUTPUT`` (two arguments) keeps its meaning from single-input runs unless the second is
+    a live source (a camera, device or stream, which cannot be an output); with more arguments
+    only a last ``display://N`` or one holding ``{source}`` is the OUTPUT. ``--output`` makes every
+    argument an input (``--output none``: no annotated output).
+    """
+    from ism_edge.errors import SourceError
+    from ism_edge.sources import parse_source
+
+    if args and cameras:
+        raise SourceError("give exactly one input list: INPUT arguments or --camera N options, not both "
+                          "(a camera can be an INPUT: its index N)")
+    inputs = list(args)
+    if output is None and len(inputs) == 2 and not _live(inputs[1]):
+        output = inputs.pop()
+    elif output is None and len(inputs) > 2 and (inputs[-1].startswith("display://") or "{source}" in inputs[-1]):
+        output = inputs.pop()
+    if output is not None and output.strip().lower() == "none":
+        output = None
+    uris = [parse_source(c) for c in cameras] if cameras else [parse_source(i) for i in inputs]
+    if not uris:
+        raise SourceError(
+            "give exactly one input: a video file, an image folder, a URI such as rtsp://…, or --camera N "
+            "(or several, to judge them in shared batches)")
+    return uris, output
+
+
+def _live(text: str) -> bool:
+    """Whether an argument names a live source (which cannot be an output)."""
+    from ism_edge.errors import SourceError
+    from ism_edge.sources import parse_source
+
+    try:
+        return parse_source(text).live
+    except SourceError:  # display://0 and other output-only URIs
+        return False
+
+
 def load_runtime(engine_dir: Path, options: RuntimeOptions, *, rebuild_on_mismatch: bool) -> DefenseRuntime:
     """Load the runtime; on a version/GPU mismatch optionally recompile the stored ONNX first."""
     from ism_edge.errors import EngineMismatchError
@@ -110,13 +150,20 @@ def print_summary(summary: RunSummary) -> None:
 @cli_errors
 def run(
     engine_dir: Annotated[Path, typer.Argument(help="Engine directory written by 'ism-edge build'.")],
-    input: Annotated[str | None, typer.Argument(help=(
-        "Video file, image folder or URI: file://video.mp4, v4l2:///dev/video0, csi://0, rtsp://host/stream."))] = None,
-    output: Annotated[str | None, typer.Argument(help=(
-        "Annotated output: file://out.mp4 (.mp4/.avi/.mkv), a folder for images, or display://0 (default: "
-        "a window when OpenCV has a GUI)."))] = None,
-    camera: Annotated[int | None, typer.Option("--camera", help=(
-        "Local camera index N (short for INPUT=N)."), min=0)] = None,
+    args: Annotated[list[str] | None, typer.Argument(metavar="INPUT... [OUTPUT]", help=(
+        "Inputs: video files, image folders or URIs (file://video.mp4, v4l2:///dev/video0, csi://0, "
+        "rtsp://host/stream, N for camera N); several are batched through one engine chain. Then the annotated "
+        "OUTPUT: file://out.mp4 (.mp4/.avi/.mkv), a folder for images, or display://0 (default: a window when "
+        "OpenCV has a GUI). With one input, a second argument is the OUTPUT (unless it is a live source); with "
+        "more, only a last display://N or one holding {source} is; --output names it in every case."))] = None,
+    camera: Annotated[list[int] | None, typer.Option("--camera", help=(
+        "Local camera index N (short for INPUT=N); repeat it for several cameras."), min=0)] = None,
+    output_opt: Annotated[str | None, typer.Option("--output", help=(
+        "The annotated OUTPUT (then every argument is an input). With several inputs it holds {source}, "
+        "the input's index (out_{source}.mp4), or is display://0 (a window per input); 'none': no output."))] = None,
+    batch_timeout: Annotated[float, typer.Option(help=(
+        "Several inputs: milliseconds a batch waits, after its first frame, for a frame of every other input "
+        "(a slow or dead input never holds the others back longer)."), min=0.0)] = 20.0,
     log: Annotated[str, typer.Option("--log", help=(
         "JSON-lines verdict log, appended and flushed per frame ('-': stdout)."))] = "-",
     backend: Annotated[Backend, typer.Option(help=(
@@ -128,10 +175,12 @@ def run(
         "Tile mode: resize the frame to ROWSxCOLS tiles first (default: native resolution)."))] = None,
     feedback_rounds: Annotated[int | None, typer.Option(help=(
         "Feedback-reformation rounds (default: the engine manifest's)."), min=0)] = None,
-    max_frames: Annotated[int | None, typer.Option(help="Stop after this many frames.", min=1)] = None,
+    max_frames: Annotated[int | None, typer.Option(help=(
+        "Stop after this many frames (with several inputs: of each input)."), min=1)] = None,
     headless: Annotated[bool, typer.Option("--headless", help="Never open a window.")] = False,
     purified: Annotated[Path | None, typer.Option(help=(
-        "Also write each frame's purified image (x̂) into this folder."))] = None,
+        "Also write each frame's purified image (x̂) into this folder (with several inputs: holding {source})."))
+        ] = None,
     fps: Annotated[float | None, typer.Option(help=(
         "Frame rate of the output video (default: the source's, else 30)."), min=0.1)] = None,
     realtime: Annotated[bool, typer.Option("--realtime", help=(
@@ -155,8 +204,11 @@ def run(
 
     Writes one JSON verdict per frame (label, confidence, detector scores, flagged, timings) to the
     log as soon as it is known, draws the verdict on the frames (green border: clean, red:
-    flagged; a heat map in tile mode), and prints a summary at exit. Ctrl-C, SIGTERM and SIGHUP
-    stop cleanly (the video is finalised, the summary written; exit 130, 143, 129).
+    flagged; a heat map in tile mode), and prints a summary at exit. With several inputs, each has
+    its own reader, queue and reconnection, their frames are judged in shared batches, every log
+    line names its `source`, and the summary is per input and in total; an input that cannot be
+    opened or is lost leaves the run (reported; a live one is retried) while the others go on.
+    Ctrl-C, SIGTERM and SIGHUP stop cleanly (the video is finalised, the summary written; exit 130, 143, 129).
     """
     import cv2.utils.logging as cv_logging
 
@@ -174,7 +226,20 @@ def run(
     from ism_edge.sources import FrameReader, ReaderOptions, open_source
 
     cv_logging.setLogLevel(cv_logging.LOG_LEVEL_ERROR)
-    source_uri = input_uri(input, camera)
+    source_uris, output = split_arguments(args or [], camera or [], output_opt)
+    headless = headless or (output_opt is not None and output_opt.strip().lower() == "none")  # no window either
+    if len(source_uris) > 1:
+        from cli.run_many import run_many
+
+        run_many(
+            engine_dir, source_uris, output, log=log, backend=backend, device=device, mode=mode, tile_grid=tile_grid,
+            feedback_rounds=feedback_rounds, max_frames=max_frames, headless=headless, purified=purified, fps=fps,
+            realtime=realtime, queue_size=queue_size, stall_timeout=stall_timeout, reconnect=reconnect,
+            threads=threads, rebuild_on_mismatch=rebuild_on_mismatch, summary_json=summary_json,
+            batch_timeout=batch_timeout / 1e3,
+        )  # fmt: skip
+        return
+    source_uri = source_uris[0]
     out_uri = parse_output(output) if output is not None else None
     if out_uri is None and not headless and opencv_has_gui():
         out_uri = parse_output("display://0")

@@ -1,4 +1,5 @@
-"""The PyTorch-eager column of ``ism-edge bench``: the bundle's ``training.defense.Defense``.
+"""The PyTorch columns of ``ism-edge bench``: the bundle's ``training.defense.Defense``, eager and
+through ``torch.compile`` (inductor).
 
 Kept outside :mod:`ism_edge` because it imports torch. :class:`TorchEagerChain` runs the same
 steps as :meth:`training.defense.Defense.forward` (which is the reference every compiled chain is
@@ -98,3 +99,58 @@ class TorchEagerChain:
 
     def close(self) -> None:
         del self.defense
+
+
+class TorchCompiledChain(TorchEagerChain):
+    """:class:`TorchEagerChain` with its three networks compiled by ``torch.compile`` (inductor).
+
+    ``compile_seconds[batch]``: the wall time of the first call at that batch size (compilation
+    and warm-up), which the benchmark reports apart. Inductor on the CPU needs a C++ compiler: a
+    missing one is a one-line :class:`~ism_edge.errors.MissingDependencyError` at construction.
+    """
+
+    def __init__(self, bundle_dir: str | Path, *, threads: int, device: str = "cpu", feedback_rounds: int | None = None,
+                 thresholds: dict[str, float] | None = None) -> None:
+        super().__init__(bundle_dir, threads=threads, device=device, feedback_rounds=feedback_rounds,
+                         thresholds=thresholds)
+        if self.device.type == "cpu" and cxx_compiler() is None:
+            from ism_edge.errors import MissingDependencyError
+
+            raise MissingDependencyError("torch.compile (inductor) on the CPU needs a C++ compiler, and none is on "
+                                         "PATH: install g++ (apt-get install g++) or clang++")
+        torch, d = self._torch, self.defense
+        for name in ("mapper", "classifier", "perturbation"):
+            module = getattr(d, name)
+            if module is not None:
+                setattr(d, name, torch.compile(module, backend="inductor"))
+        self.compile_seconds: dict[int, float] = {}
+
+    def describe(self) -> str:
+        return (f"torch {self._torch.__version__} torch.compile (inductor) on {self.device} ({self.threads} threads), "
+                f"bundle {self.bundle_dir}")
+
+    def run(self, x: np.ndarray) -> ChainResult:
+        batch = int(x.shape[0])
+        if batch in self.compile_seconds:
+            return super().run(x)
+        t0 = time.perf_counter()
+        result = super().run(x)
+        self.compile_seconds[batch] = time.perf_counter() - t0
+        return result
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor would use on the CPU (its configured one, else the usual names), or None."""
+    import shutil
+
+    try:
+        from torch._inductor import config
+
+        configured = config.cpp.cxx
+        names = [c for c in (configured if isinstance(configured, (tuple, list)) else (configured,)) if c]
+    except (ImportError, AttributeError):
+        names = []
+    for name in (*names, "g++", "c++", "clang++"):
+        if isinstance(name, str) and (found := shutil.which(name)):
+            return found
+    return None

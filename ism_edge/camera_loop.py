@@ -261,10 +261,14 @@ class _Stats:
 
 
 class _Outputs:
-    """Where verdicts go: the JSON-lines log, the annotated-frame sinks and the purified images."""
+    """Where verdicts go: the JSON-lines log, the annotated-frame sinks and the purified images.
 
-    def __init__(self, log: VerdictLog | None, sinks: Sequence[FrameSink], purified: ImageFolderOutput | None) -> None:
+    ``head``: fields that lead every log line (a multi-stream run's ``source`` and ``source_uri``)."""
+
+    def __init__(self, log: VerdictLog | None, sinks: Sequence[FrameSink], purified: ImageFolderOutput | None,
+                 head: dict[str, Any] | None = None) -> None:
         self.log, self.sinks, self.purified = log, sinks, purified
+        self.head = head or {}
 
     @property
     def stop_requested(self) -> bool:
@@ -273,7 +277,7 @@ class _Outputs:
 
     def verdict(self, item: Captured, verdict: Verdict, latency: float, fps: float | None) -> None:
         if self.log is not None:
-            self.log.write({**_where(item), "latency_ms": round(latency, 3), **verdict.to_json()})
+            self.log.write({**self.head, **_where(item), "latency_ms": round(latency, 3), **verdict.to_json()})
         if self.sinks:
             image = annotate(item.image, verdict, fps=fps)
             for sink in self.sinks:
@@ -283,7 +287,7 @@ class _Outputs:
 
     def skip(self, item: Captured | Skipped, reason: str) -> None:
         if self.log is not None:
-            self.log.write({**_where(item), "skipped": True, "error": reason})
+            self.log.write({**self.head, **_where(item), "skipped": True, "error": reason})
 
     def close(self) -> IsmEdgeError | None:
         """Close every output; the first failure, if any (the others are already counted as failed writes)."""

@@ -304,14 +304,17 @@ class ImageFolderSource(FrameSource):
         return None
 
 
+def make_source(uri: SourceURI | str | int, **kwargs: Any) -> FrameSource:
+    """The source for ``uri``, not opened yet (a multi-stream run opens, and retries, each on its own)."""
+    parsed = uri if isinstance(uri, SourceURI) else parse_source(uri)
+    if parsed.kind in ("folder", "image"):
+        return ImageFolderSource(parsed)
+    return CaptureSource(parsed, **kwargs)
+
+
 def open_source(uri: SourceURI | str | int, **kwargs: Any) -> FrameSource:
     """Build and open the source for ``uri``; raises a one-line :class:`SourceError` on failure."""
-    parsed = uri if isinstance(uri, SourceURI) else parse_source(uri)
-    source: FrameSource
-    if parsed.kind in ("folder", "image"):
-        source = ImageFolderSource(parsed)
-    else:
-        source = CaptureSource(parsed, **kwargs)
+    source = make_source(uri, **kwargs)
     source.open()
     return source
 
@@ -498,11 +501,16 @@ class FrameReader:
     """Reads a source on a daemon thread into a :class:`DropOldestQueue`; iterate or :meth:`get`.
 
     The source is opened by the caller (so an unreadable source fails at once, in the caller's
-    thread). Use as a context manager; :meth:`stop` ends the thread.
+    thread). Use as a context manager; :meth:`stop` ends the thread. ``on_item`` is called (on
+    the reader thread) after each item is queued: a consumer of several readers waits on one
+    condition instead of polling each queue.
     """
 
-    def __init__(self, source: FrameSource, options: ReaderOptions | None = None) -> None:
+    def __init__(
+        self, source: FrameSource, options: ReaderOptions | None = None, *, on_item: Callable[[], None] | None = None
+    ) -> None:
         self.source = source
+        self._on_item = on_item
         self.options = options or ReaderOptions()
         drop = source.live if self.options.drop is None else self.options.drop
         self.drop = drop
@@ -541,6 +549,31 @@ class FrameReader:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+    @property
+    def finished(self) -> bool:
+        """Whether the consumer has seen the end of the source or its final error."""
+        return self._finished
+
+    def poll(self) -> Captured | Skipped | None:
+        """The next item if one is waiting, else ``None`` at once (see :attr:`finished` for the end).
+
+        Raises :class:`SourceError` when the source is lost for good. Stall detection is the
+        caller's (``get`` does it for a single source; ``ism_edge.multi_stream`` for several).
+        """
+        if self._finished:
+            return None
+        try:
+            item = self.queue.get(timeout=0)
+        except queue.Empty:
+            return None
+        if isinstance(item, _End):
+            self._finished = True
+            return None
+        if isinstance(item, SourceError):
+            self._finished = True
+            raise item
+        return item
 
     def __iter__(self) -> Iterator[Captured | Skipped]:
         while True:
@@ -595,10 +628,14 @@ class FrameReader:
 
     def _emit(self, item: Captured | Skipped | _End | SourceError) -> bool:
         """Queue an item: drop-oldest for live sources, wait for room otherwise."""
+        queued = True
         if self.drop:
             self.queue.put(item)
-            return True
-        return self.queue.put_wait(item, self._stop)
+        else:
+            queued = self.queue.put_wait(item, self._stop)
+        if queued and self._on_item is not None:
+            self._on_item()
+        return queued
 
     def _run(self) -> None:
         index = 0

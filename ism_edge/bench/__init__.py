@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ism_edge.bench.chain import (
+    COMPILED,
     EAGER,
     BenchConfig,
     Chain,
@@ -100,6 +101,7 @@ def engine_columns(engines: Sequence[tuple[Path, EngineManifest]], *, threads: i
 
 
 __all__ = [
+    "COMPILED",
     "EAGER",
     "BenchConfig",
     "Chain",

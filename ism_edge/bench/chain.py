@@ -13,7 +13,8 @@ code for every column, so it is measured once, on the same frames, and charged t
 
 For each column and batch size: images (model inputs) per second, latency p50/p99 of one call
 (preprocessing share + chain), mean per-stage times, the ratio of throughput to PyTorch eager
-at the same batch, and the FLOP rate as a share of the machine's measured GEMM peak
+and to the fastest PyTorch peer (eager or ``torch.compile``, whose compile time is reported
+apart) at the same batch, and the FLOP rate as a share of the machine's measured GEMM peak
 (:mod:`ism_edge.bench.peak`, FLOPs from :mod:`ism_edge.bench.flops`). The columns' labels and
 flags are also compared on the same inputs (agreement), so a fast column that decides
 differently is visible.
@@ -47,6 +48,8 @@ SCHEMA = "ism-edge-bench/2"  # 2: preprocess_ms_per_input by batch size
 BENCH_STAGES = ("preprocess", *STAGES)
 DEFAULT_BATCHES = (1, 8, 32, 128)
 EAGER = "pytorch-eager"
+COMPILED = "pytorch-compile"
+PEERS = (EAGER, COMPILED)  # what a PyTorch user would run instead: the ratio that counts is to the fastest
 
 
 def default_threads() -> int:
@@ -359,6 +362,9 @@ def run_chain_bench(
             for batch in config.batches:
                 say(f"{column.title}: batch {batch}")
                 entry["results"].append(measure(chain, pool, batch, config))
+                compiled = getattr(chain, "compile_seconds", None)  # torch.compile: its first call, in the warm-up
+                if isinstance(compiled, dict) and batch in compiled:
+                    entry["results"][-1]["compile_s"] = float(compiled[batch])
             decisions[column.name] = _decisions(chain, check, min(max(config.batches), 64))
         finally:
             chain.close()
@@ -370,11 +376,20 @@ def run_chain_bench(
     peak_flops = None if peak is None else peak.flops_per_s
     eager = next((r for r in reports if r["name"] == EAGER and r["status"] == "ok"), None)
     eager_rate = {res["batch"]: res["images_per_s"] for res in eager["results"]} if eager else {}
+    fastest_peer: dict[int, tuple[float, str]] = {}
+    for entry in reports:
+        if entry["name"] in PEERS and entry["status"] == "ok":
+            for res in entry["results"]:
+                if res["images_per_s"] > fastest_peer.get(res["batch"], (0.0, ""))[0]:
+                    fastest_peer[res["batch"]] = (res["images_per_s"], entry["name"])
     best: dict[str, Any] | None = None
     for entry in reports:
         for res in entry["results"]:
             base = eager_rate.get(res["batch"])
             res["vs_eager"] = None if base is None else res["images_per_s"] / base
+            peer = fastest_peer.get(res["batch"])
+            res["vs_fastest_peer"] = None if peer is None else res["images_per_s"] / peer[0]
+            res["fastest_peer"] = None if peer is None else peer[1]
             achieved = None if flops is None else flops.per_input * res["images_per_s"]
             res["gflops"] = None if achieved is None else achieved / 1e9
             res["peak_share"] = None if achieved is None or not peak_flops else achieved / peak_flops

@@ -134,3 +134,132 @@ def run_stream_bench(
         "threads": threads,
         "spinning": spinning,
     }
+
+
+def holds(report: dict[str, Any], fps: float) -> bool:
+    """Whether a multi-stream run kept up: no frame dropped, every stream judged at ≥ 97 % of ``fps``
+    (the pacing's start-up and the last frame in flight cost a little), and p99 under one frame period."""
+    p99 = report["latency_ms"]["p99"]
+    return (report["dropped"] == 0 and p99 is not None and p99 < 1e3 / fps
+            and all(s["fps"] is not None and s["fps"] >= 0.97 * fps for s in report["streams"]))
+
+
+def run_multi_stream_bench(
+    engine_dir: str | Path,
+    streams: int,
+    *,
+    mode: str = "resize",
+    seconds: float = 120.0,
+    fps: float = 30.0,
+    frame_size: tuple[int, int] = DEFAULT_FRAME_SIZE,
+    video: str | Path | None = None,
+    threads: int | None = None,
+    spinning: bool | None = None,
+    backend: str | None = None,
+    tile_grid: tuple[int, int] | None = None,
+    window_s: float = 10.0,
+    queue_size: int = 2,
+    batch_timeout: float | None = None,
+    photos: list[np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """``streams`` paced copies of ``video`` (each its own decoder and reader thread, as N cameras)
+    through :class:`ism_edge.multi_stream.MultiStream` and one runtime for ``seconds``: per stream
+    its FPS, latency p50/p99 and drops; in total the same, the batches, the process's CPU use and
+    the latency per window and its trend."""
+    from ism_edge.multi_stream import BATCH_TIMEOUT, MultiStream, run_multi_stream
+    from ism_edge.outputs import VerdictLog
+    from ism_edge.runtime import DefenseRuntime
+    from ism_edge.sources import ReaderOptions
+
+    if streams < 1 or seconds <= 0 or fps <= 0 or window_s <= 0:
+        raise ValueError("streams must be >= 1 and seconds, fps and window_s > 0")
+    timeout = BATCH_TIMEOUT if batch_timeout is None else batch_timeout
+    source_name = str(video) if video is not None else f"a generated 10 s clip of camera_frames at {fps:g} fps, looped"
+    with tempfile.TemporaryDirectory(prefix="ism-edge-bench-") as tmp:
+        if video is None:
+            video = write_video(Path(tmp) / "camera.mp4", int(round(10 * fps)), fps, frame_size, photos)
+        runtime = DefenseRuntime(engine_dir, backend=backend, mode=mode, tile_grid=tile_grid, threads=threads,
+                                 spinning=spinning, color_order="BGR")
+        with runtime:
+            runtime.warmup(streams)
+            sources = [PacedSource(open_source(str(video)), fps, loop=True) for _ in range(streams)]
+            stop = threading.Event()
+            multi = MultiStream(runtime, sources, reader_options=ReaderOptions(queue_size=queue_size),
+                                batch_timeout=timeout, stop=stop)
+            timer = threading.Timer(seconds, stop.set)
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            timer.start()
+            try:
+                summary = run_multi_stream(runtime, multi, log=VerdictLog(Path(tmp) / "verdicts.jsonl"))
+            finally:
+                timer.cancel()
+            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+            describe = runtime.describe()
+            captured = [s.reader.frames_read if s.reader is not None else 0 for s in multi.streams]
+    if summary.failure is not None:
+        raise summary.failure
+    t = summary.total
+    per_stream = [
+        {"frames_captured": c, "frames_judged": s.frames, "dropped": s.dropped, "fps": s.fps,
+         "latency_p50_ms": s.latency_p50_ms, "latency_p99_ms": s.latency_p99_ms}
+        for s, c in zip(summary.sources, captured, strict=True)
+    ]
+    report: dict[str, Any] = {
+        "engine_dir": str(engine_dir),
+        "runtime": describe,
+        "mode": mode,
+        "tile_grid": None if tile_grid is None else list(tile_grid),
+        "source": {"video": source_name, "fps": fps, "frame_size": list(frame_size), "paced": True, "loop": True},
+        "streams_count": streams,
+        "seconds": wall,
+        "frames_captured": sum(captured),
+        "frames_judged": t.frames,
+        "dropped": t.dropped,
+        "total_fps": t.fps,
+        "latency_ms": {"p50": t.latency_p50_ms, "p99": t.latency_p99_ms,
+                       "max": max((p[1] for p in t.timeline), default=None)},
+        "latency_trend_ms_per_min": latency_trend(t.timeline),
+        "windows": latency_windows(t.timeline, window_s),
+        "batches": summary.batches,
+        "mean_batch": summary.mean_batch,
+        "batch_timeout_ms": timeout * 1e3,
+        "process_cpu_percent": 100.0 * cpu / wall if wall > 0 else None,
+        "streams": per_stream,
+        "queue_size": queue_size,
+        "threads": threads,
+        "spinning": spinning,
+    }
+    report["holds"] = holds(report, fps)
+    return report
+
+
+def find_max_streams(run: Any, fps: float, *, limit: int = 64, say: Any = None) -> dict[str, Any]:
+    """The largest N for which ``run(N)`` (a :func:`run_multi_stream_bench` report) :func:`holds`:
+    N doubles from 1 until a run fails (or ``limit``), then the gap is bisected. Returns
+    ``{"max_streams": N or 0, "trials": [report, ...]}`` in the order run."""
+    trials: list[dict[str, Any]] = []
+
+    def trial(n: int) -> bool:
+        if say is not None:
+            say(f"{n} stream(s) ...")
+        report = run(n)
+        trials.append(report)
+        return bool(report["holds"])
+
+    good, bad = 0, None
+    n = 1
+    while n <= limit:
+        if trial(n):
+            good, n = n, n * 2
+        else:
+            bad = n
+            break
+    if bad is None:
+        return {"max_streams": good, "trials": trials}
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if trial(mid):
+            good = mid
+        else:
+            bad = mid
+    return {"max_streams": good, "trials": trials}

@@ -32,12 +32,13 @@ def engine_dir(untrained_bundle_dir: Path, tmp_path_factory: pytest.TempPathFact
 def test_side_by_side_with_pytorch_eager(engine_dir: Path, untrained_bundle_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     r = runner.invoke(APP, ["bench", str(engine_dir), "--bundle", str(untrained_bundle_dir), "--batch", "1,4",
-                            "--frames", "8", "--threads", "1", "--frame-size", "128x96",
+                            "--frames", "8", "--threads", "1", "--frame-size", "128x96", "--no-torch-compile",
                             "--json", str(out)])  # fmt: skip
     assert r.exit_code == 0, r.stderr
     rep = json.loads(out.read_text())
     cols = {c["name"]: c for c in rep["columns"]}
-    assert list(cols) == ["pytorch-eager", "onnxruntime-fp32", "onnxruntime-int8", "tensorrt"]
+    assert list(cols) == ["pytorch-eager", "pytorch-compile", "onnxruntime-fp32", "onnxruntime-int8", "tensorrt"]
+    assert cols["pytorch-compile"]["status"] == "not run" and "--no-torch-compile" in cols["pytorch-compile"]["reason"]
     eager, fp32 = cols["pytorch-eager"], cols["onnxruntime-fp32"]
     assert eager["status"] == fp32["status"] == "ok" and "torch" in eager["describe"]
     assert cols["onnxruntime-int8"]["status"] == "not run" and "--precision int8" in cols["onnxruntime-int8"]["reason"]
@@ -56,6 +57,56 @@ def test_side_by_side_with_pytorch_eager(engine_dir: Path, untrained_bundle_dir:
     assert "PyTorch eager" in r.stdout and "ONNX Runtime FP32" in r.stdout and "% peak" in r.stdout
     assert "ONNX Runtime INT8: no INT8 engine directory given" in r.stdout
     assert "TensorRT FP16:" in r.stdout
+
+
+def test_the_torch_compile_column_and_the_ratio_to_the_fastest_peer(engine_dir: Path, untrained_bundle_dir: Path,
+                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                    ) -> None:
+    """The column's plumbing: its compile time apart, and every ratio against the faster PyTorch column.
+    Inductor itself is left out (it compiles for minutes on 2 cores): torch.compile returns the module."""
+    import torch
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)
+    out = tmp_path / "bench.json"
+    r = runner.invoke(APP, ["bench", str(engine_dir), "--bundle", str(untrained_bundle_dir), "--batch", "1,4",
+                            "--frames", "8", "--threads", "1", "--frame-size", "128x96", "--json", str(out)])
+    assert r.exit_code == 0, r.stderr
+    cols = {c["name"]: c for c in json.loads(out.read_text())["columns"]}
+    compiled = cols["pytorch-compile"]
+    assert compiled["status"] == "ok" and "torch.compile (inductor)" in compiled["describe"]
+    assert all(res["compile_s"] > 0 for res in compiled["results"])
+    assert all("compile_s" not in res for res in cols["onnxruntime-fp32"]["results"])
+    for i, batch in enumerate((1, 4)):
+        peers = {n: cols[n]["results"][i]["images_per_s"] for n in ("pytorch-eager", "pytorch-compile")}
+        fastest = max(peers, key=lambda n: peers[n])
+        for name in ("pytorch-eager", "pytorch-compile", "onnxruntime-fp32"):
+            res = cols[name]["results"][i]
+            assert res["batch"] == batch and res["fastest_peer"] == fastest
+            assert res["vs_fastest_peer"] == pytest.approx(res["images_per_s"] / peers[fastest])
+    assert cols["onnxruntime-fp32"]["agreement"]["labels"] == 1.0
+    assert "x peer" in r.stdout and "torch.compile: compilation and warm-up" in r.stdout
+
+
+def test_the_torch_compile_column_says_why_it_cannot_run(untrained_bundle_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import engines.bench_torch
+    from cli.bench import _compiled_column
+
+    assert "no --bundle" in _compiled_column(None, 1, "cpu", {}, True).reason
+    monkeypatch.setattr(engines.bench_torch, "cxx_compiler", lambda: None)
+    column = _compiled_column(untrained_bundle_dir, 1, "cpu", {}, True)
+    assert column.factory is None and "C++ compiler" in column.reason
+
+
+def test_camera_rate_with_several_streams(engine_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "streams.json"
+    r = runner.invoke(APP, ["bench", str(engine_dir), "--camera-rate", "--streams", "2", "--seconds", "1",
+                            "--fps", "10", "--frame-size", "80x60", "--threads", "1", "--json", str(out)])
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(out.read_text())
+    assert rep["streams_count"] == 2 and len(rep["streams"]) == 2 and rep["frames_judged"] >= 2
+    assert "per stream" in r.stdout and "2 streams of 80x60 at 10 fps" in r.stdout
+    assert "need --camera-rate" in one_error_line(runner.invoke(APP, ["bench", str(engine_dir), "--streams", "2"]))
 
 
 def test_camera_rate_run(engine_dir: Path, tmp_path: Path) -> None:

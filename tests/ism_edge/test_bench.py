@@ -23,7 +23,13 @@ from ism_edge.bench.chain import BENCH_STAGES, BenchConfig, run_chain_bench
 from ism_edge.bench.flops import CHAIN_MULTIPLICITY, ChainFlops, chain_flops, graph_macs
 from ism_edge.bench.frames import camera_frames, load_photos, write_video
 from ism_edge.bench.peak import PeakProbe, gemm_peak
-from ism_edge.bench.stream import latency_trend, latency_windows, run_stream_bench
+from ism_edge.bench.stream import (
+    find_max_streams,
+    latency_trend,
+    latency_windows,
+    run_multi_stream_bench,
+    run_stream_bench,
+)
 from ism_edge.camera_loop import run_camera_loop
 from ism_edge.errors import EngineError
 from ism_edge.outputs import VerdictLog
@@ -319,6 +325,28 @@ def test_stream_bench_report(engine_dir: Path) -> None:
     assert rep["windows"] and sum(w["frames"] for w in rep["windows"]) <= rep["frames_judged"]
     assert rep["source"]["paced"] and rep["mode"] == "resize"
     assert json.loads(json.dumps(rep)) == rep
+
+
+def test_multi_stream_bench_report(engine_dir: Path) -> None:
+    rep = run_multi_stream_bench(engine_dir, 3, seconds=2.0, fps=10.0, frame_size=(60, 80), threads=1, window_s=1.0)
+    assert rep["streams_count"] == len(rep["streams"]) == 3
+    assert rep["frames_judged"] == sum(s["frames_judged"] for s in rep["streams"]) >= 3
+    assert rep["dropped"] == sum(s["dropped"] for s in rep["streams"])
+    assert all(s["frames_captured"] >= s["frames_judged"] >= 1 for s in rep["streams"])
+    assert rep["batches"] >= 1 and 1 <= rep["mean_batch"] <= 3
+    assert rep["latency_ms"]["p50"] <= rep["latency_ms"]["p99"] <= rep["latency_ms"]["max"]
+    assert isinstance(rep["holds"], bool) and rep["process_cpu_percent"] > 0
+    assert json.loads(json.dumps(rep)) == rep
+
+
+def test_the_search_for_the_most_streams_doubles_then_bisects() -> None:
+    def fake(n: int) -> dict:
+        return {"streams_count": n, "holds": n <= 5}
+
+    found = find_max_streams(fake, 30.0)
+    assert found["max_streams"] == 5 and [t["streams_count"] for t in found["trials"]] == [1, 2, 4, 8, 6, 5]
+    assert find_max_streams(fake, 30.0, limit=4)["max_streams"] == 4
+    assert find_max_streams(lambda n: {"streams_count": n, "holds": False}, 30.0)["max_streams"] == 0
 
 
 # -- no torch ------------------------------------------------------------------------------------------------

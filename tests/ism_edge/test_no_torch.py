@@ -33,6 +33,8 @@ with DefenseRuntime({engine_dir!r}, mode="tile") as rt:
     summary = run_camera_loop(
         rt, FrameReader(open_source({video!r})), log=VerdictLog({log!r}), sinks=[VideoFileOutput({out!r}, fps=10)]
     )
+    from ism_edge.multi_stream import MultiStream
+    several = len(list(MultiStream(rt, [{video!r}, {video!r}])))
 print(json.dumps({{
     "after_import": after_import,
     "after_run": sorted(m for m in {heavy!r} if m in sys.modules),
@@ -40,6 +42,7 @@ print(json.dumps({{
     "batch": len(batch),
     "tiles": tiled.tiles.rows * tiled.tiles.cols,
     "frames": summary.frames,
+    "several": several,
     "error": summary.error,
 }}))
 """
@@ -56,6 +59,7 @@ def test_import_and_a_full_onnxruntime_run_load_no_torch(engine_dir: Path, sampl
     assert result["after_import"] == []
     assert result["after_run"] == [], f"the runtime imported {result['after_run']}"
     assert result["batch"] == 3 and result["tiles"] == 12 and result["frames"] == 12 and result["error"] is None
+    assert result["several"] == 24
     assert len((tmp_path / "v.jsonl").read_text().splitlines()) == 12
 
 

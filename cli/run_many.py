@@ -1,0 +1,231 @@
+"""`ism-edge run ENGINE_DIR INPUT INPUT ...`: several inputs judged in shared batches by one engine chain.
+
+Separate from ``cli/run.py`` so that the single-input run stays as it was; the per-source outputs
+(``OUTPUT`` and ``--purified`` holding ``{source}``), the per-source summary and the source events
+are this module's.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from cli._common import Backend, Mode, tile_grid_for
+
+if TYPE_CHECKING:
+    from ism_edge.errors import IsmEdgeError
+    from ism_edge.multi_stream import MultiRunSummary, SourceEvent
+    from ism_edge.outputs import OutputPath, OutputURI
+    from ism_edge.sources import FrameSource, SourceURI
+
+SOURCE_FIELD = "{source}"
+
+
+def per_source(text: str, index: int) -> str:
+    """``text`` with ``{source}`` replaced by the input's index."""
+    return text.replace(SOURCE_FIELD, str(index))
+
+
+def run_many(
+    engine_dir: Path, uris: list[SourceURI], output: str | None, *, log: str, backend: Backend, device: str,
+    mode: Mode, tile_grid: str | None, feedback_rounds: int | None, max_frames: int | None, headless: bool,
+    purified: Path | None, fps: float | None, realtime: bool, queue_size: int, stall_timeout: float, reconnect: int,
+    threads: int | None, rebuild_on_mismatch: bool, summary_json: Path | None, batch_timeout: float,
+) -> None:
+    """The body of ``ism-edge run`` for several inputs (the options are ``run``'s)."""
+    from cli.run import _ready_runtime, _threshold_lines
+    from ism_edge.errors import OutputError, SourceError
+    from ism_edge.multi_stream import MultiStream, SourceOutputs, run_multi_stream
+    from ism_edge.outputs import (
+        DisplayOutput,
+        FrameSink,
+        ImageFolderOutput,
+        VerdictLog,
+        check_output_paths,
+        open_output,
+        opencv_has_gui,
+        parse_output,
+    )
+    from ism_edge.runtime import RuntimeOptions
+    from ism_edge.sources import ReaderOptions, make_source
+
+    n = len(uris)
+    if output is None and not headless and opencv_has_gui():
+        output = "display://0"
+    display = output is not None and output.strip().lower().startswith("display://")
+    if display and headless:
+        output, display = None, False
+    for option, text in (("OUTPUT", None if display else output), ("--purified", None if purified is None
+                                                                   else str(purified))):
+        if text is not None and SOURCE_FIELD not in text:
+            raise OutputError(f"{option} {text} would be written by all {n} inputs: put {SOURCE_FIELD} in it, the "
+                              f"input's index (e.g. out_{SOURCE_FIELD}.mp4), or use display://0 (a window per input)")
+    out_uris: list[OutputURI | None] = [
+        None if output is None or display else parse_output(per_source(output, i)) for i in range(n)
+    ]
+    folders = [None if purified is None else Path(per_source(str(purified), i)) for i in range(n)]
+    paths = _output_paths(out_uris, folders, log, summary_json)
+    for uri in uris:
+        check_output_paths(paths, source=uri.path, source_is_folder=uri.kind == "folder", engine_dir=engine_dir)
+    if realtime and (bad := [u for u in uris if u.kind != "video"]):
+        raise SourceError(f"--realtime paces video files; {bad[0]} is not one: drop --realtime")
+    grid = tile_grid_for(mode, tile_grid)
+    try:
+        options = RuntimeOptions(
+            backend=backend.value, device=device, mode=mode.value, color_order="BGR", tile_grid=grid,
+            feedback_rounds=feedback_rounds, threads=threads,
+        )  # fmt: skip
+        reader_options = ReaderOptions(queue_size=queue_size, stall_timeout=stall_timeout,
+                                       reconnect_attempts=reconnect)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+    runtime = _ready_runtime(engine_dir, options, rebuild_on_mismatch=rebuild_on_mismatch)
+    with runtime:
+        typer.echo(f"engines: {engine_dir} — {runtime.describe()}", err=True)
+        for line in _threshold_lines(runtime.manifest.calibration, mode, grid):
+            typer.echo(line, err=True)
+        sources = [_source(make_source(u, read_timeout=stall_timeout), realtime) for u in uris]
+        outputs: list[SourceOutputs] = []
+        log_out = None
+        try:
+            for i, (uri, out_uri, folder) in enumerate(zip(uris, out_uris, folders, strict=True)):
+                sinks: list[FrameSink] = []
+                outputs.append(SourceOutputs(sinks, None))
+                if display:
+                    sinks.append(DisplayOutput(f"ism-edge {i}: {uri}"))
+                elif out_uri is not None:
+                    sinks.append(open_output(out_uri, fps=fps or _file_fps(uri) or 30.0))
+                outputs[-1].purified = ImageFolderOutput(folder) if folder is not None else None
+            log_out = VerdictLog(log)
+        except BaseException:
+            for o in outputs:
+                for sink in o.sinks:
+                    sink.close()
+            raise
+        multi = MultiStream(runtime, sources, reader_options=reader_options, batch_timeout=batch_timeout,
+                            max_frames=max_frames, purified=purified is not None)
+        for i, uri in enumerate(uris):
+            where = "" if out_uris[i] is None else f" → {out_uris[i].text}"  # type: ignore[union-attr]
+            typer.echo(f"input {i}: {uri}{where}", err=True)
+        typer.echo(f"log: {log}; batch timeout {batch_timeout * 1e3:g} ms", err=True)
+        status = _status_printer() if sys.stderr.isatty() else None
+        summary = run_multi_stream(runtime, multi, log=log_out, outputs=outputs, on_event=_echo_event(uris),
+                                   status=status)
+        if status is not None:
+            typer.echo("", err=True)
+    print_multi_summary(summary)
+    failure = summary.failure
+    if summary_json is not None:
+        failure = _write_summary(summary_json, summary, failure)
+    if failure is not None:
+        raise failure
+    if summary.stopped == "interrupted":
+        signum = signal.Signals[summary.total.signal] if summary.total.signal else signal.SIGINT
+        typer.echo("interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}", err=True)
+        raise typer.Exit(128 + signum)
+
+
+def _source(source: FrameSource, realtime: bool) -> FrameSource:
+    """``--realtime``: a video file paced at its frame rate (opened, like every source, by the run)."""
+    from ism_edge.sources import PacedSource
+
+    return PacedSource(source) if realtime else source
+
+
+def _file_fps(uri: SourceURI) -> float | None:
+    """The frame rate a video file reports (for its annotated output), else None."""
+    import cv2
+
+    if uri.kind != "video":
+        return None
+    cap = cv2.VideoCapture(uri.location)
+    try:
+        rate = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) if cap.isOpened() else 0.0
+    finally:
+        cap.release()
+    return rate if 0.0 < rate < 1000.0 else None
+
+
+def _output_paths(out_uris: list[OutputURI | None], folders: list[Path | None], log: str,
+                  summary_json: Path | None) -> list[OutputPath]:
+    from ism_edge.outputs import OutputPath
+
+    paths = [OutputPath(f"OUTPUT of input {i}", Path(u.location), folder=u.kind == "images")
+             for i, u in enumerate(out_uris) if u is not None and u.kind != "display"]
+    paths += [OutputPath(f"--purified of input {i}", f, folder=True) for i, f in enumerate(folders) if f is not None]
+    if log != "-":
+        paths.append(OutputPath("--log", Path(log)))
+    if summary_json is not None:
+        paths.append(OutputPath("--summary-json", summary_json))
+    return paths
+
+
+def _echo_event(uris: list[SourceURI]) -> Callable[[SourceEvent], None]:
+    def echo(event: SourceEvent) -> None:
+        if event.kind == "max-frames":
+            return
+        prefix = "warning: " if event.kind in ("retrying", "failed") else ""
+        typer.echo(f"{prefix}input {event.source} ({uris[event.source]}): {event.message}", err=True)
+
+    return echo
+
+
+def print_multi_summary(summary: MultiRunSummary) -> None:
+    """One row per input and a total row on stderr, then the files written."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True, highlight=False, width=200) if not sys.stderr.isatty() else Console(stderr=True)
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    t = summary.total
+    mean = "-" if summary.mean_batch is None else f"{summary.mean_batch:.2f}"
+    console.print(f"[bold]summary[/] ({t.source}, {t.backend}, stopped: {t.stopped}; {summary.batches} batches "
+                  f"of {mean} frames on average)")
+    table = Table()
+    for name in ("input", "source", "frames", "flagged", "dropped", "skipped", "reconnects", "p50 ms", "p99 ms",
+                 "fps", "stopped"):
+        table.add_column(name, justify="left" if name in ("input", "source", "stopped") else "right")
+    for i, s in enumerate([*summary.sources, t]):
+        table.add_row(str(i) if i < len(summary.sources) else "total", s.source, str(s.frames), str(s.flagged),
+                      str(s.dropped), str(s.skipped), str(s.reconnects), ms(s.latency_p50_ms),
+                      ms(s.latency_p99_ms), "-" if s.fps is None else f"{s.fps:.1f}", s.stopped)
+    console.print(table)
+    for s in summary.sources:
+        if s.error:
+            console.print(f"  {s.source}: {s.error}", markup=False)
+    for out in t.outputs:
+        where = "stdout" if out["path"] == "-" else out["path"]
+        console.print(f"  {out['output']:<8} {out['frames']} frames in {where}"
+                      + ("" if out["complete"] else " [bold](incomplete)[/]"))
+
+
+def _write_summary(path: Path, summary: MultiRunSummary, failure: IsmEdgeError | None) -> IsmEdgeError | None:
+    from ism_edge._io import atomic_write_json
+    from ism_edge.errors import OutputError
+
+    try:
+        atomic_write_json(path, summary.to_json())
+    except OSError as e:
+        problem = f"the summary {path} cannot be written ({e.strerror or e}): check free disk space and the path"
+        return OutputError(problem if failure is None else f"{failure}; and {problem}")
+    return failure
+
+
+def _status_printer() -> Callable[[MultiRunSummary], None]:
+    def show(summary: MultiRunSummary) -> None:
+        t = summary.total
+        rate = t.frames / t.seconds if t.seconds else 0.0
+        sys.stderr.write(f"\r{t.frames} frames of {len(summary.sources)} inputs, {t.flagged} flagged, "
+                         f"{t.dropped} dropped, {rate:.1f} FPS   ")
+        sys.stderr.flush()
+
+    return show
