@@ -142,6 +142,9 @@ def train(
                        weights_dtype=weights_dtype)
     names = None if classes is None else [c.strip() for c in classes.split(",")]
     if nproc > 1:
+        if batch_size % nproc or batch_size // nproc < 2:
+            raise typer.BadParameter(f"--batch-size {batch_size} is the global batch: it must be a multiple of "
+                                     f"--nproc {nproc}, at least 2 per process")
         from training.distributed import launch_local
 
         launch_local(nproc, _train_rank, req, num_classes, names, dist_timeout)

@@ -301,6 +301,7 @@ def launch_local(nproc: int, entry: Callable[..., Any], *args: Any) -> None:
     import logging
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -329,6 +330,8 @@ def launch_local(nproc: int, entry: Callable[..., Any], *args: Any) -> None:
         err = IsmEdgeError(message)
         err.exit_code = failure.exitcode if 0 < failure.exitcode < 128 else 1
         raise err from None
+    except SignalException:  # Ctrl-C or SIGTERM: the launcher has stopped the ranks; the CLI says "interrupted"
+        raise KeyboardInterrupt from None
     finally:
         for lg, (level, propagate) in zip(loggers, saved, strict=True):
             lg.setLevel(level)

@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -103,7 +102,7 @@ def test_two_ranks_see_disjoint_shards_and_reduce_to_the_same_figures(tmp_path: 
     for p in procs:
         p.start()
     for p in procs:
-        p.join(120)
+        p.join(600)
         assert p.exitcode == 0
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
     assert not set(r0["batches"]) & set(r1["batches"])  # 42 images, 21 each, no image on both ranks
@@ -170,43 +169,51 @@ def test_only_rank_0_writes_and_logs(two_rank_and_one_rank_bundles) -> None:
     assert "Traceback" not in log and "Warning" not in log
 
 
-# Rank 1 dies (a crash, an OOM kill) in the second epoch of the undefended stage.
-DYING_RANK = """
-import os, sys
+# Rank 1 dies (a crash, an OOM kill) or stalls (a hung device, a deadlock) in the second epoch of
+# the undefended stage; launched by hand, without torchrun's agent to stop the other rank.
+FAULTY_RANK = """
+import os, sys, time
 from training.recipe import runner
 if os.environ["RANK"] == "1":
     real = runner.classifier_epoch
-    def dying(*a, **kw):
+    def faulty(*a, **kw):
         if a[2].epoch == 1:
-            os._exit(3)
+            if sys.argv[1] == "dies":
+                os._exit(3)
+            time.sleep(600)
         return real(*a, **kw)
-    runner.classifier_epoch = dying
+    runner.classifier_epoch = faulty
 from cli.main import main
-sys.argv = ["ism-edge", *sys.argv[1:]]
+sys.argv = ["ism-edge", *sys.argv[2:]]
 main()
 """
 
 
-def test_a_dead_rank_ends_the_job_with_one_line_and_resume_continues(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fault", ["dies", "stalls"])
+def test_a_dead_or_stalled_rank_ends_the_job_with_one_line(fault: str, tmp_path: Path) -> None:
     out = tmp_path / "b"
-    args = [*SHORT, "--stages", "undefended", "--epochs", "2", "--out", str(out), "--dist-timeout", "60"]
+    args = [*SHORT, "--stages", "undefended", "--epochs", "2", "--out", str(out), "--dist-timeout", "30"]
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", DYING_RANK, "train", *args], cwd=ROOT, text=True,
+    procs = [subprocess.Popen([sys.executable, "-c", FAULTY_RANK, fault, "train", *args], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
                                    "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
-    t0 = time.monotonic()
-    results = [p.communicate(timeout=240) for p in procs]
-    assert procs[1].returncode == 3
-    # Rank 0 does not hang: its next collective fails (the peer closed its connection, or the
-    # 60 s timeout) and it says so in one line.
-    assert procs[0].returncode == 2 and time.monotonic() - t0 < 200
-    err = [line for line in results[0][1].splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and err[0].startswith("error: rank 0: lost the other ranks"), results[0][1]
-    assert results[0][1].strip().endswith(err[0]) and "Traceback" not in results[0][1]
+    try:
+        _, err0 = procs[0].communicate(timeout=600)  # rank 0 does not wait for ever
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    # Its next collective fails (the peer closed its connection, or after the 30 s timeout) and it
+    # says so in one line, as its last.
+    errors = [line for line in err0.splitlines() if line.startswith("error:")]
+    assert procs[0].returncode == 2 and len(errors) == 1, err0
+    assert errors[0].startswith("error: rank 0: lost the other ranks (")
+    assert ("Timed out" in errors[0]) == (fault == "stalls")
+    assert err0.strip().endswith(errors[0]) and "Traceback" not in err0
     assert not out.exists() and (tmp_path / "b.ckpt" / "checkpoint.pt").is_file()  # epoch 1 was checkpointed
-
-    run = _cli("train", *args, "--nproc", "2", "--resume")
+    if fault == "stalls":
+        return
+    run = _cli("train", *args, "--nproc", "2", "--resume")  # the job continues where it stopped
     assert run.returncode == 0, run.stderr[-3000:]
     assert "undefended: resuming at epoch 2/2" in run.stdout + run.stderr
     from training.bundle import DefenseBundle
@@ -222,4 +229,4 @@ def test_a_failing_launch_is_one_error_line(tmp_path: Path) -> None:
     assert err[0].startswith("error: rank ") and "does not exist" in err[0]
     assert not (tmp_path / "b").exists()
     run = _cli("train", *SHORT, "--batch-size", "21", "--out", str(tmp_path / "b"), "--nproc", "2")
-    assert run.returncode == 2 and "must be a multiple of the 2 ranks" in run.stderr
+    assert run.returncode == 2 and "must be a multiple of --nproc 2" in run.stderr
