@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from cli._common import cli_errors, keep_freed_memory, parse_eps, parse_list, require_training
 from cli.choices import Baseline, DataKind, Preset
+from ism_edge.errors import IsmEdgeError
 
 
 @cli_errors
@@ -91,6 +93,13 @@ def train(
         "What to train: full (the defense), none (undefended classifier), magnet (MagNet: "
         "plain autoencoder + reconstruction/JSD detectors), adv-only (adversarial training alone), "
         "distill-only (defensive distillation alone). Baselines set --adv-ratio/--distill themselves."))] = "full",
+    nproc: Annotated[int, typer.Option("--nproc", help=(
+        "Data-parallel training in this many processes on this machine (one per GPU with --device cuda), "
+        "launched by torch.distributed; --batch-size stays the global batch. Several machines: torchrun "
+        "(docs/training.md)."), min=1)] = 1,
+    dist_timeout: Annotated[float, typer.Option(help=(
+        "Seconds a rank waits for the others at a collective before the job fails (data-parallel runs)."),
+        min=10)] = 900.0,
 ) -> None:
     """Train the full defense (SPEC §2) and write a defense bundle.
 
@@ -99,14 +108,12 @@ def train(
     sparsity mapping network with its discriminator, the perturbation classifier on residuals,
     and calibration of the detector thresholds at --target-fpr on held-out clean data.
     --baseline trains one of the evaluation's baselines with the same code instead.
+    Under torchrun (or with --nproc N) every stage runs data-parallel; rank 0 writes the bundle.
     """
     keep_freed_memory()
     require_training("training a defense")
-    from dataclasses import replace
-
-    from training.bundle import WEIGHTS_DTYPES
-    from training.data import declared_classes
-    from training.recipe import STAGES, RecipeConfig, TrainRequest, train_bundle
+    from training.bundle import WEIGHTS_DTYPES, DefenseBundle
+    from training.recipe import STAGES, RecipeConfig, TrainRequest
 
     eps = parse_eps(adv_eps)
     if len(eps) != 2:
@@ -138,7 +145,43 @@ def train(
                        model_overrides={} if sparsity_k is None else {"sparsity_k": sparsity_k},
                        weights_dtype=weights_dtype)
     names = None if classes is None else [c.strip() for c in classes.split(",")]
-    with declared_classes(num_classes, names):  # the recipe loads the data itself
-        bundle = train_bundle(req)
+    if nproc > 1:
+        if batch_size % nproc or batch_size // nproc < 2:
+            raise typer.BadParameter(f"--batch-size {batch_size} is the global batch: it must be a multiple of "
+                                     f"--nproc {nproc}, at least 2 per process")
+        from training.distributed import launch_local
+
+        launch_local(nproc, _train_rank, req, num_classes, names, dist_timeout)
+        stages_done = ", ".join(DefenseBundle.load(out).stages)
+    else:
+        stages_done = _train_rank(req, num_classes, names, dist_timeout)
+        if stages_done is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+            return
     what = "defense bundle" if baseline == "full" else f"baseline {baseline!r} bundle"
-    typer.echo(f"{what} written to {out} (stages: {', '.join(bundle.stages)})")
+    typer.echo(f"{what} written to {out} (stages: {stages_done})")
+
+
+def _train_rank(req: Any, num_classes: int | None, names: list[str] | None, timeout_s: float) -> str | None:
+    """Train ``req`` in this process: alone, or as one rank of a torchrun / --nproc job.
+
+    Returns the stages of the written bundle, or None on a rank that does not write.
+    """
+    from training import distributed as dist
+    from training.data import declared_classes
+    from training.recipe import train_bundle
+
+    with dist.process_group(req.device, timeout_s) as device:
+        if device is not None:
+            req = replace(req, device=str(device))
+        try:
+            with declared_classes(num_classes, names):  # the recipe loads the data itself
+                bundle = train_bundle(req)
+        except RuntimeError as e:  # a peer died or stalled: one line, not the backend's backtrace
+            if dist.active() and dist.collective_failed(e):
+                raise dist.lost_peer(e) from None
+            raise
+        except IsmEdgeError as e:
+            if dist.active():
+                e.args = (f"rank {dist.rank()}: {e}",)
+            raise
+        return ", ".join(bundle.stages) if dist.is_main() else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from ism_edge.errors import BundleError, IsmEdgeError
+from training import distributed as dist
 from training.bundle import DefenseBundle, DefenseSpec, bundle_hash
 from training.data import ImageArrays, load_dataset
 from training.defense import Defense, attack_surrogate
@@ -77,6 +79,14 @@ class Checkpointer:
         self.path = self.dir / CHECKPOINT
 
     def save(self, state: dict[str, Any]) -> None:
+        """Write ``state`` (rank 0 only; the other ranks wait until it is written)."""
+        if not dist.is_main():
+            dist.barrier()
+            return
+        self._write(state)
+        dist.barrier()
+
+    def _write(self, state: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -107,9 +117,12 @@ def clean_accuracy(model: torch.nn.Module, data: ImageArrays, device: torch.devi
 
     model.eval()
     correct = 0
+    n = max(len(data), 1)
+    if dist.active():  # each rank counts its part of the held-out images
+        data = data.subset(dist.local_part(len(data)))
     for x, y in iterate_batches(data, 256, shuffle=False, device=device):
         correct += int((model(x).argmax(1) == y).sum())
-    return correct / max(len(data), 1)
+    return dist.sum_all(correct)[0] / n
 
 
 class RecipeRunner:
@@ -118,8 +131,11 @@ class RecipeRunner:
     def __init__(self, req: TrainRequest, *, echo: Callable[[str], None] = log) -> None:
         self.req = req
         self.cfg = req.recipe
-        self.echo = echo
+        self.echo = echo if dist.is_main() else _quiet  # one log: rank 0's
         self.device = resolve_device(req.device)
+        if dist.active() and (self.cfg.batch_size % dist.world_size() or dist.local_batch(self.cfg.batch_size) < 2):
+            raise IsmEdgeError(f"--batch-size {self.cfg.batch_size} is the global batch: it must be a multiple of the "
+                               f"{dist.world_size()} ranks, at least 2 per rank")
         unknown = [s for s in req.stages if s not in STAGES]
         if unknown:
             raise IsmEdgeError(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}")
@@ -208,7 +224,7 @@ class RecipeRunner:
         opt = _optimizer(net.parameters(), cfg, lr=cfg.clf_lr if cfg.lr_schedule == "onecycle" else cfg.lr)
         per_batch: torch.optim.lr_scheduler.LRScheduler | None = None
         if cfg.lr_schedule == "onecycle":
-            steps = max(epochs, 1) * max(-(-len(train) // cfg.batch_size), 1)
+            steps = max(epochs, 1) * max(dist.batches_per_epoch(len(train), cfg.batch_size), 1)
             per_batch = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.clf_lr, total_steps=steps, pct_start=0.3)
             sched: Any = per_batch
         else:
@@ -239,18 +255,25 @@ class RecipeRunner:
                 out["guard"] = self._guard(surrogate, guard_data, guard_eps)
             return out
 
+        trained = dist.data_parallel(net, self.device)  # gradients averaged over the ranks; attacks use net
         return self._epochs(stage, epochs, [opt, sched, best], state, b, train,
-                            lambda ctx: classifier_epoch(net, opt, ctx, temperature=temp, adversarial=adv,
+                            lambda ctx: classifier_epoch(trained, opt, ctx, temperature=temp, adversarial=adv,
                                                          teacher=teacher, teacher_scale=teacher_scale,
                                                          scheduler=per_batch, attack_target=surrogate),
                             after=after, measure=measure)
 
     def _pool(self, b: DefenseBundle, train: ImageArrays) -> torch.Tensor:
+        """The adversarial pool; with several ranks each crafts and keeps the pool of its own shard."""
         if self._adv_pool is None:
             t0 = time.perf_counter()
-            with make_progress() as progress:
-                self._adv_pool = adversarial_pool(attack_surrogate(b), train, self.cfg, self.device, progress)
-            self.echo(f"adversarial pool: {len(train)} examples crafted against the deployed classifier "
+            data = train
+            if dist.active():
+                self._pool_index = dist.shard(np.arange(len(train)))
+                data = train.subset(self._pool_index)
+            with _progress() as progress:
+                self._adv_pool = adversarial_pool(attack_surrogate(b), data, self.cfg, self.device, progress)
+            ranks = f" ({len(data)} on each of {dist.world_size()} ranks)" if dist.active() else ""
+            self.echo(f"adversarial pool: {len(train)} examples crafted against the deployed classifier{ranks} "
                       f"in {time.perf_counter() - t0:.0f} s")
         return self._adv_pool
 
@@ -270,8 +293,10 @@ class RecipeRunner:
                     "heldout_acc_raw": float((s["label_raw"] == y).mean())}
 
         pool = self._pool(b, train) if cfg.epochs_mapper > 0 and cfg.map_pairs else None
+        mapper, disc = dist.data_parallel(b.mapper, self.device), dist.data_parallel(b.networks["discriminator"],
+                                                                                     self.device)
         return self._epochs("mapper", cfg.epochs_mapper, [opt_m, opt_d, sched], state, b, train,
-                            lambda ctx: mapper_epoch(b.mapper, b.networks["discriminator"], attack_surrogate(b),
+                            lambda ctx: mapper_epoch(mapper, disc, attack_surrogate(b),
                                                      opt_m, opt_d, ctx),
                             after=after, pool=pool)
 
@@ -293,8 +318,9 @@ class RecipeRunner:
             return out
 
         pool = self._pool(b, train) if cfg.epochs_finetune > 0 else None
+        trained = dist.data_parallel(net, self.device)
         result = self._epochs("finetune", cfg.epochs_finetune, [opt, sched], state, b, train,
-                              lambda ctx: finetune_epoch(net, b.mapper, opt, ctx, attack_target=surrogate,
+                              lambda ctx: finetune_epoch(trained, b.mapper, opt, ctx, attack_target=surrogate,
                                                          temperature=temp),
                               after=after, pool=pool)
         self._adv_pool = None  # crafted against C before it changed: P gets a new one
@@ -306,8 +332,9 @@ class RecipeRunner:
         opt = _optimizer(b.perturbation.parameters(), cfg)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs_perturbation, 1))
         pool = self._pool(b, train) if cfg.epochs_perturbation > 0 else None
+        trained = dist.data_parallel(b.perturbation, self.device)
         return self._epochs("perturbation", cfg.epochs_perturbation, [opt, sched], state, b, train,
-                            lambda ctx: perturbation_epoch(b.perturbation, b.mapper, b.classifier, opt, ctx), pool=pool)
+                            lambda ctx: perturbation_epoch(trained, b.mapper, b.classifier, opt, ctx), pool=pool)
 
     def _calibrate(self, b: DefenseBundle, calib: ImageArrays) -> dict[str, Any]:
         b.thresholds = {}
@@ -348,10 +375,12 @@ class RecipeRunner:
             start_epoch = int(state["epoch"]) + 1
             self.echo(f"{stage}: resuming at epoch {start_epoch + 1}/{epochs}")
         history: list[dict[str, float]] = list(state.get("history", [])) if state.get("stage") == stage else []
-        with make_progress() as progress:
+        with _progress() as progress:
             for epoch in range(start_epoch, epochs):
-                ctx = EpochContext(self.cfg, train, self.device, epoch, progress, f"{stage} {epoch + 1}/{epochs}", pool)
-                metrics = run_epoch(ctx)
+                ctx = EpochContext(self.cfg, train, self.device, epoch, progress, f"{stage} {epoch + 1}/{epochs}", pool,
+                                   self._pool_index if pool is not None and dist.active() else None)
+                metrics = dist.average_metrics(run_epoch(ctx))
+                dist.broadcast_buffers(list(b.networks.values()))  # BatchNorm running statistics: rank 0's
                 for obj in stateful:  # a one-cycle schedule is stepped per batch by the epoch itself
                     if isinstance(obj, torch.optim.lr_scheduler.LRScheduler) and \
                             not isinstance(obj, torch.optim.lr_scheduler.OneCycleLR):
@@ -389,6 +418,7 @@ class RecipeRunner:
         train, calib = self._load_data(size)
         self._absent: set[str] = set()
         b = self._initial_bundle(train)
+        self._pool_index: np.ndarray | None = None
         if self.req.weights_dtype is not None:
             b.weights_dtype = self.req.weights_dtype
         self._completed: list[str] = []
@@ -417,6 +447,9 @@ class RecipeRunner:
                 self.echo(f"--resume: stages done {self._completed or 'none'}; continuing")
         if self.req.init_from is not None:
             self._share_stages(b, Path(self.req.init_from))
+        if dist.active():  # the same networks everywhere, then each rank its own random stream
+            dist.broadcast_state(list(b.networks.values()))
+            _seed_everything(dist.rank_seed(self.cfg.seed))
         n_threads = torch.get_num_threads()
         b.provenance = {
             "data": train.provenance,
@@ -429,6 +462,10 @@ class RecipeRunner:
                          "torch_threads": n_threads,
                          "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None},
         }
+        if dist.active():
+            b.provenance["distributed"] = {"world_size": dist.world_size(),
+                                           "backend": str(torch.distributed.get_backend()),
+                                           "batch_size_per_rank": dist.local_batch(self.cfg.batch_size)}
         # "train": the temperature the deployed logits were trained at (attacks divide by it);
         # "distill": the soft-label temperature of distillation.
         b.temperatures = {"train": self.cfg.teacher_temperature, "deploy": 1.0,
@@ -550,8 +587,19 @@ class RecipeRunner:
             keep.add("discriminator")
         if self.cfg.baseline != "full":
             b = replace(b, networks={n: m for n, m in b.networks.items() if n in keep})
-        b.save(self.req.out)
+        if dist.is_main():  # the other ranks wait until the bundle is written
+            b.save(self.req.out)
+        dist.barrier()
         return b
+
+
+def _progress() -> contextlib.AbstractContextManager[Any]:
+    """Progress bars on rank 0 (or the only process); None on the other ranks."""
+    return make_progress() if dist.is_main() else contextlib.nullcontext()
+
+
+def _quiet(_message: str) -> None:
+    """The log of a rank other than 0: rank 0 reports for the job."""
 
 
 def _recipe_of(d: dict[str, Any]) -> RecipeConfig | None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
+from training import distributed as dist
 from training.attacks import make_attack
 from training.bundle import SCORES
 from training.data import ImageArrays
@@ -37,9 +38,17 @@ class EpochContext:
     progress: Progress | None
     description: str
     pool: torch.Tensor | None = None  # adversarial version of every training image (stages 3-4)
+    # With several ranks: the training images of this rank's pool rows (``pool`` holds only those).
+    pool_index: np.ndarray | None = None
 
     def batches(self, augment: bool | None = None) -> Any:
         aug = self.cfg.augment if augment is None else augment
+        if dist.active():  # this rank's shard of the epoch's permutation, its part of the global batch
+            order = np.random.default_rng(np.random.SeedSequence(self.cfg.seed * 1000 + self.epoch).spawn(2)[0])
+            idx = dist.shard(order.permutation(len(self.data)))
+            return iterate_batches(self.data.subset(idx), dist.local_batch(self.cfg.batch_size), shuffle=False,
+                                   seed=dist.rank_seed(self.cfg.seed) * 1000 + self.epoch, augment=aug,
+                                   device=self.device)
         it = iterate_batches(self.data, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed * 1000 + self.epoch,
                              augment=aug, device=self.device)
         return it
@@ -52,6 +61,17 @@ class EpochContext:
     def indexed_pairs(self) -> Any:
         """:meth:`pairs` with the batch's indices into ``data`` first."""
         assert self.pool is not None
+        if self.pool_index is not None:  # several ranks: this rank's own pool rows, reshuffled every epoch
+            local = np.random.default_rng(dist.rank_seed(self.cfg.seed) * 1000 + self.epoch).permutation(
+                len(self.pool_index))
+            bs = dist.local_batch(self.cfg.batch_size)
+            for start in range(0, len(local), bs):
+                rows = np.sort(local[start:start + bs])
+                idx = self.pool_index[rows]
+                x = to_tensor(self.data.x[idx]).to(self.device)
+                y = torch.from_numpy(self.data.y[idx]).long().to(self.device)
+                yield x, self.pool[torch.from_numpy(rows)].to(self.device), y
+            return
         order = np.random.default_rng(self.cfg.seed * 1000 + self.epoch).permutation(len(self.data))
         for start in range(0, len(order), self.cfg.batch_size):
             idx = np.sort(order[start:start + self.cfg.batch_size])
@@ -77,16 +97,19 @@ class EpochContext:
 
         The noise is Gaussian with std ``cfg.map_noise`` on [0, 1] pixels, clipped to [0, 1].
         """
-        gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed * 1000 + self.epoch)
+        gen = torch.Generator(device="cpu").manual_seed(dist.rank_seed(self.cfg.seed) * 1000 + self.epoch)
         for x, y in self.batches(augment=False):
             noise = torch.randn(x.shape, generator=gen).to(x.device) * self.cfg.map_noise
             yield (x + noise).clamp(0.0, 1.0) if self.cfg.map_noise > 0 else x, x, y
 
     def n_batches(self) -> int:
+        if dist.active():
+            n = len(self.pool_index) if self.pool_index is not None else len(dist.shard(np.arange(len(self.data))))
+            return -(-n // dist.local_batch(self.cfg.batch_size))
         return -(-len(self.data) // self.cfg.batch_size)
 
     def rng(self, salt: int) -> random.Random:
-        return random.Random(self.cfg.seed * 1_000_003 + self.epoch * 101 + salt)
+        return random.Random(dist.rank_seed(self.cfg.seed) * 1_000_003 + self.epoch * 101 + salt)
 
 
 def _craft(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, eps: float,
@@ -164,9 +187,13 @@ def heldout_accuracy(model: nn.Module, data: ImageArrays, device: torch.device, 
     """(clean accuracy, PGD accuracy at ``eps``) of ``model`` on ``data``; PGD is skipped (nan) when ``eps`` is 0.
 
     PGD: ``steps`` steps of 2.5·ε/steps from a seeded random start, so every epoch is measured
-    on the same starts (the guard of the adversarial stages).
+    on the same starts (the guard of the adversarial stages). With several ranks each measures its
+    contiguous part and the counts are summed, so every rank returns the same figures.
     """
     correct = robust = 0
+    n = max(len(data), 1)
+    if dist.active():
+        data = data.subset(dist.local_part(len(data)))
     for i, (x, y) in enumerate(iterate_batches(data, batch_size, shuffle=False, device=device)):
         with torch.no_grad():
             model.eval()
@@ -175,7 +202,7 @@ def heldout_accuracy(model: nn.Module, data: ImageArrays, device: torch.device, 
             x_adv = make_attack("pgd", model, eps, steps=steps, seed=1000 + i)(x, y)
             with torch.no_grad():
                 robust += int((model(x_adv).argmax(1) == y).sum())
-    n = max(len(data), 1)
+    correct, robust = dist.sum_all(correct, robust)
     return correct / n, (robust / n if eps > 0 else float("nan"))
 
 
@@ -409,7 +436,7 @@ def adversarial_pool(model: nn.Module, data: ImageArrays, cfg: RecipeConfig, dev
     crafted once instead of every epoch. Each batch draws its attack from ``pert_attacks`` and its
     ε from ``pert_eps`` (several attack types and levels, SPEC §2 stage 4). Returned on the CPU.
     """
-    rng = random.Random(cfg.seed * 7919 + 17)
+    rng = random.Random(dist.rank_seed(cfg.seed) * 7919 + 17)
     pool = torch.empty((len(data), data.x.shape[3], data.x.shape[1], data.x.shape[2]), dtype=torch.float32)
     meter = Meter()
     it = range(0, len(data), cfg.batch_size)
@@ -425,7 +452,13 @@ def adversarial_pool(model: nn.Module, data: ImageArrays, cfg: RecipeConfig, dev
 @torch.no_grad()
 def defense_scores(defense: Defense, data: ImageArrays, device: torch.device,
                    batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Run the defense on clean data; return numpy arrays of every score, labels and flags."""
+    """Run the defense on clean data; return numpy arrays of every score, labels and flags.
+
+    With several ranks each scores its contiguous part and the arrays are gathered in rank order:
+    every rank returns the scores of all of ``data``, in its order.
+    """
+    if dist.active():
+        data = data.subset(dist.local_part(len(data)))
     out: dict[str, list[np.ndarray]] = {"recon_error": [], "jsd": [], "p_score": [], "label": [], "label_raw": [],
                                         "label_reformed": [], "flagged": []}
     defense.eval()
@@ -437,7 +470,7 @@ def defense_scores(defense: Defense, data: ImageArrays, device: torch.device,
         out["label_raw"].append(o.logits_raw.argmax(1).cpu().numpy())
         out["label_reformed"].append(o.logits_reformed.argmax(1).cpu().numpy())
         out["flagged"].append(o.flagged.cpu().numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}
+    return dist.gather_arrays({k: np.concatenate(v) if v else np.empty(0) for k, v in out.items()})
 
 
 def calibrate_thresholds(scores: dict[str, np.ndarray], target_fpr: float,
