@@ -70,7 +70,7 @@ class EpochContext:
                 idx = self.pool_index[rows]
                 x = to_tensor(self.data.x[idx]).to(self.device)
                 y = torch.from_numpy(self.data.y[idx]).long().to(self.device)
-                yield x, self.pool[torch.from_numpy(rows)].to(self.device), y
+                yield idx, x, self.pool[torch.from_numpy(rows)].to(self.device), y
             return
         order = np.random.default_rng(self.cfg.seed * 1000 + self.epoch).permutation(len(self.data))
         for start in range(0, len(order), self.cfg.batch_size):
