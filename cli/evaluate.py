@@ -110,8 +110,11 @@ def evaluate(
             raise IsmEdgeError(f"{path} was trained on other classes or another image size than {bundles[0]}: "
                                "evaluate bundles of one dataset together")
     size = first.input_shape[1:] if first.external else first.config.image_size
+    # A user's classifier's bundle names its classes in the model's output order: an image folder's
+    # sub-folders of those names are labelled in that order.
+    names = first.class_names if first.external else None
     arrays = load_dataset(data, kind=kind, split=split, image_size=size, attribute=attribute,
-                          exact_only=exact_only, seed=seed)
+                          exact_only=exact_only, seed=seed, class_names=names)
     if len(arrays.class_names) != len(first.class_names):
         raise IsmEdgeError(f"the data has {len(arrays.class_names)} classes, the bundle {len(first.class_names)}: "
                            "evaluate on the dataset the bundle was trained for")
