@@ -214,7 +214,7 @@ def _ort_session(model: onnx.ModelProto, where: str) -> Any:
     except ImportError:
         raise missing_dependency("onnxruntime", "train", "checking an ONNX classifier") from None
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # the refusal below is the one line; ORT's own log would add more
     try:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
@@ -236,14 +236,21 @@ def user_input(x: np.ndarray, contract: ClassifierInput) -> np.ndarray:
 def probe(model: onnx.ModelProto, contract: ClassifierInput, x: np.ndarray, where: str) -> tuple[Any, np.ndarray]:
     """Run the user's graph on ``x`` (defense pixels) with ONNX Runtime: its session and its
     outputs, refused unless they are ``[N, classes]`` with classes >= 2 and finite."""
+    import onnxruntime as ort
+
     session = _ort_session(model, where)
     name = session.get_inputs()[0].name
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4
     try:
-        out = session.run(None, {name: user_input(x, contract)})[0]
+        out = session.run(None, {name: user_input(x, contract)}, quiet)[0]
     except Exception as e:  # noqa: BLE001
+        text = str(e)
+        human = re.search(r"([A-Z][^.:]*(?:cannot|not|invalid|mismatch)[^.]*\.)", text.split("Status Message:")[-1])
+        detail = human.group(1) if human else _first_line(e)[:160]
         raise BundleError(f"{where}: the graph does not run on a batch of {len(x)} images of "
-                          f"{contract.height}x{contract.width} ({_first_line(e)}): export it with a dynamic batch "
-                          "axis and check --input-size/--layout") from None
+                          f"{contract.height}x{contract.width} ({detail}): export it with a dynamic batch axis "
+                          "(torch.onnx.export(..., dynamic_shapes=...)) and check --input-size/--layout") from None
     out = np.asarray(out)
     if out.ndim != 2 or out.shape[0] != len(x) or out.shape[1] < 2:
         raise BundleError(f"{where}: its output has shape {list(out.shape)} for {len(x)} images; the defense needs "
@@ -433,11 +440,22 @@ def load_factory(spec: str, weights: Path | None) -> nn.Module:
         raise BundleError(f"--classifier {spec} is a PyTorch factory: pass its weights with --weights FILE")
     if not weights.is_file():
         raise BundleError(f"--weights {weights} does not exist")
+    import os
+
+    # ``package.module`` as ``python -m`` finds it: from the current directory too (a console script's
+    # sys.path does not hold it)
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise BundleError(f"--classifier {spec}: cannot import it ({_first_line(e)}): check the module is on "
-                          "PYTHONPATH") from None
+        raise BundleError(f"--classifier {spec}: cannot import it ({_first_line(e)}): run from the directory "
+                          "that holds the package, or put it on PYTHONPATH") from None
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
     model = factory()
     if not isinstance(model, nn.Module):
         raise BundleError(f"--classifier {spec} returned a {type(model).__name__}, not a torch.nn.Module")
@@ -525,6 +543,8 @@ def prepare_classifier(src: ClassifierSource, samples: np.ndarray) -> ExternalCl
     else:
         path = Path(src.path)
         where = str(path)
+        if src.weights is not None:
+            raise BundleError(f"--weights is for a package.module:factory classifier; {path} holds its weights")
         user = read_onnx(path)
         # the graph with any external weight files (torch.onnx's ``.onnx.data``) read in: the bundle
         # keeps one self-contained file; the user's nodes and weights are as they are
