@@ -404,6 +404,15 @@ def to_torch(model: onnx.ModelProto, where: str) -> nn.Module:
     convert is named in a one-line error."""
     onnx = _onnx()
     o2t = import_onnx2torch()
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    # torch.onnx's dynamic-batch exports write Reshape(allowzero=1), which onnx2torch refuses; it differs
+    # from allowzero=0 only for a 0 in the target shape, i.e. an empty tensor: never an image batch (the
+    # conversion is compared with ONNX Runtime on real images before it is used)
+    for node in model.graph.node:
+        if node.op_type == "Reshape":
+            for attr in node.attribute:
+                if attr.name == "allowzero":
+                    attr.i = 0
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), TORCH_OPSET)
     if opset > TORCH_OPSET:
         try:
@@ -416,9 +425,12 @@ def to_torch(model: onnx.ModelProto, where: str) -> nn.Module:
             return o2t.convert(model)  # type: ignore[no-any-return]
     except NotImplementedError as e:
         found = re.search(r"operation_type='([^']*)', version=(\d+)", str(e))
-        what = f"operator {found.group(1)} (opset {found.group(2)})" if found else _first_line(e)
-        raise BundleError(f"{where}: onnx2torch cannot convert its {what}, needed for the defense's gradients: "
-                          "export the model with operators onnx2torch supports") from None
+        if found is None:
+            raise BundleError(f"{where}: onnx2torch cannot convert the graph ({_first_line(e)}), needed for the "
+                              "defense's gradients") from None
+        raise BundleError(f"{where}: onnx2torch cannot convert its operator {found.group(1)} (opset "
+                          f"{found.group(2)}), needed for the defense's gradients: export the model with operators "
+                          "onnx2torch supports") from None
     except Exception as e:  # noqa: BLE001 - any failure of the converter is the same refusal
         raise BundleError(f"{where}: onnx2torch cannot convert the graph ({_first_line(e)})") from None
 
