@@ -34,11 +34,14 @@ FAST = ["--epochs-mapper", "2", "--epochs-perturbation", "1", "--batch-size", "3
 
 
 def _one_error_line(result: Any) -> str:
+    """The one ``error:`` line; progress lines the recipe logged before it (``data: …``) may precede it."""
     err = result.stderr.strip().splitlines()
     assert result.exit_code != 0, result.output
-    assert len(err) == 1 and err[0].startswith("error: "), result.stderr
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0], result.stderr
+    assert all(line.startswith(("data: ", "error: ")) for line in err), result.stderr
     assert "Traceback" not in result.output + result.stderr
-    return err[0]
+    return errors[0]
 
 
 def _images(npz: Path, per_class: int) -> tuple[np.ndarray, np.ndarray]:
