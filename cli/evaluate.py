@@ -142,11 +142,15 @@ def evaluate(
     loaded = [DefenseBundle.load(b) for b in bundles]
     first = loaded[0]
     for path, b in zip(bundles[1:], loaded[1:], strict=True):
-        if tuple(b.class_names) != tuple(first.class_names) or b.config.image_size != first.config.image_size:
+        if tuple(b.class_names) != tuple(first.class_names) or b.input_shape != first.input_shape:
             raise IsmEdgeError(f"{path} was trained on other classes or another image size than {bundles[0]}: "
                                "evaluate bundles of one dataset together")
-    arrays = load_dataset(data, kind=kind, split=split, image_size=first.config.image_size, attribute=attribute,
-                          exact_only=exact_only, seed=seed)
+    size = first.input_shape[1:] if first.external else first.config.image_size
+    # A user's classifier's bundle names its classes in the model's output order: an image folder's
+    # sub-folders of those names are labelled in that order.
+    names = first.class_names if first.external else None
+    arrays = load_dataset(data, kind=kind, split=split, image_size=size, attribute=attribute,
+                          exact_only=exact_only, seed=seed, class_names=names)
     if len(arrays.class_names) != len(first.class_names):
         raise IsmEdgeError(f"the data has {len(arrays.class_names)} classes, the bundle {len(first.class_names)}: "
                            "evaluate on the dataset the bundle was trained for")

@@ -88,7 +88,29 @@ def train(
         "Declare the number of classes: labels outside 0..N-1 are refused. Needed for .npz labels that leave classes "
         "without images."), min=2)] = None,
     classes: Annotated[str | None, typer.Option(help=(
-        "Declare the class names, comma-separated, in label order (implies --num-classes)."))] = None,
+        "Declare the class names, comma-separated, in label order (implies --num-classes); or a text file "
+        "naming one class per line (with --classifier: in the order of the model's outputs; an image folder's "
+        "sub-folders carry these names)."))] = None,
+    classifier: Annotated[str | None, typer.Option(help=(
+        "Protect your own classifier: an .onnx file, or package.module:factory with --weights. It stays frozen; "
+        "M, P and the thresholds are trained around it (docs/own-classifier.md)."))] = None,
+    weights: Annotated[Path | None, typer.Option(help=(
+        "Weights of a --classifier package.module:factory (.safetensors, or a torch.save state dict)."))] = None,
+    input_size: Annotated[str | None, typer.Option(help=(
+        "--classifier input size, HxW or one side (default: the graph's static size)."))] = None,
+    layout: Annotated[str | None, typer.Option(help=(
+        "--classifier input layout: nchw or nhwc (default: where the graph's 3-channel axis is; nchw for a "
+        "factory)."))] = None,
+    channel_order: Annotated[str, typer.Option(help="--classifier channel order: rgb or bgr.")] = "rgb",
+    input_scale: Annotated[float, typer.Option(help=(
+        "--classifier pixel scale: 1 (pixels in [0, 1]) or 255 (pixels in [0, 255]), before --mean/--std."))] = 1.0,
+    mean: Annotated[str, typer.Option(help=(
+        "--classifier per-channel mean subtracted after --input-scale, in its channel order (e.g. ImageNet's "
+        "0.485,0.456,0.406); 0,0,0 when the graph normalises itself."))] = "0,0,0",
+    std: Annotated[str, typer.Option(help=(
+        "--classifier per-channel std divided by after the mean (e.g. 0.229,0.224,0.225)."))] = "1,1,1",
+    classifier_output: Annotated[str, typer.Option(help=(
+        "What --classifier outputs: logits or probabilities."))] = "logits",
     baseline: Annotated[Baseline, typer.Option(help=(
         "What to train: full (the defense), none (undefended classifier), magnet (MagNet: "
         "plain autoencoder + reconstruction/JSD detectors), adv-only (adversarial training alone), "
@@ -144,7 +166,14 @@ def train(
                        data_kind=kind, init_from=init_from, attribute=attribute, exact_only=exact_only, limit=limit,
                        model_overrides={} if sparsity_k is None else {"sparsity_k": sparsity_k},
                        weights_dtype=weights_dtype)
-    names = None if classes is None else [c.strip() for c in classes.split(",")]
+    source = None
+    if classifier is not None:
+        source = _classifier_source(classifier, weights, input_size, layout, channel_order, input_scale, mean, std,
+                                    classifier_output)
+    elif weights is not None or input_size is not None:
+        raise typer.BadParameter("--weights and --input-size describe a --classifier: pass one")
+    req = replace(req, classifier=source)
+    names = None if classes is None else _class_names(classes)
     if nproc > 1:
         if batch_size % nproc or batch_size // nproc < 2:
             raise typer.BadParameter(f"--batch-size {batch_size} is the global batch: it must be a multiple of "
@@ -185,3 +214,60 @@ def _train_rank(req: Any, num_classes: int | None, names: list[str] | None, time
                 e.args = (f"rank {dist.rank()}: {e}",)
             raise
         return ", ".join(bundle.stages) if dist.is_main() else None
+
+
+def _class_names(classes: str) -> list[str]:
+    """``--classes``: comma-separated names, or a file naming one class per line."""
+    from ism_edge.errors import DataError
+
+    path = Path(classes)
+    if "," not in classes and path.suffix.lower() in (".txt", ".names", ".csv", "") and path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"--classes {path} cannot be read as UTF-8 text ({e})") from None
+        names = [line.strip() for line in lines if line.strip()]
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise DataError(f"--classes {path} must name at least 2 distinct classes, one per line")
+        return names
+    return [c.strip() for c in classes.split(",")]
+
+
+def _floats3(text: str, what: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{what} takes three numbers like 0.485,0.456,0.406; got {text!r}") from None
+    if len(values) != 3:
+        raise typer.BadParameter(f"{what} takes three numbers (one per channel); got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _classifier_source(classifier: str, weights: Path | None, input_size: str | None, layout: str | None,
+                       channel_order: str, input_scale: float, mean: str, std: str, output: str) -> Any:
+    """``--classifier`` and the options of its input contract, checked."""
+    from training.models.external import ClassifierSource
+
+    size = None
+    if input_size is not None:
+        parts = input_size.lower().replace("×", "x").split("x")
+        try:
+            size = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else None
+        except ValueError:
+            size = None
+        if size is None or min(size) < 1 or max(size) > 4096:
+            raise typer.BadParameter(f"--input-size takes HxW or one side in pixels (1 to 4096); got {input_size!r}")
+    if layout is not None and layout.lower() not in ("nchw", "nhwc"):
+        raise typer.BadParameter(f"--layout must be nchw or nhwc; got {layout!r}")
+    if channel_order.lower() not in ("rgb", "bgr"):
+        raise typer.BadParameter(f"--channel-order must be rgb or bgr; got {channel_order!r}")
+    if input_scale not in (1.0, 255.0):
+        raise typer.BadParameter(f"--input-scale must be 1 or 255; got {input_scale:g}")
+    if output not in ("logits", "probabilities"):
+        raise typer.BadParameter(f"--classifier-output must be logits or probabilities; got {output!r}")
+    std3 = _floats3(std, "--std")
+    if min(std3) <= 0:
+        raise typer.BadParameter(f"--std entries must be > 0; got {std!r}")
+    return ClassifierSource(path=classifier, weights=weights, input_size=size,
+                            layout=None if layout is None else layout.upper(), channel_order=channel_order.upper(),
+                            scale=input_scale, mean=_floats3(mean, "--mean"), std=std3, output=output)

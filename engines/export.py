@@ -249,17 +249,39 @@ def onnx_from_bundle(
 
     ``on_step(role)`` is called before each export (for progress reporting).
     """
-    cfg = bundle.config
-    input_shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    input_shape = bundle.input_shape
     modules = graph_modules(bundle)
     paths: dict[str, Path] = {}
     for role in ROLES:
         if on_step is not None:
             on_step(role)
+        if role == "classifier" and bundle.external:
+            paths[role] = onnx_of_user_classifier(bundle, Path(out_dir) / f"{role}.onnx", metadata=metadata)
+            continue
         paths[role] = onnx_from_module(
             modules[role], role, Path(out_dir) / f"{role}.onnx", input_shape, opset=opset, metadata=metadata
         )
     return paths
+
+
+def onnx_of_user_classifier(bundle: DefenseBundle, path: Path, *, metadata: dict[str, str] | None = None) -> Path:
+    """Write the classifier graph of a bundle around a user's own classifier: the user's graph as it is,
+    behind the conversion to its input contract (``training.models.external.classifier_graph``),
+    never a re-export of the PyTorch conversion; checked like an exported graph."""
+    import onnx
+
+    from training.models.external import classifier_graph
+
+    clf = bundle.classifier
+    model = classifier_graph(onnx.ModelProto.FromString(clf.graph), clf.contract, clf.num_classes)
+    for key, value in {"ism_edge.role": "classifier", "ism_edge.classifier_origin": clf.record["origin"]["kind"],
+                       **(metadata or {})}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    check_onnx(path, "classifier")
+    return path
 
 
 # -- export with the parity gate --------------------------------------------------------------
@@ -286,11 +308,14 @@ def export_graphs(
     """Export the FP32 graphs to ``onnx_dir`` and convert each to FP16; ``{precision: {role: path}}``."""
     from engines.fp16 import fp16_from_onnx
 
-    cfg = bundle.config
-    input_shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    input_shape = bundle.input_shape
     modules = graph_modules(bundle)
     paths: dict[str, dict[str, Path]] = {"fp32": {}, "fp16": {}}
     for role in ROLES:
+        if role == "classifier" and bundle.external:
+            with steps("write the user's classifier graph"):
+                paths["fp32"][role] = onnx_of_user_classifier(bundle, onnx_dir / f"{role}.onnx", metadata=metadata)
+            continue
         with steps(f"export {role} to ONNX"):
             paths["fp32"][role] = onnx_from_module(modules[role], role, onnx_dir / f"{role}.onnx", input_shape,
                                                    metadata=metadata)
@@ -323,8 +348,7 @@ class Exported:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        cfg = self.bundle.config
-        return (cfg.channels, cfg.image_size, cfg.image_size)
+        return self.bundle.input_shape
 
 
 @contextlib.contextmanager
@@ -358,8 +382,7 @@ def exported(
                 "'calibrate' stage of 'ism-edge train' on it before building engines"
             )
         digest = bundle_sha256(bundle_dir)
-    cfg = bundle.config
-    input_shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    input_shape = bundle.input_shape
     with steps("read parity samples"):
         x, sample_source = real_samples(input_shape, parity_samples, split="test")
     with atomic_directory(out_dir) as tmp:

@@ -169,7 +169,7 @@ def gate_manifest(files: Mapping[str, Path], root: Path, bundle: DefenseBundle, 
     from engines.export import engine_file
 
     cfg = bundle.config
-    input_shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    input_shape = bundle.input_shape
     return EngineManifest(
         backend="onnxruntime",
         precision="fp32",

@@ -151,6 +151,9 @@ class EngineManifest:
     # thresholds re-calibrated on a deployment's clean frames (ism_edge.calibration): the latest
     # record, with the thresholds it replaced; empty while the bundle's thresholds are in force
     calibration: dict[str, Any] = field(default_factory=dict)
+    # a user's own classifier (ism-edge train --classifier): its origin and input contract
+    # (ism_edge.contract), which the classifier graph converts the runtime's pixels to
+    classifier: dict[str, Any] = field(default_factory=dict)
     format: str = ENGINE_FORMAT
     format_version: int = ENGINE_FORMAT_VERSION
 
@@ -235,6 +238,14 @@ class EngineManifest:
             check.relative_file(name, f"parity.sources key {name!r}")
             check.sha256(digest, f"parity.sources[{name!r}]")
         _check_calibration(check.obj(self.calibration, "calibration"))
+        from ism_edge.contract import check_classifier_record
+
+        record = check_classifier_record(self.classifier)
+        if record:
+            contract = record["input"]
+            if (contract["height"], contract["width"]) != (h, w) or c != 3:
+                raise check.FieldError(f"classifier.input is {contract['height']}x{contract['width']} but input_shape "
+                                       f"is {list(self.input_shape)}")
 
     @property
     def num_classes(self) -> int:
@@ -287,6 +298,7 @@ class EngineManifest:
                 parity=dict(check.obj(d.get("parity", {}), "parity")),
                 created=d.get("created", ""),
                 calibration=dict(check.obj(d.get("calibration") or {}, "calibration")),
+                classifier=dict(check.obj(d.get("classifier") or {}, "classifier")),
             )
         except check.FieldError as e:
             raise EngineError(f"{where} has a missing or malformed field: {e}: {_FIX}") from None

@@ -50,6 +50,7 @@ from training.models import (
 )
 
 BUNDLE_FORMAT = "ism-edge-bundle"
+EXTERNAL_FILE = "classifier.onnx"  # a user's own classifier's graph (ism-edge train --classifier)
 BUNDLE_FORMAT_VERSION = 1
 REQUIRED = ("classifier", "mapper", "perturbation")  # of the full defense; see DefenseSpec.required_networks
 OPTIONAL = ("discriminator", "teacher", "undefended")
@@ -161,6 +162,22 @@ def build_networks(cfg: ModelConfig) -> dict[str, nn.Module]:
     return {name: cls(cfg) for name, cls in NETWORKS.items()}  # type: ignore[call-arg]
 
 
+def network(name: str, cfg: ModelConfig, input_hw: tuple[int, int] | None = None) -> nn.Module:
+    """A fresh network ``name``; ``input_hw``: the (height, width) of a user's classifier's input, which
+    the mapping network pads to its own size (:class:`~training.models.padded.PaddedMappingNetwork`)."""
+    if name == "mapper" and input_hw is not None and input_hw != (cfg.image_size, cfg.image_size):
+        from training.models.padded import PaddedMappingNetwork
+
+        return PaddedMappingNetwork(cfg, *input_hw)
+    return NETWORKS[name](cfg)  # type: ignore[call-arg]
+
+
+def external_networks(cfg: ModelConfig, classifier: nn.Module, input_hw: tuple[int, int]) -> dict[str, nn.Module]:
+    """The networks of a bundle around a user's ``classifier``: it, and fresh M, P and D."""
+    return {"classifier": classifier,
+            **{n: network(n, cfg, input_hw) for n in ("mapper", "perturbation", "discriminator")}}
+
+
 @dataclass
 class DefenseBundle:
     """In-memory defense bundle; ``save``/``load`` round-trip it through a directory."""
@@ -180,6 +197,9 @@ class DefenseBundle:
     stages: dict[str, Any] = field(default_factory=dict)  # per-stage metrics and status
     defense: DefenseSpec = field(default_factory=DefenseSpec)  # which parts are deployed
     weights_dtype: str = "float32"  # how save() stores floating-point tensors (WEIGHTS_DTYPES)
+    # a user's own classifier (ism-edge train --classifier): its origin and input contract, and the
+    # (height, width) the defense works at; empty for the bundle's own classifier
+    classifier_record: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def create(cls, cfg: ModelConfig, class_names: tuple[str, ...] | list[str],
@@ -202,6 +222,20 @@ class DefenseBundle:
         return self.networks["perturbation"]  # type: ignore[return-value]
 
     @property
+    def external(self) -> bool:
+        """The classifier is a user's own (``ism-edge train --classifier``), kept as its ONNX graph."""
+        return bool(self.classifier_record)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the defense's input: float32 RGB pixels in [0, 1] (a user's classifier's input
+        size; else the model config's square size)."""
+        if self.classifier_record:
+            contract = self.classifier_record["input"]
+            return (3, int(contract["height"]), int(contract["width"]))
+        return (self.config.channels, self.config.image_size, self.config.image_size)
+
+    @property
     def calibrated(self) -> bool:
         """Every deployed detector has a threshold (vacuously true for a bundle without detectors)."""
         return all(s in self.thresholds for s in self.defense.detectors)
@@ -222,15 +256,16 @@ class DefenseBundle:
         return self
 
     def manifest(self) -> dict[str, Any]:
+        c, h, w = self.input_shape
         return {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_FORMAT_VERSION,
             "created": _now(),
             "preset": self.preset,
             "config": self.config.to_dict(),
-            "input": {"channels": self.config.channels, "height": self.config.image_size,
-                      "width": self.config.image_size, "range": [0.0, 1.0], "layout": "NCHW",
+            "input": {"channels": c, "height": h, "width": w, "range": [0.0, 1.0], "layout": "NCHW",
                       "color_order": "RGB"},
+            **({"classifier": dict(self.classifier_record)} if self.classifier_record else {}),
             "class_names": list(self.class_names),
             "temperatures": dict(self.temperatures),
             "thresholds": dict(self.thresholds),
@@ -255,6 +290,11 @@ class DefenseBundle:
         dtype = WEIGHTS_DTYPES[self.weights_dtype]
         with atomic_directory(directory) as tmp:
             for name, net in self.networks.items():
+                graph = getattr(net, "graph", None)
+                if name == "classifier" and isinstance(graph, bytes):  # a user's classifier: its ONNX graph
+                    (tmp / EXTERNAL_FILE).write_bytes(graph)
+                    manifest["classifier"].update(file=EXTERNAL_FILE, graph_sha256=sha256_file(tmp / EXTERNAL_FILE))
+                    continue
                 fname = f"{name}.safetensors"
                 state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
                          for k, v in net.state_dict().items()}
@@ -286,6 +326,7 @@ class DefenseBundle:
                 raise check.FieldError(f"class_names lists {len(fields_['class_names'])} names but config.num_classes "
                                        f"is {cfg.num_classes}")
             spec = DefenseSpec.from_dict(raw.get("defense"))
+            record = _classifier_record(raw.get("classifier", {}), cfg)
         except check.FieldError as e:
             raise BundleError(
                 f"{where} has a missing or malformed field: {e}: the bundle is corrupt; retrain it") from None
@@ -293,7 +334,8 @@ class DefenseBundle:
             raise BundleError(
                 f"{where} has an invalid model config or 'defense' field: {e}: retrain the bundle") from None
         weights = raw["weights"]
-        missing = [n for n in spec.required_networks() if n not in weights]
+        hw = (int(record["input"]["height"]), int(record["input"]["width"])) if record else None
+        missing = [n for n in spec.required_networks() if n not in weights and not (record and n == "classifier")]
         if missing:
             raise BundleError(
                 f"{directory} has no weights for {', '.join(missing)}: it is incomplete; retrain or copy it again")
@@ -301,12 +343,14 @@ class DefenseBundle:
             expected = {name: {k: tuple(v.shape) for k, v in net.state_dict().items()}
                         for name, net in build_networks(cfg).items()}
         loaded: dict[str, nn.Module] = {}
+        if record:
+            loaded["classifier"] = _external_classifier(directory, record)
         for name, entry in weights.items():
-            if name not in NETWORKS:
+            if name not in NETWORKS or (record and name in ("classifier", "teacher", "undefended")):
                 continue
             state = _read_weights(directory, entry["file"], name, entry["sha256"], expected[name], map_location,
                                   WEIGHTS_DTYPES[fields_["weights_dtype"]])
-            net = NETWORKS[name](cfg)  # type: ignore[call-arg]
+            net = network(name, cfg, hw)
             try:
                 net.load_state_dict(state)
             except RuntimeError as e:  # pragma: no cover - the header check above catches mismatches first
@@ -314,7 +358,7 @@ class DefenseBundle:
                 raise BundleError(f"{directory / entry['file']} cannot be loaded into the {name} network: "
                                   f"{detail[:400]}") from None
             loaded[name] = net
-        b = cls(config=cfg, networks=loaded, defense=spec, **fields_)
+        b = cls(config=cfg, networks=loaded, defense=spec, classifier_record=record, **fields_)
         return b.eval()
 
 
@@ -415,6 +459,43 @@ def _read_weights(directory: Path, file: str, name: str, digest: str, expected: 
             raise BundleError(f"{path}: tensor {k!r} holds NaN or infinite values: retrain or copy the bundle again")
         state[k] = t.float()
     return state
+
+
+def _classifier_record(raw: Any, cfg: ModelConfig) -> dict[str, Any]:
+    """The manifest's ``classifier`` record (a user's classifier), checked; ``{}`` for none."""
+    from ism_edge.contract import check_classifier_record
+    from training.models.padded import mapper_side
+
+    record = check_classifier_record(raw)
+    if not record:
+        return {}
+    check.relative_file(check.require(record, "file", "classifier.file"), "classifier.file")
+    check.sha256(check.require(record, "graph_sha256", "classifier.graph_sha256"), "classifier.graph_sha256")
+    n = check.integer(check.require(record, "num_classes", "classifier.num_classes"), "classifier.num_classes", 2,
+                      MAX_CLASSES)
+    if n != cfg.num_classes:
+        raise check.FieldError(f"classifier.num_classes is {n} but config.num_classes is {cfg.num_classes}")
+    h, w = record["input"]["height"], record["input"]["width"]
+    if mapper_side(h, w) != cfg.image_size:
+        raise check.FieldError(f"classifier.input is {h}x{w} but config.image_size is {cfg.image_size}, not "
+                               f"{mapper_side(h, w)}")
+    return record
+
+
+def _external_classifier(directory: Path, record: dict[str, Any]) -> nn.Module:
+    """The user's classifier of a bundle: its graph file, hash-checked, converted for PyTorch."""
+    from training.models.external import from_bundle
+
+    try:
+        path = check.inside(directory, record["file"])
+    except check.FieldError as e:
+        raise BundleError(f"{e}: the classifier graph must be a file of the bundle; retrain or copy it again") from None
+    if not path.is_file():
+        raise BundleError(f"{path} is missing: the bundle is incomplete; retrain or copy it again")
+    if sha256_file(path) != record["graph_sha256"]:
+        raise BundleError(f"{path} does not match its hash in manifest.json (corrupted or modified): "
+                          "retrain or copy it again")
+    return from_bundle(path.read_bytes(), record, str(path))
 
 
 def _first_line(e: BaseException) -> str:

@@ -380,7 +380,10 @@ def test_declared_classes_are_checked_for_every_layout(tmp_path: Path, npz_test:
     with pytest.raises(DataError, match=r"\(folder\) has the 2 classes \['cat', 'dog'\]…, not the declared"):
         load_dataset([root], num_classes=3)
     with pytest.raises(DataError, match="not the declared"):
-        load_dataset([root], class_names=["dog", "cat"])
+        load_dataset([root], class_names=["dog", "cow"])
+    # The folders' names in another order (--classes: a model's output order) relabel the images.
+    reordered = load_dataset([root], class_names=["dog", "cat"])
+    assert reordered.class_names == ("dog", "cat") and list(reordered.y) == [1, 0]
 
 
 # ---------------------------------------------------------------------------------------------

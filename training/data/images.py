@@ -29,31 +29,35 @@ def read_rgb(path: Path) -> tuple[np.ndarray, str]:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB), hashlib.sha256(raw.tobytes()).hexdigest()
 
 
-def fit_square(img: np.ndarray, size: int) -> np.ndarray:
+def fit_square(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Centre-crop HWC ``img`` to a square (the shorter side) and resize it to ``size``×``size``.
 
-    Resizing uses ``cv2.INTER_AREA`` (pixel-area averaging, the alias-free choice for
-    downscaling). A square image of the right size is returned unchanged.
+    ``size`` may be ``(height, width)``: the crop then has that aspect ratio (the largest
+    centred one), for a user's classifier of a non-square input. Resizing uses ``cv2.INTER_AREA``
+    (pixel-area averaging, the alias-free choice for downscaling). An image of the right size
+    is returned unchanged.
     """
+    th, tw = (size, size) if isinstance(size, int) else size
     h, w = img.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    img = img[top : top + side, left : left + side]
-    if side != size:
-        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    ch, cw = (min(h, w), min(h, w)) if th == tw else (min(h, round(w * th / tw)), min(w, round(h * tw / th)))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    img = img[top : top + ch, left : left + cw]
+    if (ch, cw) != (th, tw):
+        img = cv2.resize(img, (tw, th), interpolation=cv2.INTER_AREA)
         if img.ndim == 2:
             img = img[:, :, None]
     return img
 
 
-def fit_all(x: np.ndarray, size: int) -> np.ndarray:
+def fit_all(x: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """:func:`fit_square` applied to every image of a uint8 NHWC batch."""
-    if x.shape[1] == x.shape[2] == size:
+    th, tw = (size, size) if isinstance(size, int) else size
+    if x.shape[1:3] == (th, tw):
         return x
-    return np.stack([fit_square(img, size) for img in x]) if len(x) else np.zeros((0, size, size, x.shape[3]), np.uint8)
+    return np.stack([fit_square(img, size) for img in x]) if len(x) else np.zeros((0, th, tw, x.shape[3]), np.uint8)
 
 
-def read_images(paths: Sequence[Path], image_size: int | None) -> tuple[np.ndarray, list[str]]:
+def read_images(paths: Sequence[Path], image_size: int | tuple[int, int] | None) -> tuple[np.ndarray, list[str]]:
     """Decode ``paths`` into one uint8 NHWC RGB array (threads; OpenCV releases the GIL).
 
     With ``image_size`` every image goes through :func:`fit_square`; without it, all images

@@ -123,7 +123,7 @@ def _load_arrays(kind: str, paths: list[Path], split: str, num_classes: int | No
     return x, y, names, np.ones(len(y), dtype=bool), files, {}
 
 
-def _load_images(kind: str, root: Path, split: str, attribute: str, image_size: int | None,
+def _load_images(kind: str, root: Path, split: str, attribute: str, image_size: int | tuple[int, int] | None,
                  limit: int | None, seed: int) -> tuple[Any, ...]:
     if kind == "celeba":
         layout = celeba.find_celeba(root)
@@ -154,7 +154,7 @@ def _load_images(kind: str, root: Path, split: str, attribute: str, image_size: 
 
 
 def load_dataset(paths: Sequence[str | Path] | str | Path, *, kind: str = "auto", split: str = "train",
-                 image_size: int | None = None, attribute: str = "Smiling", exact_only: bool = False,
+                 image_size: int | tuple[int, int] | None = None, attribute: str = "Smiling", exact_only: bool = False,
                  limit: int | None = None, seed: int = 0, num_classes: int | None = None,
                  class_names: Sequence[str] | None = None) -> ImageArrays:
     """Load a labelled image set from disk as uint8 NHWC RGB pixels and int64 labels.
@@ -164,9 +164,10 @@ def load_dataset(paths: Sequence[str | Path] | str | Path, *, kind: str = "auto"
     (see :data:`KINDS`); ``"auto"`` detects it. ``split`` selects ``train``/``test`` for
     CIFAR-10 and ``train``/``valid``/``test``/``all`` for CelebA; an ``.npz`` file or an image
     folder is one split already (``split`` is then not recorded). ``image_size`` resizes every
-    image to that square size in pixels (centre crop to a square, ``cv2.INTER_AREA``);
-    CelebA defaults to 64, others keep their size. ``attribute`` is the CelebA attribute used as
-    a two-class label. ``exact_only`` keeps only images whose ``exact`` flag is True (the
+    image to that square size in pixels (centre crop to a square, ``cv2.INTER_AREA``), or to
+    ``(height, width)`` (centre crop to that aspect ratio); CelebA defaults to 64, others keep
+    their size. ``attribute`` is the CelebA attribute used as a two-class label. ``exact_only``
+    keeps only images whose ``exact`` flag is True (the
     ``*_jpegfill`` CIFAR-10 files; other sources count as exact). ``limit`` keeps a
     stratified subset of that many images chosen with ``seed`` (before decoding, for image
     files). ``num_classes`` / ``class_names`` declare the class list (default: the enclosing
@@ -175,7 +176,8 @@ def load_dataset(paths: Sequence[str | Path] | str | Path, *, kind: str = "auto"
     failure raises :class:`DataError`.
     """
     resolved = _as_paths(paths)
-    _check_int("image_size", image_size)
+    for side in (image_size if isinstance(image_size, tuple) else (image_size,)):
+        _check_int("image_size", side)
     _check_int("limit", limit)
     if num_classes is None and class_names is None:
         num_classes, class_names = _DECLARED.get()
@@ -186,6 +188,12 @@ def load_dataset(paths: Sequence[str | Path] | str | Path, *, kind: str = "auto"
     else:
         x, y, names, exact, meta_files, extra = _load_arrays(kind, resolved, split, num_classes, class_names)
     declared = declared_names(num_classes, class_names)
+    if kind == "folder" and class_names is not None and set(names) == set(class_names) \
+            and len(set(class_names)) == len(class_names):
+        # --classes names the folders in the order of the model's outputs: label i is output i
+        order = {n: i for i, n in enumerate(class_names)}
+        y = np.asarray([order[names[int(label)]] for label in y], dtype=np.int64)
+        names = tuple(class_names)
     if kind != "npz" and declared is not None and (len(names) != len(declared) or
                                                    (class_names is not None and tuple(names) != declared)):
         raise DataError(f"{resolved[0]} ({kind}) has the {len(names)} classes {list(names)[:4]}…, not the declared "

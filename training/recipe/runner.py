@@ -14,13 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ism_edge.errors import BundleError, IsmEdgeError
+from ism_edge.errors import BundleError, DataError, IsmEdgeError
 from training import distributed as dist
 from training.bundle import DefenseBundle, DefenseSpec, bundle_hash
 from training.data import ImageArrays, load_dataset
 from training.defense import Defense, attack_surrogate
 from training.models import ScaledLogits
 from training.models import preset as model_preset
+from training.models.external import ClassifierSource
 from training.progress import log, make_progress
 from training.recipe.config import STAGES, RecipeConfig, baseline_stages
 from training.recipe.stages import (
@@ -69,6 +70,12 @@ class TrainRequest:
     init_from: Path | None = None  # a bundle whose undefended/adversarial stages this one shares
     # how the bundle stores its weights; None keeps the existing bundle's (float32 if new)
     weights_dtype: str | None = None
+    # a user's own classifier (ism-edge train --classifier): frozen, M and P are trained around it
+    classifier: ClassifierSource | None = None
+
+
+#: The stages that train around a user's frozen classifier; the classifier stages are skipped.
+FROZEN_CLASSIFIER_STAGES = ("mapper", "perturbation", "calibrate")
 
 
 class Checkpointer:
@@ -146,11 +153,20 @@ class RecipeRunner:
                 raise IsmEdgeError(f"stage(s) {', '.join(extra)} are not part of baseline {self.cfg.baseline!r} "
                                    f"(its stages: {', '.join(allowed)})")
         self.stages = [s for s in STAGES if s in req.stages and s in allowed]
+        if req.classifier is not None:
+            if self.cfg.baseline != "full":
+                raise IsmEdgeError(f"--classifier protects a user's classifier with the full defense; --baseline "
+                                   f"{self.cfg.baseline} trains a classifier of its own")
+            frozen = [s for s in self.stages if s not in FROZEN_CLASSIFIER_STAGES]
+            if set(req.stages) != set(STAGES) and frozen:
+                raise IsmEdgeError(f"stage(s) {', '.join(frozen)} train the classifier, which --classifier keeps "
+                                   f"frozen: choose from {', '.join(FROZEN_CLASSIFIER_STAGES)}")
+            self.stages = [s for s in self.stages if s in FROZEN_CLASSIFIER_STAGES]
         self.spec = DefenseSpec.for_baseline(self.cfg.baseline)
         self.ckpt = Checkpointer(Path(req.out))
 
     # -- set-up --------------------------------------------------------------------------
-    def _load_data(self, image_size: int) -> tuple[ImageArrays, ImageArrays]:
+    def _load_data(self, image_size: int | tuple[int, int]) -> tuple[ImageArrays, ImageArrays]:
         arrays = load_dataset(self.req.data, kind=self.req.data_kind, split="train", image_size=image_size,
                               attribute=self.req.attribute, exact_only=self.req.exact_only,
                               limit=self.req.limit, seed=self.cfg.seed)
@@ -158,6 +174,45 @@ class RecipeRunner:
         self.echo(f"data: {len(arrays)} images ({arrays.provenance.get('kind')}), {len(arrays.class_names)} classes; "
                   f"{len(train)} for training, {len(calib)} held out for calibration")
         return train, calib
+
+    def _external_bundle(self, train: ImageArrays, calib: ImageArrays) -> DefenseBundle:
+        """The bundle around the user's classifier: read, checked and converted here (or loaded from
+        ``--out`` when the run starts after the mapper stage), with fresh M, P and D."""
+        from training.bundle import external_networks
+        from training.models.external import prepare_classifier
+        from training.models.padded import mapper_side
+
+        assert self.req.classifier is not None
+        out = Path(self.req.out)
+        samples = np.concatenate([calib.x[:32], train.x[:32]]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        clf = prepare_classifier(self.req.classifier, samples)
+        k = clf.num_classes
+        if len(train.class_names) != k:
+            raise DataError(f"the data has {len(train.class_names)} classes ({', '.join(train.class_names[:5])}"
+                            f"{', …' if len(train.class_names) > 5 else ''}) but {self.req.classifier.path} outputs "
+                            f"{k}: pass data with one folder per output, or --classes FILE naming them in output order")
+        if STAGES.index(self.stages[0]) > STAGES.index("mapper"):
+            if not (out / "manifest.json").is_file():
+                raise BundleError(f"stage {self.stages[0]!r} needs the bundle of the mapper stage at {out}: "
+                                  "run that stage first (or all stages at once)")
+            b = DefenseBundle.load(out)
+            if b.classifier_record.get("origin", {}).get("sha256") != clf.record["origin"]["sha256"]:
+                raise BundleError(f"{out} was trained around another classifier than {self.req.classifier.path}: "
+                                  "write to another --out")
+            if tuple(b.class_names) != tuple(train.class_names):
+                raise BundleError(f"{out} was trained on classes {list(b.class_names)[:4]}…, the data has "
+                                  f"{list(train.class_names)[:4]}…: use the same dataset")
+            return b.to(self.device)
+        h, w = clf.contract.size
+        cfg = model_preset(self.req.preset, num_classes=k, channels=3, image_size=mapper_side(h, w),
+                           **self.req.model_overrides)
+        b = DefenseBundle(config=cfg, networks=external_networks(cfg, clf, (h, w)), class_names=train.class_names,
+                          preset=self.req.preset, classifier_record=clf.record)
+        self.echo(f"classifier: {self.req.classifier.path} ({k} classes, input {h}x{w} "
+                  f"{clf.contract.layout} {clf.contract.channel_order}, scale {clf.contract.scale:g}), frozen; "
+                  f"onnx2torch's conversion agrees with ONNX Runtime to "
+                  f"{clf.record['conversion_check']['max_rel_diff']:.1g}")
+        return b.to(self.device)
 
     def _initial_bundle(self, train: ImageArrays) -> DefenseBundle:
         out = Path(self.req.out)
@@ -414,10 +469,14 @@ class RecipeRunner:
     def run(self) -> DefenseBundle:
         t_all = time.perf_counter()
         _seed_everything(self.cfg.seed)
-        size = model_preset(self.req.preset).image_size
+        size: int | tuple[int, int] = model_preset(self.req.preset).image_size
+        if self.req.classifier is not None:
+            from training.models.external import classifier_size
+
+            size = classifier_size(self.req.classifier)
         train, calib = self._load_data(size)
         self._absent: set[str] = set()
-        b = self._initial_bundle(train)
+        b = self._external_bundle(train, calib) if self.req.classifier is not None else self._initial_bundle(train)
         self._pool_index: np.ndarray | None = None
         if self.req.weights_dtype is not None:
             b.weights_dtype = self.req.weights_dtype
@@ -472,6 +531,12 @@ class RecipeRunner:
                           "detector": self.cfg.detector_temperature, "distill": self.cfg.temperature}
         b.label_source = self.cfg.label_source
         b.defense = self.spec
+        if b.external:
+            b.provenance["classifier"] = b.classifier_record["origin"]
+            b.temperatures["train"] = 1.0  # the user's logits, as deployed
+            for stage in STAGES:
+                if stage not in FROZEN_CLASSIFIER_STAGES:
+                    b.stages[stage] = {"skipped": "the user's classifier is frozen (ism-edge train --classifier)"}
         for stage in self.stages:
             self._deploy_undefended(b)
             if stage in self._completed:

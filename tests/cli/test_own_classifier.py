@@ -1,0 +1,262 @@
+"""`ism-edge train --classifier`: protect a user's own classifier, train → build → run.
+
+The classifier (``tests/own_classifier_models.py``) is not ism-edge's architecture: residual
+blocks, BatchNorm, global average pooling, a 48×48 input (not a multiple of 16) and ImageNet
+mean/std applied outside the graph. It is trained here for a few seconds on CIFAR-10 sample
+images of three classes, exported with ``torch.onnx``, and protected as an image folder with a
+``--classes`` file whose order is not the folders' sorted order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+cv2 = pytest.importorskip("cv2")
+
+from cli.main import app  # noqa: E402
+from tests.conftest import CIFAR_TEST, CIFAR_TRAIN  # noqa: E402
+from tests.own_classifier_models import IMAGENET_MEAN, IMAGENET_STD, SIZE, TinyResNet  # noqa: E402
+
+runner = CliRunner()
+CLASSES = {0: "airplane", 1: "automobile", 7: "horse"}  # CIFAR-10 label → folder name
+ORDER = ("horse", "airplane", "automobile")  # the model's output order (--classes file)
+PER_CLASS = 40
+FAST = ["--epochs-mapper", "2", "--epochs-perturbation", "1", "--batch-size", "32", "--device", "cpu",
+        "--guard-examples", "0"]
+
+
+def _one_error_line(result: Any) -> str:
+    """The one ``error:`` line; progress lines the recipe logged before it (``data: …``) may precede it."""
+    err = result.stderr.strip().splitlines()
+    assert result.exit_code != 0, result.output
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0], result.stderr
+    assert all(line.startswith(("data: ", "error: ")) for line in err), result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    return errors[0]
+
+
+def _images(npz: Path, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """``per_class`` uint8 RGB 48×48 images of each of :data:`CLASSES` and their output indices."""
+    with np.load(npz) as z:
+        x, y = z["x"], z["y"]
+    xs, ys = [], []
+    for label, name in CLASSES.items():
+        for img in x[y == label][:per_class]:
+            xs.append(cv2.resize(img, (SIZE, SIZE), interpolation=cv2.INTER_AREA))
+            ys.append(ORDER.index(name))
+    return np.stack(xs), np.asarray(ys)
+
+
+def _normalised(x: np.ndarray) -> Any:
+    t = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0
+    return (t - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("own")
+    with np.load(CIFAR_TRAIN) as z:
+        x, y = z["x"], z["y"]
+    for label, name in CLASSES.items():
+        folder = root / "data" / name
+        folder.mkdir(parents=True)
+        for i, img in enumerate(x[y == label][:PER_CLASS]):
+            cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    (root / "classes.txt").write_text("\n".join(ORDER) + "\n")
+    torch.manual_seed(0)
+    xs, ys = _images(CIFAR_TRAIN, PER_CLASS)
+    inputs, labels = _normalised(xs), torch.from_numpy(ys)
+    model = TinyResNet(classes=3, width=8)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(8):
+        for idx in torch.randperm(len(inputs)).split(32):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(inputs[idx]), labels[idx]).backward()
+            opt.step()
+    model.eval()
+    # Exported as most users do: a fixed batch of 1, weights in an external .onnx.data file.
+    torch.onnx.export(model, (torch.rand(1, 3, SIZE, SIZE),), str(root / "model.onnx"), dynamo=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "weights.safetensors"))
+    bundle = root / "bundle"
+    r = runner.invoke(app, ["train", "--classifier", str(root / "model.onnx"), "--data", str(root / "data"),
+                            "--classes", str(root / "classes.txt"), "--mean", ",".join(map(str, IMAGENET_MEAN)),
+                            "--std", ",".join(map(str, IMAGENET_STD)), "--out", str(bundle), *FAST])
+    assert r.exit_code == 0, r.output
+    engines = root / "engines"
+    r = runner.invoke(app, ["build", str(bundle), "--out", str(engines), "--backend", "onnxruntime",
+                            "--precision", "fp32", "--parity-samples", "64"])
+    assert r.exit_code == 0, r.output
+    return {"root": root, "model": model, "bundle": bundle, "engines": engines}
+
+
+def test_the_bundle_records_the_frozen_classifier_and_its_contract(own: dict[str, Any]) -> None:
+    manifest = json.loads((own["bundle"] / "manifest.json").read_text())
+    record = manifest["classifier"]
+    assert record["origin"]["kind"] == "onnx" and record["origin"]["source"].endswith("model.onnx")
+    assert record["input"] == {"height": 48, "width": 48, "layout": "NCHW", "channel_order": "RGB", "scale": 1.0,
+                               "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "output": "logits"}
+    assert manifest["class_names"] == list(ORDER)
+    assert manifest["input"]["height"] == manifest["input"]["width"] == 48
+    assert "classifier" not in manifest["weights"] and (own["bundle"] / "classifier.onnx").is_file()
+    for stage in ("undefended", "adversarial", "distill", "finetune"):
+        assert "frozen" in manifest["stages"][stage]["skipped"]
+    assert set(manifest["thresholds"]) == {"recon_error", "jsd", "p_score"}
+    engine = json.loads((own["engines"] / "manifest.json").read_text())
+    assert engine["input_shape"] == [3, 48, 48] and engine["classifier"]["input"] == record["input"]
+    # The compiled graph holds the user's nodes as they are, behind the contract conversion.
+    user = onnx.load(str(own["root"] / "model.onnx"))
+    compiled = onnx.load(str(own["engines"] / "onnx" / "classifier.onnx"))
+    user_ops = [n.op_type for n in user.graph.node]
+    ops = [n.op_type for n in compiled.graph.node]
+    assert ops[: 3] == ["Sub", "Div", "Identity"] and ops[3: 3 + len(user_ops)] == user_ops
+
+
+def test_run_labels_clean_frames_as_the_original_model_and_flags_large_attacks(own: dict[str, Any]) -> None:
+    from ism_edge.runtime import DefenseRuntime
+
+    model = own["model"]
+    xs, _ = _images(CIFAR_TEST, 20)
+    with torch.no_grad():
+        original = model(_normalised(xs)).argmax(1).numpy()
+    frames = own["root"] / "frames"
+    frames.mkdir()
+    for i, img in enumerate(xs):
+        cv2.imwrite(str(frames / f"{i:03d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    log = own["root"] / "run.jsonl"
+    r = runner.invoke(app, ["run", str(own["engines"]), str(frames), "--log", str(log), "--headless"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    verdicts = [row for row in rows if "label" in row]
+    assert len(verdicts) == len(xs)
+    clean = [v for v in verdicts if not v["flagged"]]
+    assert len(clean) >= 0.7 * len(xs)
+    # An unflagged frame's label is the user's model's own label (label source "auto": C(x)).
+    by_file = {f"{i:03d}.png": int(o) for i, o in enumerate(original)}
+    assert [ORDER.index(v["label"]) for v in clean] == [by_file[v["file"]] for v in clean]
+    # FGSM at ε = 0.2 against the original model: the detectors flag most of it.
+    x = (torch.from_numpy(xs).permute(0, 3, 1, 2).float() / 255.0).requires_grad_(True)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.nn.functional.cross_entropy(model((x - mean) / std), torch.from_numpy(original)).backward()
+    adv = (x + 0.2 * x.grad.sign()).clamp(0, 1).detach()
+    attacked = list(np.rint(adv.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8))
+    with DefenseRuntime(own["engines"], color_order="RGB") as rt:
+        flagged = np.mean([v.flagged for v in rt.process_batch(attacked)])
+        clean_flagged = np.mean([v.flagged for v in rt.process_batch(list(xs))])
+    assert flagged >= 0.5 and flagged >= clean_flagged + 0.3, (flagged, clean_flagged)
+
+
+def test_a_pytorch_factory_with_bgr_255_inputs(own: dict[str, Any], tmp_path: Path) -> None:
+    from training.bundle import DefenseBundle
+
+    bgr_mean = [255 * m for m in IMAGENET_MEAN[::-1]]
+    bgr_std = [255 * s for s in IMAGENET_STD[::-1]]
+    out = tmp_path / "bundle"
+    r = runner.invoke(app, ["train", "--classifier", "tests.own_classifier_models:factory",
+                            "--weights", str(own["root"] / "weights.safetensors"), "--input-size", "48",
+                            "--channel-order", "bgr", "--input-scale", "255", "--mean", ",".join(map(str, bgr_mean)),
+                            "--std", ",".join(map(str, bgr_std)), "--data", str(own["root"] / "data"),
+                            "--classes", str(own["root"] / "classes.txt"), "--out", str(out),
+                            "--epochs-mapper", "1", "--epochs-perturbation", "1", "--batch-size", "32", "--limit", "36",
+                            "--device", "cpu", "--guard-examples", "0"])
+    assert r.exit_code == 0, r.output
+    b = DefenseBundle.load(out)
+    assert b.classifier_record["origin"]["kind"] == "module"
+    assert b.classifier_record["origin"]["source"] == "tests.own_classifier_models:factory"
+    assert b.classifier_record["input"]["channel_order"] == "BGR" and b.classifier_record["input"]["scale"] == 255.0
+    xs, _ = _images(CIFAR_TEST, 5)
+    x = torch.from_numpy(xs).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        ours = b.classifier(x)
+        mean = torch.tensor(bgr_mean).view(1, 3, 1, 1)
+        std = torch.tensor(bgr_std).view(1, 3, 1, 1)
+        # the module sees BGR pixels in [0, 255], normalised by the BGR mean/std
+        theirs = own["model"]((x[:, [2, 1, 0]] * 255 - mean) / std)
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+# -- bad input: one error line each, nothing written ------------------------------------------------
+
+
+def _graph(tmp_path: Path, name: str, nodes: list[Any], in_shape: list[Any], out_shape: list[Any]) -> Path:
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _pooled(op: str | None) -> list[Any]:
+    from onnx import helper
+
+    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["p"]), helper.make_node("Flatten", ["p"], ["f"])]
+    nodes.append(helper.make_node(op or "Identity", ["f"], ["output"]))
+    return nodes
+
+
+def _train_error(own: dict[str, Any], tmp_path: Path, classifier: str, *extra: str, data: Path | None = None) -> str:
+    out = tmp_path / "b"
+    r = runner.invoke(app, ["train", "--classifier", classifier, "--data", str(data or own["root"] / "data"),
+                            "--out", str(out), *extra, *FAST])
+    line = _one_error_line(r)
+    assert not out.exists() and not out.with_name("b.ckpt").exists()
+    return line
+
+
+def test_an_onnx_file_that_does_not_parse(own: dict[str, Any], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a protobuf")
+    assert "is not a valid ONNX model" in _train_error(own, tmp_path, str(bad))
+
+
+def test_an_operator_the_converter_cannot_handle_is_named(own: dict[str, Any], tmp_path: Path) -> None:
+    path = _graph(tmp_path, "hardmax", _pooled("Hardmax"), ["N", 3, 48, 48], ["N", 3])
+    assert "operator Hardmax" in _train_error(own, tmp_path, str(path))
+
+
+def test_an_output_that_is_not_n_by_classes(own: dict[str, Any], tmp_path: Path) -> None:
+    from onnx import helper
+
+    path = _graph(tmp_path, "image", [helper.make_node("Identity", ["input"], ["output"])], ["N", 3, 48, 48],
+                  ["N", 3, 48, 48])
+    assert "[N, classes]" in _train_error(own, tmp_path, str(path))
+
+
+def test_a_dynamic_spatial_size_needs_input_size(own: dict[str, Any], tmp_path: Path) -> None:
+    path = _graph(tmp_path, "dynamic", _pooled(None), ["N", 3, "H", "W"], ["N", 3])
+    assert "--input-size" in _train_error(own, tmp_path, str(path))
+
+
+def test_class_count_must_match_the_model(own: dict[str, Any], tmp_path: Path) -> None:
+    from onnx import helper, numpy_helper
+
+    nodes = _pooled(None)[:2] + [helper.make_node("MatMul", ["f", "w"], ["output"])]
+    from onnx import TensorProto
+
+    g = helper.make_graph(nodes, "four", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 48, 48])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4])],
+                          [numpy_helper.from_array(np.ones((3, 4), np.float32), "w")])
+    path = tmp_path / "four.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert "outputs 4" in _train_error(own, tmp_path, str(path))
+
+
+def test_unreadable_images(own: dict[str, Any], tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for name in ORDER:
+        (data / name).mkdir(parents=True)
+        (data / name / "a.png").write_bytes(b"not a png")
+    assert "cannot decode image" in _train_error(own, tmp_path, str(own["root"] / "model.onnx"), data=data)
