@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from ism_edge.errors import ExitCode
+
 pytest.importorskip("torch")  # the engine directory fixture and the PyTorch column
 pytest.importorskip("onnx")
 
@@ -86,9 +88,9 @@ def test_a_missing_engine_directory_is_one_error_line(tmp_path: Path) -> None:
 
 def test_bad_options(engine_dir: Path) -> None:
     r = runner.invoke(APP, ["bench", str(engine_dir), "--tile-grid", "2x2"])
-    assert r.exit_code == 2 and "--mode tile" in r.stderr
+    assert r.exit_code == ExitCode.USAGE and "--mode tile" in r.stderr
     r = runner.invoke(APP, ["bench", str(engine_dir), "--batch", "0,4"])
-    assert r.exit_code == 2 and ">= 1" in r.stderr
+    assert r.exit_code == ExitCode.USAGE and ">= 1" in r.stderr
 
 
 def test_pytorch_eager_flags_with_the_engines_calibrated_thresholds(engine_dir: Path, untrained_bundle_dir: Path,
