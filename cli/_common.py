@@ -64,7 +64,7 @@ def _click_exception(name: str) -> type[Exception]:
 class OneLineErrors(TyperGroup):
     """The ``ism-edge`` command group: a usage error (a bad option value, a missing argument, an
     unknown option) is one ``error:`` line and exit code :attr:`ExitCode.USAGE`, like every other
-    expected failure (docs/runtime.md, "Exit codes"), instead of typer's five-line box."""
+    expected failure (the README's "Exit codes"), instead of typer's five-line box."""
 
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
         try:

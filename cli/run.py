@@ -1,4 +1,4 @@
-"""`ism-edge run`: filter a camera, stream, video or image folder through the compiled defense (SPEC §5)."""
+"""`ism-edge run`: filter a camera, stream, video or image folder through the compiled defense (docs/runtime.md)."""
 
 from __future__ import annotations
 

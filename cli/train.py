@@ -89,7 +89,7 @@ def train(
         "plain autoencoder + reconstruction/JSD detectors), adv-only (adversarial training alone), "
         "distill-only (defensive distillation alone). Baselines set --adv-ratio/--distill themselves."))] = "full",
 ) -> None:
-    """Train the full defense (SPEC §2) and write a defense bundle.
+    """Train the full defense (docs/training.md) and write a defense bundle.
 
     Stages: an undefended classifier (for the oblivious threat model), adversarial training of
     the teacher, (adversarially robust) distillation of the deployed student, the instance
