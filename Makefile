@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(PIP_EXTRA) "torch==2.13.0"
-	$(PIP) install -q $(PIP_EXTRA) -e ".[train,eval,dev]"
+	$(PIP) install -q $(PIP_EXTRA) -e ".[train,eval,video,dev]"
 	# Type stubs for the TensorRT builder module; --no-deps because the stubs'
 	# dependency on tensorrt itself cannot be installed without NVIDIA's index.
 	$(PIP) install -q --no-deps "tensorrt-stubs>=10,<11"

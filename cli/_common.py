@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import typer
 from typer.core import TyperGroup
 
-from ism_edge.errors import IsmEdgeError, caused_by_interrupt
+from ism_edge.errors import ExitCode, IsmEdgeError, caused_by_interrupt, exit_code_for_signal
 
 
 class Backend(str, Enum):
@@ -63,8 +63,8 @@ def _click_exception(name: str) -> type[Exception]:
 
 class OneLineErrors(TyperGroup):
     """The ``ism-edge`` command group: a usage error (a bad option value, a missing argument, an
-    unknown option) is one ``error:`` line and exit code 2, like every other failure (SPEC §7),
-    instead of typer's five-line box."""
+    unknown option) is one ``error:`` line and exit code :attr:`ExitCode.USAGE`, like every other
+    expected failure (the README's "Exit codes"), instead of typer's five-line box."""
 
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
         try:
@@ -88,62 +88,91 @@ def _usage_exit(e: Exception) -> Exception:
     ctx = getattr(e, "ctx", None)
     if ctx is not None and type(e).__name__ != "FileError":
         message += f" (see '{ctx.command_path} --help')"
-    return fail(message, int(getattr(e, "exit_code", 2)))
+    return fail(message, ExitCode.USAGE)
 
 
-def fail(message: str, code: int = 2) -> typer.Exit:
+def fail(message: str, code: int = ExitCode.BAD_INPUT) -> typer.Exit:
     """Print ``error: message`` on stderr and return the Exit to raise."""
     typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
+    return typer.Exit(int(code))
 
 
-def _interrupted() -> typer.Exit:
-    typer.echo("interrupted", err=True)
-    return typer.Exit(130)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP inside :func:`sigterm_interrupts`: handled as Ctrl-C, but the exit code names
+    the signal (128 + its number)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupted(error: BaseException | None = None) -> typer.Exit:
+    """``interrupted`` (Ctrl-C) or ``stopped by SIGTERM`` on stderr, and the Exit with the signal's code."""
+    signum = _stop_signal(error)
+    if signum is None:
+        typer.echo("interrupted", err=True)
+        return typer.Exit(int(ExitCode.INTERRUPTED))
+    typer.echo(f"stopped by {signal.Signals(signum).name}", err=True)
+    return typer.Exit(int(exit_code_for_signal(signum)))
+
+
+def _stop_signal(error: BaseException | None) -> int | None:
+    """The signal of the :class:`Terminated` that ``error`` is or was raised from; None for Ctrl-C."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Terminated):
+            return error.signum
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def cli_errors(fn: F) -> F:
     """Turn expected failures into one clear line on stderr and a non-zero exit; no traceback.
 
-    Ctrl-C is ``interrupted`` and exit code 130, also when a library wrapped it in its own error.
+    Ctrl-C is ``interrupted`` and exit code 130, also when a library wrapped it in its own error;
+    the exit codes are :class:`ism_edge.errors.ExitCode`.
     """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except KeyboardInterrupt:
-            raise _interrupted() from None
+        except KeyboardInterrupt as e:
+            raise _interrupted(e) from None
         except IsmEdgeError as e:
             if caused_by_interrupt(e):
-                raise _interrupted() from None
+                raise _interrupted(e) from None
             raise fail(str(e), e.exit_code) from None
         except MemoryError:
             raise fail("out of memory: lower --batch-size") from None
         except Exception as e:
             if caused_by_interrupt(e):
-                raise _interrupted() from None
+                raise _interrupted(e) from None
             raise
 
     return wrapper  # type: ignore[return-value]
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    raise Terminated(signum)
 
 
 @contextlib.contextmanager
 def sigterm_interrupts() -> Iterator[None]:
-    """Within the block, SIGTERM (``kill``, ``systemctl stop``, ``docker stop``) ends the command as
-    Ctrl-C does: cleanup runs (no partial output is left), then ``interrupted`` and exit code 130."""
+    """Within the block, SIGTERM (``kill``, ``systemctl stop``, ``docker stop``) and SIGHUP (the
+    terminal closed) end the command as Ctrl-C does: cleanup runs (no partial output is left), then
+    ``stopped by SIGTERM`` and exit code 143 (129 for SIGHUP)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    signums = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {signum: signal.signal(signum, _raise_interrupt) for signum in signums}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def keep_freed_memory() -> None:

@@ -1,4 +1,4 @@
-"""`ism-edge build`: compile a defense bundle into TensorRT / ONNX Runtime engines (SPEC §4)."""
+"""`ism-edge build`: compile a defense bundle into TensorRT / ONNX Runtime engines (docs/engines.md)."""
 
 from __future__ import annotations
 

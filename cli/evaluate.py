@@ -1,4 +1,5 @@
-"""``ism-edge evaluate``: the defense and its baselines under oblivious, known and adaptive attacks (SPEC §3)."""
+"""``ism-edge evaluate``: the defense and its baselines under oblivious, known and adaptive attacks
+(docs/evaluation.md)."""
 
 from __future__ import annotations
 

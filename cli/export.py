@@ -1,4 +1,4 @@
-"""`ism-edge export`: a defense bundle's networks as ONNX graphs, FP32 and FP16 (SPEC §4)."""
+"""`ism-edge export`: a defense bundle's networks as ONNX graphs, FP32 and FP16 (docs/engines.md)."""
 
 from __future__ import annotations
 

@@ -6,11 +6,20 @@ import typer
 
 from cli import bench, build, calibrate, evaluate, export, run, train
 from cli._common import OneLineErrors
+from ism_edge.errors import ExitCode
+
+
+def exit_code_epilog() -> str:
+    """The exit codes (ism_edge.errors.ExitCode) as the help's closing paragraph, one per line."""
+    lines = [f"{int(code):>3}  {code.meaning}" for code in ExitCode]
+    return "Exit codes:\n\n" + "\n".join(lines)
+
 
 app = typer.Typer(
     cls=OneLineErrors,
     name="ism-edge",
     help="Train, compile and run the instance-sparsity adversarial defense on edge devices.",
+    epilog=exit_code_epilog(),
     pretty_exceptions_enable=False,
     add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     context_settings={"help_option_names": ["-h", "--help"]},

@@ -1,10 +1,11 @@
-"""`ism-edge run`: filter a camera, stream, video or image folder through the compiled defense (SPEC §5)."""
+"""`ism-edge run`: filter a camera, stream, video or image folder through the compiled defense (docs/runtime.md)."""
 
 from __future__ import annotations
 
 import signal
 import sys
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -199,6 +200,9 @@ def run(
         "If the engines were built for another runtime version or GPU, "
         "recompile their stored ONNX here first."))] = False,
     summary_json: Annotated[Path | None, typer.Option(help="Also write the summary as JSON to this file.")] = None,
+    fail_on_flag: Annotated[bool, typer.Option("--fail-on-flag", help=(
+        "Exit with code 4 when any frame was flagged (after writing every output as usual), "
+        "for scripts and CI jobs."))] = False,
 ) -> None:
     """Judge every frame of a camera, stream, video or image folder with the compiled defense.
 
@@ -209,15 +213,19 @@ def run(
     line names its `source`, and the summary is per input and in total; an input that cannot be
     opened or is lost leaves the run (reported; a live one is retried) while the others go on.
     Ctrl-C, SIGTERM and SIGHUP stop cleanly (the video is finalised, the summary written; exit 130, 143, 129).
+    With --fail-on-flag a run that flagged any frame exits 4 ('ism-edge --help' lists every exit code).
     """
     import cv2.utils.logging as cv_logging
 
     from ism_edge.camera_loop import RunOptions, run_camera_loop
+    from ism_edge.errors import ExitCode, exit_code_for_signal
     from ism_edge.outputs import (
         FrameSink,
         ImageFolderOutput,
         VerdictLog,
+        VideoFileOutput,
         check_output_paths,
+        new_run_id,
         open_output,
         opencv_has_gui,
         parse_output,
@@ -236,7 +244,7 @@ def run(
             feedback_rounds=feedback_rounds, max_frames=max_frames, headless=headless, purified=purified, fps=fps,
             realtime=realtime, queue_size=queue_size, stall_timeout=stall_timeout, reconnect=reconnect,
             threads=threads, rebuild_on_mismatch=rebuild_on_mismatch, summary_json=summary_json,
-            batch_timeout=batch_timeout / 1e3,
+            batch_timeout=batch_timeout / 1e3, fail_on_flag=fail_on_flag,
         )  # fmt: skip
         return
     source_uri = source_uris[0]
@@ -257,6 +265,8 @@ def run(
         raise typer.BadParameter(str(e)) from None
 
     runtime = _ready_runtime(engine_dir, options, rebuild_on_mismatch=rebuild_on_mismatch)
+    started = datetime.now(timezone.utc)
+    run_id = new_run_id(started)
     with runtime:
         typer.echo(f"engines: {engine_dir} — {runtime.describe()}", err=True)
         for line in _threshold_lines(runtime.manifest.calibration, mode, grid):
@@ -270,7 +280,9 @@ def run(
             if out_uri is not None:
                 sinks.append(open_output(out_uri, fps=fps or source.fps or 30.0))
             purified_out = ImageFolderOutput(purified) if purified is not None else None
-            log_out = VerdictLog(log)
+            log_out = VerdictLog(log, run_id=run_id)
+            log_out.write_header(_log_header(runtime, engine_dir, str(source_uri),
+                                             None if out_uri is None else out_uri.text, started))
         except BaseException:
             for sink in sinks:
                 sink.close()
@@ -280,7 +292,12 @@ def run(
             source,
             ReaderOptions(queue_size=queue_size, stall_timeout=stall_timeout, reconnect_attempts=reconnect),
         )
-        typer.echo(f"input: {source_uri}" + (f" → {out_uri.text}" if out_uri else "") + f"; log: {log}", err=True)
+        video = next((sink for sink in sinks if isinstance(sink, VideoFileOutput)), None)
+        typer.echo(f"input: {source_uri}" + (f" → {out_uri.text}" if out_uri else "")
+                   + (f" ({video.encoder.describe()})" if video is not None else "") + f"; log: {log}; run {run_id}",
+                   err=True)
+        if video is not None and video.note:
+            typer.echo(f"note: {video.note}", err=True)
         status = _status_printer() if sys.stderr.isatty() else None
         summary = run_camera_loop(
             runtime, reader, log=log_out, sinks=sinks, purified=purified_out,
@@ -291,13 +308,16 @@ def run(
     print_summary(summary)
     failure = summary.failure
     if summary_json is not None:
-        failure = _write_summary(summary_json, summary, failure)
+        failure = _write_summary(summary_json, {"run": run_id, **summary.to_json()}, failure)
     if failure is not None:
         raise failure
     if summary.stopped == "interrupted":
         signum = signal.Signals[summary.signal] if summary.signal else signal.SIGINT
         typer.echo("interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}", err=True)
-        raise typer.Exit(128 + signum)  # the shell's code for a death by that signal (130, 143, 129)
+        raise typer.Exit(int(exit_code_for_signal(signum)))  # the shell's code for a death by it (130, 143, 129)
+    if fail_on_flag and summary.flagged:
+        typer.echo(f"flagged: {summary.flagged} of {summary.frames} frames (--fail-on-flag)", err=True)
+        raise typer.Exit(int(ExitCode.FLAGGED))
 
 
 def _output_paths(out_uri: OutputURI | None, log: str, summary_json: Path | None,
@@ -317,13 +337,29 @@ def _output_paths(out_uri: OutputURI | None, log: str, summary_json: Path | None
     return paths
 
 
-def _write_summary(path: Path, summary: RunSummary, failure: IsmEdgeError | None) -> IsmEdgeError | None:
+def _log_header(runtime: DefenseRuntime, engine_dir: Path, source: str | list[str],
+                output: str | None | list[str | None], started: datetime) -> dict[str, Any]:
+    """The verdict log's ``"event": "start"`` line: what tells this run from others in the same file.
+
+    ``source`` and ``output`` are lists, in input order, for a run with several inputs.
+    """
+    from ism_edge import __version__
+
+    return {
+        "started": started.isoformat(timespec="seconds"), "ism_edge": __version__,
+        "engine_dir": str(engine_dir.resolve()), "source": source,
+        "output": output, "backend": runtime.describe(),
+        "thresholds": dict(runtime.manifest.thresholds),
+    }  # fmt: skip
+
+
+def _write_summary(path: Path, summary: dict[str, Any], failure: IsmEdgeError | None) -> IsmEdgeError | None:
     """Write ``--summary-json`` (atomically); the run's failure, joined by this one's if it fails too."""
     from ism_edge._io import atomic_write_json
     from ism_edge.errors import OutputError
 
     try:
-        atomic_write_json(path, summary.to_json())
+        atomic_write_json(path, summary)
     except OSError as e:
         problem = f"the summary {path} cannot be written ({e.strerror or e}): check free disk space and the path"
         return OutputError(problem if failure is None else f"{failure}; and {problem}")

@@ -36,10 +36,13 @@ def run_many(
     mode: Mode, tile_grid: str | None, feedback_rounds: int | None, max_frames: int | None, headless: bool,
     purified: Path | None, fps: float | None, realtime: bool, queue_size: int, stall_timeout: float, reconnect: int,
     threads: int | None, rebuild_on_mismatch: bool, summary_json: Path | None, batch_timeout: float,
+    fail_on_flag: bool = False,
 ) -> None:
     """The body of ``ism-edge run`` for several inputs (the options are ``run``'s)."""
-    from cli.run import _ready_runtime, _threshold_lines
-    from ism_edge.errors import OutputError, SourceError
+    from datetime import datetime, timezone
+
+    from cli.run import _log_header, _ready_runtime, _threshold_lines
+    from ism_edge.errors import ExitCode, OutputError, SourceError
     from ism_edge.multi_stream import MultiStream, SourceOutputs, run_multi_stream
     from ism_edge.outputs import (
         DisplayOutput,
@@ -47,6 +50,7 @@ def run_many(
         ImageFolderOutput,
         VerdictLog,
         check_output_paths,
+        new_run_id,
         open_output,
         opencv_has_gui,
         parse_output,
@@ -86,6 +90,8 @@ def run_many(
         raise typer.BadParameter(str(e)) from None
 
     runtime = _ready_runtime(engine_dir, options, rebuild_on_mismatch=rebuild_on_mismatch)
+    started = datetime.now(timezone.utc)
+    run_id = new_run_id(started)
     with runtime:
         typer.echo(f"engines: {engine_dir} — {runtime.describe()}", err=True)
         for line in _threshold_lines(runtime.manifest.calibration, mode, grid):
@@ -102,7 +108,9 @@ def run_many(
                 elif out_uri is not None:
                     sinks.append(open_output(out_uri, fps=fps or _file_fps(uri) or 30.0))
                 outputs[-1].purified = ImageFolderOutput(folder) if folder is not None else None
-            log_out = VerdictLog(log)
+            log_out = VerdictLog(log, run_id=run_id)
+            log_out.write_header(_log_header(runtime, engine_dir, [str(u) for u in uris],
+                                             [None if u is None else u.text for u in out_uris], started))
         except BaseException:
             for o in outputs:
                 for sink in o.sinks:
@@ -113,7 +121,7 @@ def run_many(
         for i, uri in enumerate(uris):
             where = "" if out_uris[i] is None else f" → {out_uris[i].text}"  # type: ignore[union-attr]
             typer.echo(f"input {i}: {uri}{where}", err=True)
-        typer.echo(f"log: {log}; batch timeout {batch_timeout * 1e3:g} ms", err=True)
+        typer.echo(f"log: {log}; run {run_id}; batch timeout {batch_timeout * 1e3:g} ms", err=True)
         status = _status_printer() if sys.stderr.isatty() else None
         summary = run_multi_stream(runtime, multi, log=log_out, outputs=outputs, on_event=_echo_event(uris),
                                    status=status)
@@ -122,13 +130,16 @@ def run_many(
     print_multi_summary(summary)
     failure = summary.failure
     if summary_json is not None:
-        failure = _write_summary(summary_json, summary, failure)
+        failure = _write_summary(summary_json, summary, failure, run_id)
     if failure is not None:
         raise failure
     if summary.stopped == "interrupted":
         signum = signal.Signals[summary.total.signal] if summary.total.signal else signal.SIGINT
         typer.echo("interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}", err=True)
         raise typer.Exit(128 + signum)
+    if fail_on_flag and summary.total.flagged:
+        typer.echo(f"flagged: {summary.total.flagged} of {summary.total.frames} frames (--fail-on-flag)", err=True)
+        raise typer.Exit(int(ExitCode.FLAGGED))
 
 
 def _source(source: FrameSource, realtime: bool) -> FrameSource:
@@ -208,12 +219,13 @@ def print_multi_summary(summary: MultiRunSummary) -> None:
                       + ("" if out["complete"] else " [bold](incomplete)[/]"))
 
 
-def _write_summary(path: Path, summary: MultiRunSummary, failure: IsmEdgeError | None) -> IsmEdgeError | None:
+def _write_summary(path: Path, summary: MultiRunSummary, failure: IsmEdgeError | None,
+                   run_id: str) -> IsmEdgeError | None:
     from ism_edge._io import atomic_write_json
     from ism_edge.errors import OutputError
 
     try:
-        atomic_write_json(path, summary.to_json())
+        atomic_write_json(path, {"run": run_id, **summary.to_json()})
     except OSError as e:
         problem = f"the summary {path} cannot be written ({e.strerror or e}): check free disk space and the path"
         return OutputError(problem if failure is None else f"{failure}; and {problem}")

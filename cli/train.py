@@ -123,7 +123,7 @@ def train(
         "Seconds a rank waits for the others at a collective before the job fails (data-parallel runs)."),
         min=10)] = 900.0,
 ) -> None:
-    """Train the full defense (SPEC §2) and write a defense bundle.
+    """Train the full defense (docs/training.md) and write a defense bundle.
 
     Stages: an undefended classifier (for the oblivious threat model), adversarial training of
     the teacher, (adversarially robust) distillation of the deployed student, the instance

@@ -1,4 +1,4 @@
-"""The export/compile path: defense bundle → ONNX → TensorRT / ONNX Runtime engines (SPEC §4).
+"""The export/compile path: defense bundle → ONNX → TensorRT / ONNX Runtime engines (docs/engines.md).
 
 * :mod:`engines.export` — bundle → FP32 and FP16 ONNX graphs with a dynamic batch axis, gated on
   parity (``ism-edge export``, and the opening of every build);

@@ -24,7 +24,7 @@ class TorchEagerChain:
     """PyTorch eager inference of a bundle's defense, with ``threads`` intra-op threads.
 
     ``device``: ``"cpu"`` or a CUDA device (``"cuda"``, ``"cuda:N"``). Pixels are float32 NCHW
-    in [0, 1]; the result holds per-input labels and flags (SPEC §2 semantics). ``thresholds``
+    in [0, 1]; the result holds per-input labels and flags (docs/architecture.md, "The defense chain"). ``thresholds``
     replaces the bundle's (an engine manifest's, after ``ism-edge calibrate``), so the flags are
     those of the deployed rule.
     """

@@ -1,4 +1,4 @@
-"""Bundle → engine directory: the build's options and its common step (SPEC §4).
+"""Bundle → engine directory: the build's options and its common step (docs/engines.md).
 
 :func:`build_engines` exports the graphs and gates them on parity (:func:`engines.export.exported`),
 hands them to one backend's ``build()`` (:func:`engines.ort_build.build`,
@@ -57,7 +57,7 @@ def resolve_backend(backend: str) -> str:
 
 
 def default_precision(backend: str) -> str:
-    """FP16 for TensorRT; FP32 for ONNX Runtime on CPU, where FP16 is slower (SPEC §4)."""
+    """FP16 for TensorRT; FP32 for ONNX Runtime on CPU, where FP16 is slower (docs/engines.md)."""
     return "fp16" if resolve_backend(backend) == "tensorrt" else "fp32"
 
 

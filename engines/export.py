@@ -1,5 +1,5 @@
 """Bundle → ONNX: the three deployed graphs with a dynamic batch axis ``N``, checked against
-PyTorch (SPEC §4).
+PyTorch (docs/engines.md).
 
 :func:`export_bundle` (``ism-edge export``) writes them, FP32 and FP16, with a parity report;
 :func:`exported` is the opening it shares with :func:`engines.build.build_engines`: load the

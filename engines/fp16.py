@@ -1,4 +1,4 @@
-"""FP32 ONNX graph → mixed-precision FP16 graph with FP32 inputs and outputs (SPEC §4).
+"""FP32 ONNX graph → mixed-precision FP16 graph with FP32 inputs and outputs (docs/engines.md, "FP16 in the graph").
 
 TensorRT 11 networks are strongly typed (the FP16 builder flag is gone), so the precision of every
 layer must be written in the graph itself; one FP16 graph then builds on TensorRT 10 (JetPack 6)

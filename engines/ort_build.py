@@ -1,4 +1,4 @@
-"""ONNX → ONNX Runtime artifacts: optimized models and INT8 (static QDQ) models (SPEC §4).
+"""ONNX → ONNX Runtime artifacts: optimized models and INT8 (static QDQ) models (docs/engines.md, "ONNX Runtime build").
 
 :func:`build` is the ONNX Runtime step of :func:`engines.build.build_engines`: the FP32/FP16
 graphs with their transposed convolutions as sub-pixel convolutions (:mod:`engines.subpixel`), or

@@ -1,4 +1,4 @@
-"""Numerical parity of exported graphs and built engines against the PyTorch defense (SPEC §4).
+"""Numerical parity of exported graphs and built engines against the PyTorch defense (docs/engines.md, "Parity gate").
 
 Two levels, both on real images (:func:`engines.samples.real_samples`):
 

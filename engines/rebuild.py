@@ -1,4 +1,5 @@
-"""Engine directory → engine directory for this machine, from its stored ONNX (SPEC §4).
+"""Engine directory → engine directory for this machine, from its stored ONNX (docs/engines.md,
+"Compatibility and rebuilds").
 
 :func:`rebuild_from_onnx` recompiles an existing directory's hash-verified ONNX sources and
 imports neither torch nor onnx, so the runtime can call it on a deployment target

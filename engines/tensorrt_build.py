@@ -1,4 +1,4 @@
-"""ONNX → TensorRT engine (plan), for TensorRT 10 (JetPack 6 Orin) and 11 alike (SPEC §4).
+"""ONNX → TensorRT engine (plan), for TensorRT 10 (JetPack 6 Orin) and 11 alike (docs/engines.md).
 
 The network is created **strongly typed** from the mixed-precision FP16 ONNX graph
 (:mod:`engines.fp16`): every tensor's type comes from the graph, so no precision builder flag is

@@ -279,7 +279,7 @@ class _Outputs:
         if self.log is not None:
             self.log.write({**self.head, **_where(item), "latency_ms": round(latency, 3), **verdict.to_json()})
         if self.sinks:
-            image = annotate(item.image, verdict, fps=fps)
+            image = annotate(item.image, verdict, fps=fps, frame=item.index)
             for sink in self.sinks:
                 sink.write(image)
         if self.purified is not None and verdict.purified is not None:

@@ -1,4 +1,4 @@
-"""Does an engine directory match this machine? (SPEC §4: refuse, never run, a mismatched engine.)
+"""Does an engine directory match this machine? (docs/engines.md: refuse, never run, a mismatched engine.)
 
 An ONNX Runtime model optimized by one release holds fused ``com.microsoft`` ops of that
 release, so the manifest's ONNX Runtime major.minor must match the running one. A TensorRT plan

@@ -1,5 +1,6 @@
-"""The host half of the defense chain (SPEC §2), in numpy: written once, shared by every backend,
-:class:`~ism_edge.runtime.DefenseRuntime` and the build's parity gate (``engines.parity``).
+"""The host half of the defense chain (docs/architecture.md, "The defense chain"), in numpy:
+written once, shared by every backend, :class:`~ism_edge.runtime.DefenseRuntime` and the build's
+parity gate (``engines.parity``).
 
 The networks run on a backend; what is decided on the host is:
 
@@ -55,7 +56,7 @@ class Decisions:
 
 
 def decide(out: ChainOutput, manifest: EngineManifest) -> Decisions:
-    """Scores, flags and label probabilities of a batch of chain outputs (SPEC §2).
+    """Scores, flags and label probabilities of a batch of chain outputs (docs/architecture.md).
 
     JSD between softmax(C(x)/T_det) and softmax(C(x̂)/T_det); a detector flags a sample when its
     score is above the manifest's threshold; probabilities of C(x̂) at T_deploy (with

@@ -2,16 +2,60 @@
 
 Every expected failure (bad input, missing file, version mismatch, unreachable camera) raises an
 :class:`IsmEdgeError` subclass whose message is one line that names the file or source and says
-how to fix the problem. The CLI prints that line and exits non-zero; no traceback is shown.
+how to fix the problem. The CLI prints that line and exits with :attr:`ExitCode.BAD_INPUT`; no
+traceback is shown.
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """The exit codes of every ``ism-edge`` command, in one place: ``ism-edge --help`` and the README
+    list them, scripts and supervisors (systemd, a CI job) branch on them.
+
+    2 for a usage error is the convention of click, argparse and the shell's builtins; 1 is left to
+    what no one expected (an uncaught exception: Python's own exit code, with its traceback), so a
+    script can tell a bug from bad input; a signal is 128 + its number, as the shell reports it.
+    """
+
+    OK = 0
+    BUG = 1
+    USAGE = 2
+    BAD_INPUT = 3
+    FLAGGED = 4
+    HANGUP = 129
+    INTERRUPTED = 130
+    TERMINATED = 143
+
+    @property
+    def meaning(self) -> str:
+        """One line on when a command exits with this code."""
+        return _EXIT_MEANINGS[self]
+
+
+_EXIT_MEANINGS = {  # one line each, short enough for an 80-column `ism-edge --help`
+    ExitCode.OK: "success",
+    ExitCode.BUG: "an unexpected failure: a bug (with its traceback); please report it",
+    ExitCode.USAGE: "usage error (unknown option, missing argument, value out of range)",
+    ExitCode.BAD_INPUT: "bad input (missing/corrupt file or engine, camera, extra, memory)",
+    ExitCode.FLAGGED: "'run --fail-on-flag': the run finished and flagged at least one frame",
+    ExitCode.HANGUP: "stopped by SIGHUP (the terminal closed), as for Ctrl-C",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C): outputs finalised, partial files removed",
+    ExitCode.TERMINATED: "stopped by SIGTERM (kill, systemctl/docker stop), as for Ctrl-C",
+}
+
+
+def exit_code_for_signal(signum: int) -> ExitCode:
+    """The exit code of a command stopped by signal ``signum``: 128 + its number, as a shell reports it."""
+    return ExitCode(128 + signum)
 
 
 class IsmEdgeError(Exception):
     """Base class of all expected ism-edge failures; ``str(err)`` is the one-line message."""
 
-    exit_code = 2
+    exit_code: int = ExitCode.BAD_INPUT
 
 
 class DataError(IsmEdgeError):

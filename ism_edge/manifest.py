@@ -128,7 +128,7 @@ class EngineFile:
 
 @dataclass(frozen=True)
 class EngineManifest:
-    """Everything the runtime needs to run an engine directory (SPEC §4)."""
+    """Everything the runtime needs to run an engine directory (docs/engines.md, "Engine directory")."""
 
     backend: str
     precision: str
@@ -158,8 +158,8 @@ class EngineManifest:
     format_version: int = ENGINE_FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        """Every field in range and consistent (SPEC §7): a manifest is read from disk, where anyone
-        may have edited it, and its numbers bound loops and buffers."""
+        """Every field in range and consistent (docs/architecture.md, "Expected failures"): a manifest
+        is read from disk, where anyone may have edited it, and its numbers bound loops and buffers."""
         if self.backend not in BACKENDS:
             raise EngineError(f"{_WHAT}: backend {self.backend!r} is not one of {BACKENDS}")
         if self.precision not in PRECISIONS:

@@ -1,7 +1,8 @@
 """Outputs of ``ism-edge run``: the JSON-lines verdict log, annotated video or images, a window.
 
 Output URIs follow jetson-utils' ``videoOutput``: ``file://out.mp4`` (or a plain path; ``.mp4``,
-``.m4v``, ``.mov`` are written with the mp4v codec, ``.avi`` with MJPG, ``.mkv`` with XVID), a
+``.m4v``, ``.mov`` are H.264 where an encoder is available, else MPEG-4 Part 2 with a note —
+:mod:`ism_edge.encoders`; ``.avi`` is MJPG, ``.mkv`` XVID), a
 folder (``out/`` — numbered JPEG images), ``display://0`` (an OpenCV window; needs an OpenCV
 with GUI support). Nothing is left half-written: the video goes to a temporary file renamed into
 place when it is closed (only if every frame reads back), each image is written and renamed, and
@@ -16,10 +17,12 @@ import errno
 import json
 import os
 import re
+import secrets
 import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,10 +30,11 @@ import cv2
 import numpy as np
 
 from ism_edge._io import _public_mode
+from ism_edge.encoders import OPENCV_CODECS, Encoder, VideoWriter, choose_encoder, even_size
 from ism_edge.errors import MissingDependencyError, OutputError
 from ism_edge.sources import IMAGE_EXTENSIONS
 
-VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "XVID"}
+VIDEO_CODECS = OPENCV_CODECS  # the supported video extensions (H.264 replaces mp4v where it can)
 IMAGE_PATTERN = "frame_{:06d}.jpg"  # the names ImageFolderOutput writes
 
 
@@ -131,20 +135,32 @@ def check_output_paths(outputs: Sequence[OutputPath], *, source: Path | None = N
                                   "give each output its own path")
 
 
+def new_run_id(now: datetime | None = None) -> str:
+    """A run id that sorts by start time (to the millisecond, UTC) and is unique across machines:
+    ``20260102T030405.678Z-1a2b3c``."""
+    now = now or datetime.now(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
+
+
 class VerdictLog:
     """Appends one JSON object per line to a file (or stdout for ``-``).
 
     Each line goes to the file at once (unbuffered, ``O_APPEND``), so after Ctrl-C (which
     ``ism-edge run`` turns into a graceful stop) or a crash every finished frame is on disk. A
     write that fails part-way (disk full, file-size limit) is rolled back to the last whole line
-    and raises :class:`OutputError`; ``lines`` counts the lines written. If an earlier run died
+    and raises :class:`OutputError`; ``lines`` counts the records written (not the header). If an earlier run died
     mid-line, a newline is added first so the old partial line cannot merge with a new one.
+
+    Since the log is appended, several runs can share a file: with a ``run_id`` every line starts
+    with ``"run": run_id``, and :meth:`write_header` writes the run's ``"event": "start"`` line
+    (docs/runtime.md, "The verdict log").
     """
 
     kind = "log"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], run_id: str | None = None) -> None:
         self.path = str(path)
+        self.run_id = run_id
         self.lines = 0
         self.failed = False
         self._fd: int | None = None
@@ -164,8 +180,16 @@ class VerdictLog:
         if needs_newline:
             self._append(b"\n")
 
+    def write_header(self, fields: dict[str, Any]) -> None:
+        """Append the run's header line: ``{"run": ID, "event": "start", **fields}`` (no ``frame`` key,
+        which tells it from a verdict); it does not count in ``lines``."""
+        self.write({"event": "start", **fields})
+        self.lines -= 1
+
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line; raises :class:`OutputError` (nothing of it kept) if it cannot be."""
+        if self.run_id is not None:
+            record = {"run": self.run_id, **record}
         line = json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n"
         if self._stdout is not None:
             try:
@@ -244,8 +268,10 @@ class FrameSink:
 class VideoFileOutput(FrameSink):
     """An annotated video file, written to a temporary sibling and renamed on :meth:`close`.
 
-    The frame size is fixed by the first frame; later frames of another size (an image folder)
-    are resized to it. A frame the encoder reports it could not write raises
+    The encoder is chosen when the output is opened (:func:`ism_edge.encoders.choose_encoder`:
+    H.264 for MP4 where possible); ``note`` is set when an MP4 falls back to MPEG-4 Part 2. The frame
+    size is fixed by the first frame (cut to even sides for H.264); later frames of another size (an
+    image folder) are resized to it. A frame the encoder reports it could not write raises
     :class:`OutputError`. :meth:`close` reopens the finished file and renames it into place only
     if every frame can be read back; otherwise it raises :class:`OutputError`, and the frames that
     can be read (if any) are kept as ``NAME.partial.EXT`` (never over an existing file).
@@ -262,8 +288,10 @@ class VideoFileOutput(FrameSink):
         suffix = self.path.suffix.lower()
         if suffix not in VIDEO_CODECS:
             raise OutputError(f"output {self.path}: unsupported video extension {suffix!r} ({', '.join(VIDEO_CODECS)})")
-        self._fourcc = VIDEO_CODECS[suffix]
-        self._writer: Any = None
+        self.encoder: Encoder
+        self.encoder, note = choose_encoder(suffix)
+        self.note = None if note is None else note.format(path=self.path)
+        self._writer: VideoWriter | None = None
         self._size: tuple[int, int] | None = None
         self._tmp: Path | None = None
 
@@ -278,12 +306,15 @@ class VideoFileOutput(FrameSink):
                 f"output {self.path} cannot be created ({e.strerror}): check the folder and permissions"
             ) from None
         self._tmp = Path(tmp)
-        writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter.fourcc(*self._fourcc), self.fps, (width, height))
-        if not writer.isOpened():
+        size = even_size(width, height) if self.encoder.even_size else (width, height)
+        try:
+            writer = self.encoder.open(self._tmp, self.fps, size)
+        except Exception as e:  # noqa: BLE001 - any encoder failure is this one-line error
             self._tmp.unlink(missing_ok=True)
-            raise OutputError(f"output {self.path}: OpenCV cannot write {self._fourcc} video here: try an .avi output")
+            raise OutputError(f"output {self.path}: {self.encoder.name} cannot write {self.encoder.codec} video "
+                              f"here ({e}): try an .avi output") from None
         self._writer = writer
-        self._size = (width, height)
+        self._size = size
 
     def write(self, image: np.ndarray) -> None:
         if self.failed:
@@ -291,10 +322,14 @@ class VideoFileOutput(FrameSink):
         h, w = image.shape[:2]
         if self._writer is None:
             self._open(w, h)
-        assert self._size is not None
+        assert self._size is not None and self._writer is not None
         if (w, h) != self._size:
-            image = cv2.resize(image, self._size, interpolation=cv2.INTER_AREA)
-        if self._writer.write(np.ascontiguousarray(image)) is False:  # OpenCV >= 5 reports it; 4.x returns None
+            sw, sh = self._size
+            if 0 <= w - sw <= 1 and 0 <= h - sh <= 1:  # an odd side cut to even for H.264: crop, not resample
+                image = image[:sh, :sw]
+            else:
+                image = cv2.resize(image, self._size, interpolation=cv2.INTER_AREA)
+        if not self._writer.write(np.ascontiguousarray(image)):
             self.failed = True
             raise OutputError(
                 f"annotated video {self.path}: frame {self.frames} cannot be written: "

@@ -1,4 +1,4 @@
-"""Frame → model input: validation, colour order, resize mode and tile mode (SPEC §5).
+"""Frame → model input: validation, colour order, resize mode and tile mode (docs/runtime.md).
 
 Frames are ``H×W×3`` arrays (``H×W`` or ``H×W×1`` grey also accepted) of ``uint8`` (0–255) or
 float (``float32``/``float64`` in [0, 1]), of any size, in the caller's colour order (``"BGR"``

@@ -1,7 +1,7 @@
 """Detector scores computed on the host (numpy): softmax and Jensen–Shannon divergence.
 
 The same formulas are used by ``training.defense`` in PyTorch, so PyTorch, ONNX Runtime and
-TensorRT give the same verdicts (SPEC §2, inference semantics).
+TensorRT give the same verdicts (docs/architecture.md, "The defense chain").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The verdict on one frame: label, confidence, detector scores, flagged, timings (SPEC §2, §5)."""
+"""The verdict on one frame: label, confidence, detector scores, flagged, timings (docs/runtime.md lists the fields)."""
 
 from __future__ import annotations
 

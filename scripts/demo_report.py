@@ -14,10 +14,18 @@ def eps_label(e: float) -> str:
     return f"{f.numerator}/255" if f.denominator == 255 and abs(float(f) - e) < 1e-9 else f"{e:g}"
 
 
+def last_run(records: list[dict]) -> list[dict]:
+    """The frame lines of the last run in a verdict log (``--log`` appends; each run starts with a header
+    line, ``"event": "start"``, and tags its lines with ``"run"``); a log without run ids is one run."""
+    runs = [r["run"] for r in records if r.get("event") == "start" and "run" in r]
+    frames = [r for r in records if "frame" in r]
+    return [r for r in frames if r.get("run") == runs[-1]] if runs else frames
+
+
 def main(log_path: str, truth_path: str) -> None:
     truth = json.loads(Path(truth_path).read_text())
     attacked = {int(k): float(v) for k, v in truth["attacked"].items()}
-    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    rows = last_run([json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()])
     verdicts = {r["frame"]: r for r in rows if not r.get("skipped")}
     clean = [i for i in verdicts if i not in attacked]
     clean_flagged = sum(verdicts[i]["flagged"] for i in clean)

@@ -55,3 +55,9 @@ def test_one_onnxruntime_build_per_install_and_a_torch_range() -> None:
     torch = Requirement(f"torch{installed('train', X86)['torch']}").specifier
     assert "2.13.0" in torch and "2.6.0" in torch and not str(torch).startswith("==")
     assert PROJECT["requires-python"] == ">=3.10"  # JetPack 6's Python
+
+
+def test_the_video_extra_brings_an_h264_encoder_on_every_target() -> None:
+    """PyAV, which ism_edge.encoders imports only when an .mp4 is written; never in the base install."""
+    for target in (JETSON, X86):
+        assert "av" in installed("video", target) and "av" not in installed(None, target)

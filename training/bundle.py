@@ -1,6 +1,6 @@
 """The defense bundle: every network's weights (safetensors, no pickle) plus a JSON manifest.
 
-The single artifact that export and evaluation consume (SPEC §2). Layout::
+The single artifact that export and evaluation consume (docs/architecture.md, "The defense chain"). Layout::
 
     BUNDLE/
       manifest.json            config, class names, temperatures, thresholds, provenance, versions

@@ -1,4 +1,4 @@
-"""The full defense in PyTorch: the reference for ONNX Runtime and TensorRT (SPEC §2).
+"""The full defense in PyTorch: the reference for ONNX Runtime and TensorRT (docs/architecture.md, "The defense chain").
 
 x̂ = M(x); optional feedback reformation x̂ ← M(x̂) while ‖x̂ − M(x̂)‖₁ exceeds the
 reconstruction threshold, up to ``feedback_rounds`` times. Scores (on the first pass, so they are

@@ -4,7 +4,8 @@ A backend runs the whole defense chain of an engine directory on a batch of mode
 (float32 NCHW pixels in [0, 1], the shape of ``manifest.input_shape``) and returns the raw
 network outputs; the verdict logic (JSD, thresholds, labels) lives in :mod:`ism_edge.runtime` so
 every backend gives the same verdicts, and the feedback rule is written once in
-:mod:`ism_edge.decision` (:meth:`Backend._reform`). Chain (SPEC §2, identical to ``training.defense``)::
+:mod:`ism_edge.decision` (:meth:`Backend._reform`). Chain (docs/architecture.md, "The defense
+chain"; identical to ``training.defense``)::
 
     x̂, recon_error = M(x)                 first pass; recon_error is the MagNet detector score
     x̂ ← M(x̂) for the samples whose ‖x̂ − M(x̂)‖₁/(CHW) > thresholds["recon_error"], ≤ n rounds
@@ -17,7 +18,7 @@ before the work is done (TensorRT); at most :attr:`Backend.max_in_flight` jobs m
 Both backends take the same constructor arguments (:meth:`Backend.__init__`) and check each
 loaded network's I/O with :meth:`Backend._check_io` against the manifest.
 
-Selection (SPEC §5): an explicit name, else TensorRT when the engine directory holds TensorRT
+Selection (docs/runtime.md, "Backends"): an explicit name, else TensorRT when the engine directory holds TensorRT
 engines and TensorRT + CUDA bindings are usable, else ONNX Runtime (on the directory's ONNX
 Runtime models, or on the ONNX sources of a TensorRT directory).
 """
@@ -306,7 +307,7 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def select_backend(requested: str | None, manifest: EngineManifest, directory: str | Path = "") -> type[Backend]:
-    """Pick the backend class for an engine directory (SPEC §5 selection order).
+    """Pick the backend class for an engine directory (the selection order above).
 
     ``requested`` is ``"tensorrt"``, ``"onnxruntime"``, ``"auto"`` or ``None`` (auto). TensorRT
     needs TensorRT engines in the directory; ONNX Runtime runs any directory (a TensorRT

@@ -1,4 +1,4 @@
-"""``ism-edge bench``: how fast the defense chain runs, side by side, and at camera rate (SPEC §6).
+"""``ism-edge bench``: how fast the defense chain runs, side by side, and at camera rate (docs/performance.md).
 
 * :mod:`ism_edge.bench.chain` — the same inputs through PyTorch eager, ONNX Runtime FP32/INT8
   and TensorRT: throughput, latency, per-stage times, ratios, share of the GEMM peak;

@@ -1,6 +1,7 @@
 """Side-by-side chain benchmark: the same inputs through every implementation of the defense.
 
-Every *column* is one implementation of the whole chain (SPEC §2) on a batch of model inputs:
+Every *column* is one implementation of the whole chain (docs/architecture.md, "The defense
+chain") on a batch of model inputs:
 M (with the manifest's feedback rounds), C on x and on x̂, P on (x, x̂), then the host-side
 decisions (JSD, thresholds, labels). Columns: PyTorch eager from the bundle (supplied by the
 caller, see ``engines/bench_torch.py``: this package never imports torch), ONNX Runtime FP32,

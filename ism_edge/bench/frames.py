@@ -1,7 +1,8 @@
 """Benchmark frames: camera-like BGR frames made from real photographs (a slow pan over them).
 
-The photographs default to the repository's ``data/samples/photos`` (see its README for their
-sources); any folder of images works. Frames are deterministic, so every column of a benchmark,
+The photographs default to the three shipped with the package (``ism_edge/bench/photos``, whose
+README gives their sources and licences), so that a wheel install can run the bench; any folder of
+images works (``--images DIR``). Frames are deterministic, so every column of a benchmark,
 and every run, sees the same pixels.
 """
 
@@ -16,12 +17,12 @@ import numpy as np
 from ism_edge.errors import SourceError
 from ism_edge.sources import IMAGE_EXTENSIONS
 
-DEFAULT_PHOTOS = Path(__file__).resolve().parents[2] / "data" / "samples" / "photos"
+DEFAULT_PHOTOS = Path(__file__).resolve().parent / "photos"  # package data (pyproject.toml)
 DEFAULT_FRAME_SIZE = (480, 640)  # (height, width): VGA, a common camera mode
 
 
 def load_photos(folder: str | Path | None = None) -> list[np.ndarray]:
-    """The BGR uint8 images of ``folder`` (default: the repository's sample photographs)."""
+    """The BGR uint8 images of ``folder`` (default: the photographs shipped with the package)."""
     folder = Path(folder) if folder is not None else DEFAULT_PHOTOS
     if not folder.is_dir():
         raise SourceError(f"photo folder {folder} does not exist: pass --images DIR with a few photographs")

@@ -6,16 +6,20 @@ Tiny runs only: the structure of what is printed and written is tested, never a 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+
+from ism_edge.errors import ExitCode
 
 pytest.importorskip("torch")  # the engine directory fixture and the PyTorch column
 pytest.importorskip("onnx")
 
 from cli.main import app as main_app  # noqa: E402
 from tests.cli import one_error_line  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
 from tests.ism_edge.conftest import shared_engine_dir  # noqa: E402
 
 runner = CliRunner()
@@ -137,9 +141,9 @@ def test_a_missing_engine_directory_is_one_error_line(tmp_path: Path) -> None:
 
 def test_bad_options(engine_dir: Path) -> None:
     r = runner.invoke(APP, ["bench", str(engine_dir), "--tile-grid", "2x2"])
-    assert r.exit_code == 2 and "--mode tile" in r.stderr
+    assert r.exit_code == ExitCode.USAGE and "--mode tile" in r.stderr
     r = runner.invoke(APP, ["bench", str(engine_dir), "--batch", "0,4"])
-    assert r.exit_code == 2 and ">= 1" in r.stderr
+    assert r.exit_code == ExitCode.USAGE and ">= 1" in r.stderr
 
 
 def test_pytorch_eager_flags_with_the_engines_calibrated_thresholds(engine_dir: Path, untrained_bundle_dir: Path,
@@ -174,3 +178,36 @@ def test_pytorch_eager_flags_with_the_engines_calibrated_thresholds(engine_dir: 
     assert r.exit_code == 0, r.stderr
     fp32 = {c["name"]: c for c in json.loads(out.read_text())["columns"]}["onnxruntime-fp32"]
     assert fp32["agreement"]["flags"] == 1.0 and fp32["agreement"]["labels"] == 1.0
+
+
+def test_a_runtime_only_install_runs_the_onnxruntime_columns(engine_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """No torch, no onnx (pip install 'ism-edge[onnxruntime]'), no repository: the default photos are
+    the package's, the FP32 column runs, and only the FLOP columns stay empty, with one note."""
+    from ism_edge.bench import frames
+
+    for module in ("torch", "onnx"):
+        monkeypatch.setitem(sys.modules, module, None)  # import torch / onnx -> ImportError
+    assert frames.DEFAULT_PHOTOS.is_relative_to(Path(frames.__file__).parent)  # inside the package, not data/
+    out = tmp_path / "bench.json"
+    r = runner.invoke(APP, ["bench", str(engine_dir), "--batch", "1", "--frames", "8", "--threads", "1",
+                            "--frame-size", "128x96", "--json", str(out)])  # fmt: skip
+    assert r.exit_code == ExitCode.OK, r.stderr
+    cols = {c["name"]: c for c in json.loads(out.read_text())["columns"]}
+    fp32 = cols["onnxruntime-fp32"]
+    assert fp32["status"] == "ok" and fp32["results"][0]["images_per_s"] > 0 and fp32["results"][0]["gflops"] is None
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "'onnx'" in notes[0] and "ism-edge[train]" in notes[0]
+    assert "GEMM peak without the onnxruntime MatMul probe" in r.stdout and "Traceback" not in r.stdout + r.stderr
+
+
+def test_the_bench_photos_are_package_data() -> None:
+    import tomllib
+
+    from ism_edge.bench import frames
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ism_edge.bench"]
+    shipped = sorted(p.name for g in globs for p in (frames.DEFAULT_PHOTOS.parent).glob(g))
+    files = sorted(p.name for p in frames.DEFAULT_PHOTOS.iterdir())
+    assert shipped == files and len(frames.load_photos()) == 3
+    assert sum(p.stat().st_size for p in frames.DEFAULT_PHOTOS.iterdir()) < 200_000  # small: it is in every wheel

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from cli.choices import Baseline, DataKind, Preset
 from cli.main import app
+from ism_edge.errors import ExitCode
 from tests.cli import one_error_line
 
 runner = CliRunner()
@@ -35,7 +36,7 @@ def test_the_cli_choices_are_the_training_names() -> None:
 ])
 def test_a_value_outside_the_choices_is_one_usage_line(args: list[str], expected: str) -> None:
     r = runner.invoke(app, args)
-    assert r.exit_code == 2
+    assert r.exit_code == ExitCode.USAGE
     assert expected in one_error_line(r)
 
 

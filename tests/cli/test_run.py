@@ -9,10 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+
+from ism_edge.errors import ExitCode
 
 pytest.importorskip("torch")  # only to build the engine directory fixture
 
@@ -47,8 +50,13 @@ def sample_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shared_sample_video(tmp_path_factory)
 
 
-def log_records(path: Path) -> list[dict]:
+def log_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def log_records(path: Path) -> list[dict]:
+    """The verdict lines (not the runs' header lines)."""
+    return [rec for rec in log_lines(path) if "frame" in rec]
 
 
 def test_run_on_a_video_logs_every_frame_and_writes_the_annotated_video(engine_dir: Path, sample_video: Path,
@@ -71,7 +79,8 @@ def test_run_on_a_video_logs_every_frame_and_writes_the_annotated_video(engine_d
 def test_the_log_defaults_to_stdout_and_max_frames(engine_dir: Path, sample_video: Path) -> None:
     r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "--headless", "--max-frames", "4"])
     assert r.exit_code == 0, r.stderr
-    lines = r.stdout.strip().splitlines()
+    header, *lines = r.stdout.strip().splitlines()
+    assert json.loads(header)["event"] == "start"
     assert len(lines) == 4 and all(json.loads(line)["frame"] == i for i, line in enumerate(lines))
 
 
@@ -82,6 +91,42 @@ def test_the_log_is_appended_across_runs(engine_dir: Path, sample_video: Path, t
                                 "--log", str(log)])
         assert r.exit_code == 0, r.stderr
     assert [rec["frame"] for rec in log_records(log)] == [0, 1, 2, 0, 1, 2]
+
+
+def test_each_run_in_a_shared_log_starts_with_a_header_and_tags_every_line(engine_dir: Path, sample_video: Path,
+                                                                          tmp_path: Path) -> None:
+    from ism_edge import __version__
+
+    log, summary = tmp_path / "v.jsonl", tmp_path / "summary.json"
+    for _ in range(2):
+        r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "--headless", "--max-frames", "3",
+                                "--log", str(log), "--summary-json", str(summary)])
+        assert r.exit_code == 0, r.stderr
+    lines = log_lines(log)
+    assert [rec.get("event") for rec in lines] == ["start", None, None, None] * 2
+    first, second = lines[0], lines[4]
+    assert first["run"] != second["run"] and first["run"] <= second["run"]  # ids sort by start time
+    for header, run_lines in ((first, lines[:4]), (second, lines[4:])):
+        assert {rec["run"] for rec in run_lines} == {header["run"]}
+        assert header["ism_edge"] == __version__ and header["engine_dir"] == str(engine_dir.resolve())
+        assert header["source"] == str(sample_video) and "frame" not in header
+        assert datetime.fromisoformat(header["started"]).tzinfo is not None
+        assert header["thresholds"] == json.loads((engine_dir / "manifest.json").read_text())["thresholds"]
+    assert json.loads(summary.read_text())["run"] == second["run"]
+    assert f"run {second['run']}" in r.stderr
+
+
+def test_the_demo_report_reads_the_last_run_of_a_shared_log(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from demo_report import last_run
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    old = [{"frame": 0, "flagged": True}]  # a log written before run ids
+    runs = [{"run": "a", "event": "start"}, {"run": "a", "frame": 0}, {"run": "b", "event": "start"},
+            {"run": "b", "frame": 0}, {"run": "b", "frame": 1}]
+    assert last_run(old) == old
+    assert last_run(old + runs) == runs[3:]
 
 
 def test_an_image_folder_in_tile_mode_to_an_image_folder(engine_dir: Path, tmp_path: Path) -> None:
@@ -279,7 +324,7 @@ def test_a_video_the_disk_cannot_hold_is_an_error_not_a_success(engine_dir: Path
     code, stdout, stderr = finished(run_in_subprocess(
         ["run", str(engine_dir), str(sample_video), str(out), "--summary-json", str(summary)], file_size_limit=20_000))
     assert code != 0 and str(out) in only_error_line(stderr)
-    assert len(stdout.splitlines()) == 12  # the log (stdout) was not limited
+    assert len(stdout.splitlines()) == 1 + 12  # the log (stdout: header, 12 verdicts) was not limited
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
     s = json.loads(summary.read_text())
     assert s["stopped"] == "error" and str(out) in s["error"]
@@ -296,7 +341,7 @@ def test_a_log_the_disk_cannot_hold_keeps_whole_lines(engine_dir: Path, sample_v
     assert code != 0 and str(log) in only_error_line(stderr)
     text = log.read_text()
     assert text.endswith("\n")
-    records = [json.loads(line) for line in text.splitlines()]
+    records = [json.loads(line) for line in text.splitlines()][1:]  # after the header
     assert 1 <= len(records) < 12 and [r["frame"] for r in records] == list(range(len(records)))
     s = json.loads(summary.read_text())
     assert s["frames"] == len(records) and s["stopped"] == "error"
@@ -332,7 +377,7 @@ def test_too_many_threads_are_refused_before_anything_runs(engine_dir: Path, sam
     log = tmp_path / "v.jsonl"
     r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), "--headless", "--threads", "5000",
                             "--log", str(log)])
-    assert r.exit_code == 2 and "threads must be between 1 and" in r.stderr and "Traceback" not in r.stderr
+    assert r.exit_code == ExitCode.USAGE and "threads must be between 1 and" in r.stderr and "Traceback" not in r.stderr
     assert not log.exists()
 
 
@@ -363,3 +408,42 @@ def test_engines_too_big_for_memory_name_the_real_option_and_create_nothing(engi
                                               "--purified", str(purified)]))  # fmt: skip
     assert "--batch-size" not in line and "ism-edge build" in line and "batch.max" in line and str(engines) in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
+
+
+@pytest.mark.parametrize(("threshold", "fail_on_flag", "code"), [
+    (0.0, True, ExitCode.FLAGGED),  # every frame flagged
+    (0.0, False, ExitCode.OK),
+    (1e6, True, ExitCode.OK),  # no frame flagged
+])
+def test_fail_on_flag_exits_4_after_writing_every_output(engine_dir: Path, sample_video: Path, tmp_path: Path,
+                                                         threshold: float, fail_on_flag: bool, code: int) -> None:
+    copy = tmp_path / "engines"
+    shutil.copytree(engine_dir, copy)
+    edit_manifest(copy, thresholds={"recon_error": threshold, "jsd": threshold, "p_score": threshold})
+    log, out, summary = tmp_path / "v.jsonl", tmp_path / "annotated.mp4", tmp_path / "summary.json"
+    r = runner.invoke(app, ["run", str(copy), str(sample_video), str(out), "--log", str(log), "--max-frames", "5",
+                            "--summary-json", str(summary), *(["--fail-on-flag"] if fail_on_flag else [])])
+    assert r.exit_code == code, r.stderr
+    flagged = sum(rec["flagged"] for rec in log_records(log))
+    assert flagged == (5 if threshold == 0.0 else 0)
+    assert json.loads(summary.read_text())["flagged"] == flagged and count_video_frames(out) == 5
+    assert "error:" not in r.stderr and "Traceback" not in r.stderr
+    if code == ExitCode.FLAGGED:
+        assert r.stderr.strip().splitlines()[-1] == "flagged: 5 of 5 frames (--fail-on-flag)"
+
+
+def test_an_mp4_without_an_h264_encoder_is_mpeg4_with_one_note(engine_dir: Path, sample_video: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from ism_edge import encoders
+
+    monkeypatch.setattr(encoders, "h264_candidates", lambda: [])  # as with OpenCV's pip wheel alone
+    encoders._first_working_h264.cache_clear()
+    try:
+        r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), str(tmp_path / "out.mp4"),
+                                "--log", str(tmp_path / "v.jsonl"), "--max-frames", "2"])
+    finally:
+        encoders._first_working_h264.cache_clear()
+    assert r.exit_code == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "MPEG-4 Part 2" in notes[0] and "ism-edge[video]" in notes[0], r.stderr
+    assert "(MPEG-4 Part 2, OpenCV)" in r.stderr and count_video_frames(tmp_path / "out.mp4") == 2

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from ism_edge.errors import ExitCode
+
 pytest.importorskip("torch")
 
 from cli.main import app, expand_multi_value  # noqa: E402
@@ -59,7 +61,7 @@ def test_missing_bundle_for_evaluate(tmp_path: Path) -> None:
 
 def test_bad_eps_is_a_usage_error(tmp_path: Path, trained_bundle_dir: Path) -> None:
     r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), "--data", str(CIFAR_TEST), "--eps", "2"])
-    assert r.exit_code == 2 and "outside [0, 1]" in r.output + r.stderr
+    assert r.exit_code == ExitCode.USAGE and "outside [0, 1]" in r.output + r.stderr
 
 
 def test_evaluate_writes_table_and_json(tmp_path: Path, trained_bundle_dir: Path) -> None:
@@ -97,7 +99,7 @@ def test_a_stopped_multi_bundle_evaluation_keeps_the_bundles_it_finished(
     r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), str(copy), "--data", str(CIFAR_TEST), "--n", "6",
                             "--eps", "0.3", "--attacks", "fgsm", "--threat", "known", "--no-sanity", "--out", str(out),
                             "--device", "cpu"])
-    assert r.exit_code == 130, r.output + r.stderr
+    assert r.exit_code == ExitCode.INTERRUPTED, r.output + r.stderr
     res = json.loads((out / "results.json").read_text())
     assert [b["name"] for b in res["bundles"]] == [f"full ({trained_bundle_dir.name})"]
     assert res["complete"] is False and res["pending"] == ["full (copy)"]
@@ -142,14 +144,14 @@ def test_resume_reuses_the_bundles_an_earlier_run_finished(
 
 def test_baseline_option_is_checked(tmp_path: Path) -> None:
     r = runner.invoke(app, ["train", "--data", str(CIFAR_TRAIN), "--out", str(tmp_path / "b"), "--baseline", "nope"])
-    assert r.exit_code == 2 and "'nope' is not one of 'full', 'none', 'magnet'" in r.output + r.stderr
+    assert r.exit_code == ExitCode.USAGE and "'nope' is not one of 'full', 'none', 'magnet'" in r.output + r.stderr
     assert not (tmp_path / "b").exists()
 
 
 def test_weights_dtype_option_is_checked(tmp_path: Path) -> None:
     r = runner.invoke(app, ["train", "--data", str(CIFAR_TRAIN), "--out", str(tmp_path / "b"),
                             "--weights-dtype", "int8"])
-    assert r.exit_code == 2 and "--weights-dtype must be one of float32, float16" in r.output + r.stderr
+    assert r.exit_code == ExitCode.USAGE and "--weights-dtype must be one of float32, float16" in r.output + r.stderr
     assert not (tmp_path / "b").exists()
 
 
@@ -209,7 +211,7 @@ def test_crosscheck_with_art(tmp_path: Path, trained_bundle_dir: Path) -> None:
 def test_crosscheck_cannot_take_more_images_than_the_evaluation(tmp_path: Path, trained_bundle_dir: Path) -> None:
     r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), "--data", str(CIFAR_TEST), "--n", "8",
                             "--crosscheck-n", "9", "--out", str(tmp_path / "eval")])
-    assert r.exit_code == 2 and "--crosscheck-n must not exceed --n (8)" in r.output + r.stderr
+    assert r.exit_code == ExitCode.USAGE and "--crosscheck-n must not exceed --n (8)" in r.output + r.stderr
     assert not (tmp_path / "eval").exists()
 
 

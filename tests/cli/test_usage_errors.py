@@ -1,14 +1,22 @@
-"""Usage errors of every command are one `error:` line and exit code 2, not typer's box (issue 18)."""
+"""Usage errors of every command are one `error:` line and exit code 2, not typer's box (issue 18);
+every other expected failure has its own documented exit code (issue 16)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
+from cli._common import Terminated, cli_errors, sigterm_interrupts
 from cli.main import app
+from ism_edge.errors import BundleError, ExitCode
 from tests.cli import one_error_line
+from tests.conftest import ROOT
 
 runner = CliRunner()
 
@@ -39,7 +47,7 @@ runner = CliRunner()
 def test_a_usage_error_is_one_error_line(args: list[str], expected: str, tmp_path: Path) -> None:
     result = runner.invoke(app, args)
     line = one_error_line(result)
-    assert result.exit_code == 2 and expected in line, line
+    assert result.exit_code == ExitCode.USAGE and expected in line, line
     assert "╭" not in result.output and "Usage:" not in result.output
     assert "--help'" in line  # where to look for the right usage
 
@@ -53,3 +61,55 @@ def test_fpr_help_states_the_range_the_check_enforces() -> None:
 def test_a_bare_command_still_prints_the_help() -> None:
     result = runner.invoke(app, [])
     assert "Usage:" in result.output and "calibrate" in result.output and "error:" not in result.output
+
+
+def test_help_lists_every_exit_code() -> None:
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0
+    epilog = result.output[result.output.index("Exit codes:"):]
+    for code in ExitCode:
+        assert f"{int(code):>3}  {code.meaning}" in epilog, code
+
+
+def test_the_readme_lists_every_exit_code_with_its_name() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Exit codes"):]
+    for code in ExitCode:
+        assert f"| {int(code)} | `{code.name}` |" in section, code
+
+
+@pytest.mark.parametrize(("raised", "code", "last_line"), [
+    (BundleError("bundle.json is missing"), ExitCode.BAD_INPUT, "error: bundle.json is missing"),
+    (MemoryError(), ExitCode.BAD_INPUT, "error: out of memory: lower --batch-size"),
+    (KeyboardInterrupt(), ExitCode.INTERRUPTED, "interrupted"),
+    (Terminated(signal.SIGTERM), ExitCode.TERMINATED, "stopped by SIGTERM"),
+    (Terminated(signal.SIGHUP), ExitCode.HANGUP, "stopped by SIGHUP"),
+])
+def test_each_expected_failure_has_its_own_exit_code(raised: BaseException, code: ExitCode, last_line: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    @cli_errors
+    def command() -> None:
+        raise raised
+
+    with pytest.raises(typer.Exit) as exit_info:
+        command()
+    assert exit_info.value.exit_code == code
+    assert capsys.readouterr().err.strip().splitlines() == [last_line]
+
+
+def test_sigterm_inside_a_compiling_command_is_its_own_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    """train, export and build turn SIGTERM into a clean stop (cleanup runs) with exit code 143."""
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    @cli_errors
+    def command() -> None:
+        with sigterm_interrupts():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises in this thread before the sleep ends
+
+    with pytest.raises(typer.Exit) as exit_info:
+        command()
+    assert exit_info.value.exit_code == ExitCode.TERMINATED
+    assert capsys.readouterr().err.strip() == "stopped by SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ism_edge._io import sha256_file
-from ism_edge.errors import BundleError, EngineError, MissingDependencyError
+from ism_edge.errors import BundleError, EngineError, ExitCode, MissingDependencyError
 from ism_edge.manifest import ROLES, load_manifest
 from tests.engines._cli import CliRun, invoke
 
@@ -193,7 +193,7 @@ def test_cli_build_fails_on_a_graph_outside_tolerance(untrained_bundle_dir: Path
     monkeypatch.setitem(parity.TOLERANCES, "fp16", parity.Tolerance(max_abs=1e-9, mean_abs=1e-10, agreement=0.99))
     run = invoke("build", str(untrained_bundle_dir), "--out", str(tmp_path / "e"), "--backend", "onnxruntime",
                  "--precision", "fp16", "--parity-samples", "16")
-    assert run.exit_code == 2
+    assert run.exit_code == ExitCode.BAD_INPUT
     line = [x for x in run.output.splitlines() if x.startswith("error: ")]
     assert len(line) == 1 and "the FP16 mapper graph onnx/mapper.fp16.onnx differs from PyTorch on 'x_hat'" in line[0]
     assert "--precision fp32" in line[0] and list(tmp_path.iterdir()) == []
@@ -255,7 +255,7 @@ def test_cli_build_interrupted_inside_the_exporter_says_interrupted(untrained_bu
     _exporter_breaks_on_ctrl_c(monkeypatch)
     run = invoke("build", str(untrained_bundle_dir), "--out", str(tmp_path / "e"), "--backend", "onnxruntime",
                  "--parity-samples", "8")
-    assert run.exit_code == 130, run.output
+    assert run.exit_code == ExitCode.INTERRUPTED, run.output
     assert run.output.strip().splitlines()[-1] == "interrupted"
     assert "Failed to export" not in run.output and "Traceback" not in run.output and "error:" not in run.output
     assert list(tmp_path.iterdir()) == []
@@ -285,10 +285,10 @@ def test_sigterm_during_a_build_is_interrupted_and_leaves_nothing(untrained_bund
     proc, _partial = _build_until_partial(untrained_bundle_dir, tmp_path / "engines")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
-    # 130, or -SIGINT when the interrupt reached the interpreter's top after the cleanup (Python then
-    # ends itself with SIGINT, which a shell reports as 130 too); seen once in ~10 runs.
-    assert proc.returncode in (130, -signal.SIGINT), stderr
-    assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr, stderr
+    # 143, or -SIGINT when the interrupt reached the interpreter's top after the cleanup (Python then
+    # ends itself with SIGINT, which a shell reports as 130); seen once in ~10 runs.
+    assert proc.returncode in (ExitCode.TERMINATED, -signal.SIGINT), stderr
+    assert stderr.strip().splitlines()[-1] == "stopped by SIGTERM" and "Traceback" not in stderr, stderr
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ism_edge.errors import EngineError, EngineMismatchError
+from ism_edge.errors import EngineError, EngineMismatchError, ExitCode
 from ism_edge.manifest import load_manifest
 from tests.engines._cli import invoke
 
@@ -35,7 +35,7 @@ def test_corrupted_onnx_source_is_refused(engine_copy: Path, tmp_path: Path, nam
     src = engine_copy / "onnx" / name
     src.write_bytes(src.read_bytes()[:1000])
     run = invoke("build", str(engine_copy), "--out", str(tmp_path / "new"))
-    assert run.exit_code == 2
+    assert run.exit_code == ExitCode.BAD_INPUT
     line = _one_line_error(run.output)
     assert f"onnx/{name} ({what}) does not match the hash" in line and "ism-edge build BUNDLE" in line
     assert not (tmp_path / "new").exists()
@@ -72,7 +72,7 @@ def test_tampered_manifest_is_refused(engine_copy: Path, tmp_path: Path) -> None
 def test_manifest_from_another_format_version_is_refused(engine_copy: Path, tmp_path: Path) -> None:
     _edit_manifest(engine_copy, lambda m: m.update(format_version=99))
     run = invoke("build", str(engine_copy), "--out", str(tmp_path / "new"))
-    assert run.exit_code == 2
+    assert run.exit_code == ExitCode.BAD_INPUT
     assert "format version 99 is not supported" in _one_line_error(run.output)
     with pytest.raises(EngineError, match="rebuild the engines with 'ism-edge build'"):
         load_manifest(engine_copy)
@@ -191,7 +191,7 @@ def test_rebuild_never_reads_a_file_outside_the_directory(engine_copy: Path, tmp
     _edit_manifest(engine_copy, lambda m: m["engines"]["mapper"].update(onnx="../../outside.onnx"))
     _edit_manifest(engine_copy, lambda m: m["parity"]["sources"].update({"../../outside.onnx": sha256_file(outside)}))
     run = invoke("build", str(engine_copy), "--out", str(tmp_path / "newer"))
-    assert run.exit_code == 2
+    assert run.exit_code == ExitCode.BAD_INPUT
     assert "engines.mapper.onnx must be a plain file name inside the directory" in _one_line_error(run.output)
     assert not (tmp_path / "newer").exists()
 
@@ -210,7 +210,7 @@ def test_compiling_a_bundle_without_torch_is_one_line(command: str, untrained_bu
     """An install without the train extra: one line naming it, before anything is written."""
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
     run = invoke(command, str(untrained_bundle_dir), "--out", str(tmp_path / "out"))
-    assert run.exit_code == 2, run.output
+    assert run.exit_code == ExitCode.BAD_INPUT, run.output
     line = _one_line_error(run.output)
     assert "needs the Python module 'torch', which is not installed: pip install 'ism-edge[train]'" in line
     assert not (tmp_path / "out").exists()
@@ -223,7 +223,7 @@ def test_rebuilding_without_onnxruntime_is_one_line(engine_copy: Path, tmp_path:
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     run = invoke("build", str(engine_copy), "--out", str(tmp_path / "new"))
-    assert run.exit_code == 2, run.output
+    assert run.exit_code == ExitCode.BAD_INPUT, run.output
     line = _one_line_error(run.output)
     assert "rebuilding ONNX Runtime engines needs the Python module 'onnxruntime'" in line
     assert "ism-edge[onnxruntime]" in line

@@ -23,7 +23,7 @@ from ism_edge_ros.core import DefenseCore, ImageError, Messages, frame_from_imag
 from ism_edge_ros.parameters import PARAMETERS, check, runtime_options
 
 from ism_edge import DefenseRuntime
-from ism_edge.errors import FrameError
+from ism_edge.errors import ExitCode, FrameError
 from tests.examples import fake_ros
 from tests.ism_edge.conftest import PHOTOS
 
@@ -268,13 +268,15 @@ def test_node_wires_sensor_qos_topics_and_parameters_and_publishes(node_module, 
     assert node.destroyed and not node._worker.is_alive()
 
 
-@pytest.mark.parametrize(("engine_dir", "words"), [(None, "engine_dir is not set"), ("missing", "missing")])
-def test_node_main_exits_2_with_one_line_for_a_bad_engine_dir(node_module, tmp_path, monkeypatch, engine_dir, words):
+@pytest.mark.parametrize(("engine_dir", "words", "code"), [(None, "engine_dir is not set", ExitCode.USAGE),
+                                                         ("missing", "missing", ExitCode.BAD_INPUT)])
+def test_node_main_exits_with_one_line_for_a_bad_engine_dir(node_module, tmp_path, monkeypatch, engine_dir, words,
+                                                            code):
     if engine_dir is not None:  # as `ros2 run ism_edge_ros defense_node --ros-args -p engine_dir:=...`
         monkeypatch.setattr(fake_ros.Node, "command_line", {"engine_dir": str(tmp_path / engine_dir)})
     with pytest.raises(SystemExit) as exit_info:
         node_module.main()
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == code
     (line,) = fake_ros.LOGGERS["ism_edge_defense"].at("fatal")
     assert words in line and "\n" not in line
     assert not sys.modules["rclpy"].ok()

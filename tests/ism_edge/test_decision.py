@@ -38,7 +38,8 @@ def _manifest(tmp_path: Path, label_source: str) -> EngineManifest:
 
 @pytest.mark.parametrize("label_source", ["auto", "reformed"])
 def test_decide_gives_the_verdicts_of_the_chain_rules(chain: ChainOutput, tmp_path: Path, label_source: str) -> None:
-    """Flags and labels as SPEC §2 writes them (the formulas the parity gate used to copy)."""
+    """Flags and labels as docs/architecture.md ("The defense chain") states them (the formulas the
+    parity gate used to copy)."""
     m = _manifest(tmp_path, label_source)
     d = decide(chain, m)
     jsd = scores.jsd(chain.logits_raw, chain.logits_reformed, 10.0)

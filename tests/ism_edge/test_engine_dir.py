@@ -1,4 +1,5 @@
-"""Bad engine directories (SPEC §7): each is one clear line naming the file and the fix."""
+"""Bad engine directories (docs/architecture.md, "Expected failures"): each is one clear line naming
+the file and the fix."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The runtime never imports torch: checked in a fresh interpreter (STYLE.md habit 2)."""
+"""The runtime never imports torch (docs/architecture.md, the rooms' table): checked in a fresh interpreter."""
 
 from __future__ import annotations
 

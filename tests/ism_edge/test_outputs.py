@@ -26,7 +26,7 @@ from ism_edge.outputs import (
     opencv_has_gui,
     parse_output,
 )
-from ism_edge.render import GREEN, RED, annotate
+from ism_edge.render import GREEN, RED, WHITE, annotate, border_width, verdict_lines
 from ism_edge.verdict import TileScores, Verdict
 from tests.ism_edge.conftest import count_video_frames
 
@@ -158,6 +158,37 @@ def test_annotation_draws_a_green_or_red_border_and_keeps_the_input(photos: list
         assert tuple(int(c) for c in clean[y, x]) == GREEN
         assert tuple(int(c) for c in bad[y, x]) == RED
     assert np.abs(clean[10:40, 10:120].astype(int) - frame[10:40, 10:120]).sum() > 0  # the text panel
+
+
+def test_the_border_is_thick_and_flagged_frames_get_a_white_on_red_box(photos: list[np.ndarray]) -> None:
+    frame = np.full((480, 640, 3), 128, np.uint8)
+    bad = annotate(frame, make_verdict(True))
+    border = border_width(480, 640)
+    assert border == 12 and border_width(32, 32) == 6
+    assert all(tuple(int(c) for c in bad[240, x]) == RED for x in range(border))  # the whole border width
+    box = bad[border + 2:border + 40, border + 2:border + 180]
+    red = np.all(box == RED, axis=2).mean()
+    white = np.all(box == WHITE, axis=2).mean()
+    assert red > 0.4 and white > 0.03  # a solid red box with white text
+    clean_box = annotate(frame, make_verdict(False))[border + 2:border + 40, border + 2:border + 180]
+    assert np.all(clean_box == WHITE, axis=2).mean() == 0  # no white-on-red box when clean
+
+
+def test_the_frame_number_is_drawn() -> None:
+    frame = np.full((240, 320, 3), 128, np.uint8)
+    one, two = annotate(frame, make_verdict(False), frame=1), annotate(frame, make_verdict(False), frame=2)
+    assert not np.array_equal(one, two)
+    assert verdict_lines(make_verdict(False), frame=12345)[0] == "frame 12,345"
+
+
+def test_numbers_on_the_frame_have_one_format() -> None:
+    verdict = make_verdict(True, jsd=0.1)
+    lines = verdict_lines(verdict, fps=25.0, frame=7)
+    assert lines == ["frame 7", "cat 80.0%", "recon 0.500 / 0.100 !", "jsd 0.100 / 0.010", "P 0.100 / 0.500",
+                     "25.0 FPS"]
+    off = Verdict(label="cat", label_index=3, confidence=0.8, scores={"jsd": 0.002}, thresholds={"jsd": 1e6},
+                  flagged=False, flagged_by=(), timings_ms={})
+    assert verdict_lines(off) == ["cat 80.0%", "jsd 0.002 / off"]  # a detector turned off, not "1e+06"
 
 
 def test_heat_map_colours_the_flagged_tiles() -> None:

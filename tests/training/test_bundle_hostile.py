@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from ism_edge.errors import ExitCode
 from tests.conftest import set_field
 
 torch = pytest.importorskip("torch")
@@ -140,5 +141,6 @@ def test_build_of_a_hostile_bundle_is_one_error_line(bundle: Path, tmp_path: Pat
     _edit(bundle, edit)
     run = invoke("build", str(bundle), "--out", str(tmp_path / "engines"), "--backend", "onnxruntime")
     errors = [line for line in run.output.splitlines() if line.startswith("error: ")]
-    assert run.exit_code == 2 and len(errors) == 1 and field in errors[0] and "Traceback" not in run.output, run.output
+    assert run.exit_code == ExitCode.BAD_INPUT, run.output
+    assert len(errors) == 1 and field in errors[0] and "Traceback" not in run.output, run.output
     assert not (tmp_path / "engines").exists()

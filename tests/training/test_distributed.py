@@ -19,6 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from ism_edge.errors import ExitCode  # noqa: E402
 from tests.conftest import CIFAR_TEST, CIFAR_TRAIN, ROOT  # noqa: E402
 from training import distributed as dist  # noqa: E402
 
@@ -206,7 +207,7 @@ def test_a_dead_or_stalled_rank_ends_the_job_with_one_line(fault: str, tmp_path:
     # Its next collective fails (the peer closed its connection, or after the 30 s timeout) and it
     # says so in one line, as its last.
     errors = [line for line in err0.splitlines() if line.startswith("error:")]
-    assert procs[0].returncode == 2 and len(errors) == 1, err0
+    assert procs[0].returncode == ExitCode.BAD_INPUT and len(errors) == 1, err0
     assert errors[0].startswith("error: rank 0: lost the other ranks (")
     assert ("Timed out" in errors[0]) == (fault == "stalls")
     assert err0.strip().endswith(errors[0]) and "Traceback" not in err0
@@ -225,8 +226,8 @@ def test_a_failing_launch_is_one_error_line(tmp_path: Path) -> None:
     run = _cli("train", *SHORT[2:], "--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "b"),
                "--nproc", "2")
     err = run.stderr.strip().splitlines()
-    assert run.returncode == 2 and len(err) == 1, run.stderr
+    assert run.returncode == ExitCode.BAD_INPUT and len(err) == 1, run.stderr
     assert err[0].startswith("error: rank ") and "does not exist" in err[0]
     assert not (tmp_path / "b").exists()
     run = _cli("train", *SHORT, "--batch-size", "21", "--out", str(tmp_path / "b"), "--nproc", "2")
-    assert run.returncode == 2 and "must be a multiple of --nproc 2" in run.stderr
+    assert run.returncode == ExitCode.USAGE and "must be a multiple of --nproc 2" in run.stderr

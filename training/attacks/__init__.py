@@ -1,4 +1,4 @@
-"""Adversarial attacks on [0, 1] NCHW pixels with L∞ budgets (SPEC §3).
+"""Adversarial attacks on [0, 1] NCHW pixels with L∞ budgets (docs/evaluation.md).
 
 FGSM and PGD (white-box, against a logit-returning model), Square (score-based black-box) and
 the white-box adaptive attack on the whole defense (PGD through M, C, P and the detectors, with

@@ -1,4 +1,4 @@
-"""White-box adaptive attack on the whole defense (SPEC §3).
+"""White-box adaptive attack on the whole defense (docs/evaluation.md, "Threat models").
 
 The protocol of Carlini & Wagner's break of MagNet ("MagNet and 'Efficient Defenses Against
 Adversarial Attacks' are Not Robust to Adversarial Examples", 2017) and of Tramèr, Carlini,

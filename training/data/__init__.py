@@ -1,4 +1,4 @@
-"""Data set loaders of the training subsystem (SPEC §3): CIFAR-10 (pickle and binary batches),
+"""Data set loaders of the training subsystem (docs/training.md, "Data"): CIFAR-10 (pickle and binary batches),
 ``.npz`` arrays, CelebA (one binary attribute) and plain image folders, all read into
 :class:`ImageArrays` (uint8 NHWC RGB, int64 labels, provenance).
 

@@ -130,7 +130,7 @@ class ImageArrays:
 
         ``held_out`` holds ``round(fraction · N)`` images with every class in proportion (see
         :func:`stratified_indices`); both parts keep the original order. Used for the
-        calibration set of the detectors' thresholds (SPEC §2, step 5).
+        calibration set of the detectors' thresholds (docs/training.md: calibration).
         """
         if not 0.0 < fraction < 1.0:
             raise DataError(f"held-out fraction must lie strictly between 0 and 1, got {fraction}")

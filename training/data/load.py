@@ -1,4 +1,4 @@
-"""One entry point for every supported data set layout (SPEC §3): :func:`load_dataset`."""
+"""One entry point for every supported data set layout (docs/training.md, "Data"): :func:`load_dataset`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Honest evaluation of a defense bundle and its baselines (SPEC §3)."""
+"""Honest evaluation of a defense bundle and its baselines (docs/evaluation.md)."""
 
 from training.evaluation.claims import CLAIMS, claim_for
 from training.evaluation.protocol import (

@@ -1,4 +1,4 @@
-"""The evaluation protocol of SPEC §3: threat models, attacks, ε levels and metrics.
+"""The evaluation protocol (docs/evaluation.md): threat models, attacks, ε levels and metrics.
 
 For every (threat model, attack, ε) cell, on the same clean inputs:
 

@@ -1,4 +1,4 @@
-"""The training recipe of SPEC §2: adversarial training, distillation, M, P, calibration."""
+"""The training recipe (docs/training.md): adversarial training, distillation, M, P, calibration."""
 
 from training.recipe.config import (
            BASELINE_HELP,

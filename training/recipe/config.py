@@ -1,4 +1,4 @@
-"""Configuration of the training recipe (SPEC §2): one frozen dataclass, saved in the bundle."""
+"""Configuration of the training recipe (docs/training.md): one frozen dataclass, saved in the bundle."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ class RecipeConfig:
     distill_init: str = "teacher"
     detector_temperature: float = DEFAULT_DETECTOR_TEMPERATURE
     label_source: str = "auto"
-    # Mapping network loss weights (SPEC §2 stage 3).
+    # Mapping network loss weights (docs/paper.md).
     map_l1: float = 1e-4  # L1 penalty on the sparse code
     map_adv: float = 1e-3  # generator loss from the discriminator
     map_cls: float = 0.5  # classifier-guided term: KL(C(M(x')) || C(x)) (HGD-style, Liao et al. 2018)

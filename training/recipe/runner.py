@@ -133,7 +133,7 @@ def clean_accuracy(model: torch.nn.Module, data: ImageArrays, device: torch.devi
 
 
 class RecipeRunner:
-    """Runs the stages of SPEC §2 on one dataset and writes the defense bundle after each stage."""
+    """Runs the recipe's stages (docs/training.md) on one dataset and writes the defense bundle after each stage."""
 
     def __init__(self, req: TrainRequest, *, echo: Callable[[str], None] = log) -> None:
         self.req = req

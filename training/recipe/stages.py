@@ -1,4 +1,4 @@
-"""The stages of the training recipe (SPEC §2), as plain per-epoch functions.
+"""The stages of the training recipe (docs/training.md), as plain per-epoch functions.
 
 Each ``*_epoch`` function trains for one epoch and returns its mean metrics; the runner
 (``training.recipe.runner``) owns the loop, optimisers, checkpoints and progress display.
@@ -242,7 +242,7 @@ def mapper_epoch(
     opt_d: torch.optim.Optimizer,
     ctx: EpochContext,
 ) -> dict[str, float]:
-    """One epoch of the instance sparsity mapping network (paper Eq. 3; SPEC §2 stage 3).
+    """One epoch of the instance sparsity mapping network (paper Eq. 3; docs/paper.md).
 
     Inputs are attacked x′ (the adversarial pool: FGSM/PGD against the deployed classifier) and
     clean x, both mapped to the clean x: MSE reconstruction + L1 on the k-sparse code + the
@@ -399,7 +399,7 @@ def perturbation_epoch(
     opt: torch.optim.Optimizer,
     ctx: EpochContext,
 ) -> dict[str, float]:
-    """One epoch of the perturbation classifier P on residuals r = x − M(x) (SPEC §2 stage 4).
+    """One epoch of the perturbation classifier P on residuals r = x − M(x) (docs/paper.md).
 
     Every batch is used twice: clean (label 0) and its adversarial-pool version (label 1), a
     fraction ``cfg.pert_variations`` of the pairs with the same camera variation on both
@@ -434,7 +434,7 @@ def adversarial_pool(model: nn.Module, data: ImageArrays, cfg: RecipeConfig, dev
 
     The classifier no longer changes in stages 3 and 4, so their (attacked, clean) pairs can be
     crafted once instead of every epoch. Each batch draws its attack from ``pert_attacks`` and its
-    ε from ``pert_eps`` (several attack types and levels, SPEC §2 stage 4). Returned on the CPU.
+    ε from ``pert_eps`` (several attack types and levels, docs/paper.md). Returned on the CPU.
     """
     rng = random.Random(dist.rank_seed(cfg.seed) * 7919 + 17)
     pool = torch.empty((len(data), data.x.shape[3], data.x.shape[1], data.x.shape[2]), dtype=torch.float32)

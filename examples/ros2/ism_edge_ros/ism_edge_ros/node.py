@@ -23,6 +23,7 @@ from std_msgs.msg import Header, String
 from vision_msgs.msg import Classification, ObjectHypothesis
 
 from ism_edge import DefenseRuntime, IsmEdgeError
+from ism_edge.errors import ExitCode
 from ism_edge_ros.core import DefenseCore, Messages
 from ism_edge_ros.parameters import PARAMETERS, check, runtime_options
 
@@ -85,7 +86,8 @@ def main(args: list[str] | None = None) -> None:
     except (IsmEdgeError, ValueError) as e:  # bad parameter, engine directory, backend: one line
         get_logger(NODE_NAME).fatal(str(e))
         rclpy.shutdown()
-        sys.exit(2)
+        # the exit codes of `ism-edge` (ExitCode): a bad parameter is a usage error, the rest bad input
+        sys.exit(e.exit_code if isinstance(e, IsmEdgeError) else ExitCode.USAGE)
     try:
         rclpy.spin(node)
     except KeyboardInterrupt:
