@@ -395,7 +395,10 @@ def _model_config(raw: Any) -> ModelConfig:
     defaults = {f.name: f.default for f in fields(ModelConfig)}
     for key, value in raw.items():
         default = defaults.get(key)
-        if isinstance(default, int):
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise check.FieldError(f"config.{key} must be true or false, got {check.show(value)}")
+        elif isinstance(default, int):
             check.integer(value, f"config.{key}", 1, limits.get(key, MAX_WIDTH))
         elif isinstance(default, tuple):
             items = check.array(value, f"config.{key}", max_len=8)

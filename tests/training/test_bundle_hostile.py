@@ -77,6 +77,7 @@ _set = set_field
     (_set("config.image_size", 10**9), "config.image_size must be in [1, 4096]"),
     (_set("config.clf_widths", [8, 8]), "config.clf_widths must list 4 widths"),
     (_set("config.std", [0.2, "x", 0.2]), "config.std[1] must be a number"),
+    (_set("config.map_skip", 1), "config.map_skip must be true or false, got 1"),
     (_set("weights.mapper.sha256", 12), "weights.mapper.sha256 must be a SHA-256 digest"),
     (_set("weights.mapper", "mapper.safetensors"), "weights.mapper must be an object"),
 ])
