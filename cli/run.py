@@ -230,7 +230,6 @@ def run(
         opencv_has_gui,
         parse_output,
     )
-    from ism_edge.runtime import RuntimeOptions
     from ism_edge.sources import FrameReader, ReaderOptions, open_source
 
     cv_logging.setLogLevel(cv_logging.LOG_LEVEL_ERROR)
@@ -256,14 +255,7 @@ def run(
     grid = tile_grid_for(mode, tile_grid)
     check_output_paths(_output_paths(out_uri, log, summary_json, purified), source=source_uri.path,
                        source_is_folder=source_uri.kind == "folder", engine_dir=engine_dir)
-    try:
-        options = RuntimeOptions(
-            backend=backend.value, device=device, mode=mode.value, color_order="BGR", tile_grid=grid,
-            feedback_rounds=feedback_rounds, threads=threads,
-        )  # fmt: skip
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
-
+    options = _runtime_options(backend, device, mode, grid, feedback_rounds, threads)
     runtime = _ready_runtime(engine_dir, options, rebuild_on_mismatch=rebuild_on_mismatch)
     started = datetime.now(timezone.utc)
     run_id = new_run_id(started)
@@ -318,6 +310,20 @@ def run(
     if fail_on_flag and summary.flagged:
         typer.echo(f"flagged: {summary.flagged} of {summary.frames} frames (--fail-on-flag)", err=True)
         raise typer.Exit(int(ExitCode.FLAGGED))
+
+
+def _runtime_options(backend: Backend, device: str, mode: Mode, grid: tuple[int, int] | None,
+                     feedback_rounds: int | None, threads: int | None) -> RuntimeOptions:
+    """The runtime's options from ``run``'s, for one input or several (frames come from OpenCV: BGR)."""
+    from ism_edge.runtime import RuntimeOptions
+
+    try:
+        return RuntimeOptions(
+            backend=backend.value, device=device, mode=mode.value, color_order="BGR", tile_grid=grid,
+            feedback_rounds=feedback_rounds, threads=threads,
+        )  # fmt: skip
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def _output_paths(out_uri: OutputURI | None, log: str, summary_json: Path | None,

@@ -41,7 +41,7 @@ def run_many(
     """The body of ``ism-edge run`` for several inputs (the options are ``run``'s)."""
     from datetime import datetime, timezone
 
-    from cli.run import _log_header, _ready_runtime, _threshold_lines
+    from cli.run import _log_header, _ready_runtime, _runtime_options, _threshold_lines
     from ism_edge.errors import ExitCode, OutputError, SourceError
     from ism_edge.multi_stream import MultiStream, SourceOutputs, run_multi_stream
     from ism_edge.outputs import (
@@ -55,7 +55,6 @@ def run_many(
         opencv_has_gui,
         parse_output,
     )
-    from ism_edge.runtime import RuntimeOptions
     from ism_edge.sources import ReaderOptions, make_source
 
     n = len(uris)
@@ -79,11 +78,8 @@ def run_many(
     if realtime and (bad := [u for u in uris if u.kind != "video"]):
         raise SourceError(f"--realtime paces video files; {bad[0]} is not one: drop --realtime")
     grid = tile_grid_for(mode, tile_grid)
+    options = _runtime_options(backend, device, mode, grid, feedback_rounds, threads)
     try:
-        options = RuntimeOptions(
-            backend=backend.value, device=device, mode=mode.value, color_order="BGR", tile_grid=grid,
-            feedback_rounds=feedback_rounds, threads=threads,
-        )  # fmt: skip
         reader_options = ReaderOptions(queue_size=queue_size, stall_timeout=stall_timeout,
                                        reconnect_attempts=reconnect)
     except ValueError as e:

@@ -22,7 +22,6 @@ nodes or shape-arithmetic chains, and TensorRT 10 parses opset 18.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -99,22 +98,6 @@ def graph_modules(bundle: DefenseBundle) -> dict[str, nn.Module]:
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """Silence the exporter's per-step chatter and its 'torchvision is not installed' warnings."""
-    import warnings
-
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-@contextlib.contextmanager
 def _interrupts_stay_interrupts() -> Iterator[None]:
     """Ctrl-C during ``torch.onnx.export`` stays a KeyboardInterrupt.
 
@@ -146,12 +129,14 @@ def onnx_from_module(
     except ImportError as e:
         raise missing_dependency(e.name or "onnx", "train", "exporting ONNX graphs") from None
 
+    from training.models.external import quiet_exporter
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ins, outs = GRAPH_IO[role]
     example = tuple(torch.rand(2, *input_shape) for _ in ins)
     n = torch.export.Dim(BATCH_DIM, min=1)
-    with torch.no_grad(), _quiet_exporter(), _interrupts_stay_interrupts():
+    with torch.no_grad(), quiet_exporter(), _interrupts_stay_interrupts():
         program = torch.onnx.export(
             module,
             example,

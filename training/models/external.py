@@ -487,7 +487,12 @@ def load_factory(spec: str, weights: Path | None) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_exporter() -> Iterator[None]:
+    """Silence torch.onnx's per-step chatter and its 'torchvision is not installed' warnings.
+
+    Every ONNX export of the project runs inside it (a user's module here, the defense's
+    networks in ``engines/export.py``).
+    """
     import logging
     import os
 
@@ -510,7 +515,7 @@ def module_to_onnx(model: nn.Module, contract: ClassifierInput, where: str) -> b
 
     arg = next(iter(inspect.signature(model.forward).parameters))
     try:
-        with torch.no_grad(), _quiet():
+        with torch.no_grad(), quiet_exporter():
             program = torch.onnx.export(model, (example,), input_names=["input"], output_names=["output"],
                                         dynamic_shapes={arg: {0: torch.export.Dim("N", min=1)}}, opset_version=18,
                                         dynamo=True, external_data=False, verbose=False)
