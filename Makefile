@@ -23,8 +23,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 typecheck: $(VENV)/.installed
-	# engines.typecheck repairs tensorrt-stubs so mypy really checks every TensorRT call.
-	$(PY) -m engines.typecheck engines/tensorrt_build.py ism_edge/backends/tensorrt ism_edge/cuda.py
+	# ism_edge_engines.typecheck repairs tensorrt-stubs so mypy really checks every TensorRT call.
+	$(PY) -m ism_edge_engines.typecheck engines/tensorrt_build.py ism_edge/backends/tensorrt ism_edge/cuda.py
 	# The whole runtime package (what a Jetson installs).
 	$(PY) -m mypy ism_edge
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli._common import Mode, cli_errors, parse_grid, table_console, tile_grid_for
+from ism_edge_cli._common import Mode, cli_errors, parse_grid, table_console, tile_grid_for
 
 
 def parse_batches(text: str) -> tuple[int, ...]:
@@ -316,7 +316,7 @@ def _eager_column(bundle: Path | None, threads: int, device: str, thresholds: di
         return Column(EAGER, title, reason="not available here: torch is not installed (pip install 'ism-edge[train]')")
 
     def factory() -> Any:
-        from engines.bench_torch import TorchEagerChain
+        from ism_edge_engines.bench_torch import TorchEagerChain
 
         return TorchEagerChain(bundle, threads=threads, device=device, thresholds=thresholds)
 
@@ -338,14 +338,14 @@ def _compiled_column(bundle: Path | None, threads: int, device: str, thresholds:
     except ImportError:
         return Column(COMPILED, title,
                       reason="not available here: torch is not installed (pip install 'ism-edge[train]')")
-    from engines.bench_torch import cxx_compiler
+    from ism_edge_engines.bench_torch import cxx_compiler
 
     if device.startswith("cpu") and cxx_compiler() is None:
         return Column(COMPILED, title,
                       reason="not available here: inductor needs a C++ compiler on PATH (g++, clang++)")
 
     def factory() -> Any:
-        from engines.bench_torch import TorchCompiledChain
+        from ism_edge_engines.bench_torch import TorchCompiledChain
 
         return TorchCompiledChain(bundle, threads=threads, device=device, thresholds=thresholds)
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli._common import Backend, cli_errors, sigterm_interrupts, table_console
+from ism_edge_cli._common import Backend, cli_errors, sigterm_interrupts, table_console
 
 
 class Precision(str, Enum):
@@ -161,9 +161,9 @@ def build(
     real images first; a graph outside tolerance fails the build. Given an engine directory instead
     of a bundle, recompiles its stored, hash-verified ONNX for this machine.
     """
-    from engines.build import build_engines, default_precision, resolve_backend
-    from engines.rebuild import rebuild_from_onnx
-    from engines.tensorrt_build import default_timing_cache
+    from ism_edge_engines.build import build_engines, default_precision, resolve_backend
+    from ism_edge_engines.rebuild import rebuild_from_onnx
+    from ism_edge_engines.tensorrt_build import default_timing_cache
 
     profile = parse_batch(batch)
     fmt = _manifest_format(source)

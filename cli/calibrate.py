@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli._common import Backend, Mode, cli_errors, table_console, tile_grid_for
-from cli.run import input_uri
+from ism_edge_cli._common import Backend, Mode, cli_errors, table_console, tile_grid_for
+from ism_edge_cli.run import input_uri
 
 if TYPE_CHECKING:
     import numpy as np

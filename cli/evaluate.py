@@ -9,8 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
-from cli._common import cli_errors, keep_freed_memory, parse_eps, parse_list, require_training
-from cli.choices import DataKind
+from ism_edge_cli._common import cli_errors, keep_freed_memory, parse_eps, parse_list, require_training
+from ism_edge_cli.choices import DataKind
 
 
 def _names(baselines: list[str], dirs: list[Path]) -> list[str]:
@@ -108,9 +108,9 @@ def evaluate(
 
     from ism_edge._io import atomic_write_bytes, atomic_write_json
     from ism_edge.errors import IsmEdgeError
-    from training.bundle import DefenseBundle, bundle_hash, library_versions
-    from training.data import load_dataset
-    from training.evaluation import (
+    from ism_edge_training.bundle import DefenseBundle, bundle_hash, library_versions
+    from ism_edge_training.data import load_dataset
+    from ism_edge_training.evaluation import (
         EvalConfig,
         csv_text,
         evaluate_bundle,
@@ -118,8 +118,8 @@ def evaluate(
         plot_accuracy_vs_eps,
         rich_table,
     )
-    from training.progress import console, make_progress
-    from training.recipe.runner import resolve_device
+    from ism_edge_training.progress import console, make_progress
+    from ism_edge_training.recipe.runner import resolve_device
 
     try:
         cfg = EvalConfig(attacks=tuple(parse_list(attacks, ("fgsm", "pgd", "square"), "--attacks")),
@@ -135,7 +135,7 @@ def evaluate(
     if cfg.n is not None and (check_cfg.n is None or check_cfg.n > cfg.n):
         raise typer.BadParameter(f"--crosscheck-n must not exceed --n ({cfg.n})")
     if crosscheck:
-        from training.evaluation.crosscheck import ART_PACKAGE, art_version
+        from ism_edge_training.evaluation.crosscheck import ART_PACKAGE, art_version
 
         if art_version() is None:
             raise IsmEdgeError(f"--crosscheck needs the Adversarial Robustness Toolbox, which is not installed: "
@@ -175,7 +175,7 @@ def evaluate(
                                                      "versions": library_versions()})
         report = markdown_report(results, title=f"Evaluation: {title}")
         if checks:
-            from training.evaluation.crosscheck import crosscheck_markdown
+            from ism_edge_training.evaluation.crosscheck import crosscheck_markdown
 
             report += "\n## Cross-check with the Adversarial Robustness Toolbox\n\n" + crosscheck_markdown(checks)
             atomic_write_bytes(out_dir / "crosscheck.md", crosscheck_markdown(checks).encode())
@@ -198,7 +198,7 @@ def evaluate(
             r["bundle"] = {"path": str(path.resolve()), "sha256": digest, "preset": b.preset,
                            "baseline": b.defense.baseline}
             if crosscheck:
-                from training.evaluation.crosscheck import crosscheck as run_crosscheck
+                from ism_edge_training.evaluation.crosscheck import crosscheck as run_crosscheck
 
                 if old_check is not None and _same(old_check.get("config"), check_cfg.to_dict()):
                     checks.append({**old_check, "name": name})

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._common import cli_errors, sigterm_interrupts
+from ism_edge_cli._common import cli_errors, sigterm_interrupts
 
 
 @cli_errors
@@ -24,8 +24,8 @@ def export(
     mapper, classifier and perturbation roles, checks both against PyTorch on real images and
     stores the parity report in export.json. A graph outside tolerance fails the export.
     """
-    from cli.build import StepPrinter, print_parity
-    from engines.export import export_bundle
+    from ism_edge_cli.build import StepPrinter, print_parity
+    from ism_edge_engines.export import export_bundle
 
     printer = StepPrinter()
     try:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from cli import bench, build, calibrate, evaluate, export, run, train
-from cli._common import OneLineErrors
 from ism_edge.errors import ExitCode
+from ism_edge_cli import bench, build, calibrate, evaluate, export, run, train
+from ism_edge_cli._common import OneLineErrors
 
 
 def exit_code_epilog() -> str:

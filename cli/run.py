@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli._common import Backend, Mode, cli_errors, tile_grid_for
+from ism_edge_cli._common import Backend, Mode, cli_errors, tile_grid_for
 
 if TYPE_CHECKING:
     from ism_edge.camera_loop import RunSummary
@@ -83,7 +83,7 @@ def load_runtime(engine_dir: Path, options: RuntimeOptions, *, rebuild_on_mismat
         if not rebuild_on_mismatch:
             raise
         typer.echo(f"{e}\nrebuilding {engine_dir} for this machine from its stored ONNX ...", err=True)
-    from engines.rebuild import rebuild_from_onnx
+    from ism_edge_engines.rebuild import rebuild_from_onnx
 
     rebuild_from_onnx(engine_dir)
     return DefenseRuntime(engine_dir, options)
@@ -236,7 +236,7 @@ def run(
     source_uris, output = split_arguments(args or [], camera or [], output_opt)
     headless = headless or (output_opt is not None and output_opt.strip().lower() == "none")  # no window either
     if len(source_uris) > 1:
-        from cli.run_many import run_many
+        from ism_edge_cli.run_many import run_many
 
         run_many(
             engine_dir, source_uris, output, log=log, backend=backend, device=device, mode=mode, tile_grid=tile_grid,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from cli._common import Backend, Mode, tile_grid_for
+from ism_edge_cli._common import Backend, Mode, tile_grid_for
 
 if TYPE_CHECKING:
     from ism_edge.errors import IsmEdgeError
@@ -41,7 +41,6 @@ def run_many(
     """The body of ``ism-edge run`` for several inputs (the options are ``run``'s)."""
     from datetime import datetime, timezone
 
-    from cli.run import _log_header, _ready_runtime, _runtime_options, _threshold_lines
     from ism_edge.errors import ExitCode, OutputError, SourceError
     from ism_edge.multi_stream import MultiStream, SourceOutputs, run_multi_stream
     from ism_edge.outputs import (
@@ -56,6 +55,7 @@ def run_many(
         parse_output,
     )
     from ism_edge.sources import ReaderOptions, make_source
+    from ism_edge_cli.run import _log_header, _ready_runtime, _runtime_options, _threshold_lines
 
     n = len(uris)
     if output is None and not headless and opencv_has_gui():

@@ -8,9 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-from cli._common import cli_errors, keep_freed_memory, parse_eps, parse_list, require_training
-from cli.choices import Baseline, DataKind, Preset
 from ism_edge.errors import IsmEdgeError
+from ism_edge_cli._common import cli_errors, keep_freed_memory, parse_eps, parse_list, require_training
+from ism_edge_cli.choices import Baseline, DataKind, Preset
 
 
 @cli_errors
@@ -134,8 +134,8 @@ def train(
     """
     keep_freed_memory()
     require_training("training a defense")
-    from training.bundle import WEIGHTS_DTYPES, DefenseBundle
-    from training.recipe import STAGES, RecipeConfig, TrainRequest
+    from ism_edge_training.bundle import WEIGHTS_DTYPES, DefenseBundle
+    from ism_edge_training.recipe import STAGES, RecipeConfig, TrainRequest
 
     eps = parse_eps(adv_eps)
     if len(eps) != 2:
@@ -178,7 +178,7 @@ def train(
         if batch_size % nproc or batch_size // nproc < 2:
             raise typer.BadParameter(f"--batch-size {batch_size} is the global batch: it must be a multiple of "
                                      f"--nproc {nproc}, at least 2 per process")
-        from training.distributed import launch_local
+        from ism_edge_training.distributed import launch_local
 
         launch_local(nproc, _train_rank, req, num_classes, names, dist_timeout)
         stages_done = ", ".join(DefenseBundle.load(out).stages)
@@ -195,9 +195,9 @@ def _train_rank(req: Any, num_classes: int | None, names: list[str] | None, time
 
     Returns the stages of the written bundle, or None on a rank that does not write.
     """
-    from training import distributed as dist
-    from training.data import declared_classes
-    from training.recipe import train_bundle
+    from ism_edge_training import distributed as dist
+    from ism_edge_training.data import declared_classes
+    from ism_edge_training.recipe import train_bundle
 
     with dist.process_group(req.device, timeout_s) as device:
         if device is not None:
@@ -246,7 +246,7 @@ def _floats3(text: str, what: str) -> tuple[float, float, float]:
 def _classifier_source(classifier: str, weights: Path | None, input_size: str | None, layout: str | None,
                        channel_order: str, input_scale: float, mean: str, std: str, output: str) -> Any:
     """``--classifier`` and the options of its input contract, checked."""
-    from training.models.external import ClassifierSource
+    from ism_edge_training.models.external import ClassifierSource
 
     size = None
     if input_size is not None:

@@ -1,8 +1,8 @@
 """What the export, the build and the rebuild write, and what they check before writing it.
 
 * the file names inside an engine directory (:func:`engine_file_name`, :func:`source_name`);
-* :class:`Built`, what a backend's ``build()`` (:mod:`engines.ort_build`,
-  :mod:`engines.tensorrt_build`) hands back to :func:`engines.build.build_engines`;
+* :class:`Built`, what a backend's ``build()`` (:mod:`ism_edge_engines.ort_build`,
+  :mod:`ism_edge_engines.tensorrt_build`) hands back to :func:`ism_edge_engines.build.build_engines`;
 * the refusal to replace anything but an earlier output (:func:`check_out_dir`);
 * the library versions and time an output records (:func:`library_versions`, :func:`now`); the
   versions are read before any work, so a library this install lacks is a one-line error naming
@@ -33,7 +33,7 @@ EXPORT_REPORT = "export.json"
 
 
 def engine_file_name(backend: str, precision: str, role: str) -> str:
-    """File name of a role's engine in the directory (see :mod:`engines.build`)."""
+    """File name of a role's engine in the directory (see :mod:`ism_edge_engines.build`)."""
     if backend == "tensorrt":
         return f"{role}.plan"
     return f"{role}.onnx" if precision == "fp32" else f"{role}.{precision}.onnx"
@@ -113,14 +113,14 @@ def library_versions(backend: str, *, opset: int | None = None) -> dict[str, str
         v.update({"torch": _version("torch", "train", purpose), "onnx": _version("onnx", "train", purpose),
                   "opset": str(opset)})
     if backend == "tensorrt":
-        from engines.tensorrt_build import tensorrt_version
+        from ism_edge_engines.tensorrt_build import tensorrt_version
 
         v["tensorrt"] = tensorrt_version()
     return v
 
 
 def decision_fields(bundle: Any) -> dict[str, Any]:
-    """A ``training.bundle.DefenseBundle``'s facts the runtime decides with, as engine-manifest
+    """A ``ism_edge_training.bundle.DefenseBundle``'s facts the runtime decides with, as engine-manifest
     fields (the build writes them; the parity gate runs with them). A detector without a threshold
     never flags. (``Any``: this module is type-checked with the TensorRT builder, apart from torch.)"""
     return {

@@ -1,8 +1,8 @@
-"""The PyTorch columns of ``ism-edge bench``: the bundle's ``training.defense.Defense``, eager and
+"""The PyTorch columns of ``ism-edge bench``: the bundle's ``ism_edge_training.defense.Defense``, eager and
 through ``torch.compile`` (inductor).
 
 Kept outside :mod:`ism_edge` because it imports torch. :class:`TorchEagerChain` runs the same
-steps as :meth:`training.defense.Defense.forward` (which is the reference every compiled chain is
+steps as :meth:`ism_edge_training.defense.Defense.forward` (which is the reference every compiled chain is
 checked against) with a clock between them, so its per-stage times line up with the runtime's:
 ``upload`` (numpy → tensor on the device), ``mapping`` (M and the feedback rounds),
 ``classifier`` (C(x) and C(x̂), two calls as in ``Defense``), ``detectors`` (JSD, P, thresholds,
@@ -35,8 +35,8 @@ class TorchEagerChain:
             import torch
         except ImportError:
             raise missing_dependency("torch", "train", "the PyTorch-eager benchmark column") from None
-        from training.bundle import DefenseBundle
-        from training.defense import Defense
+        from ism_edge_training.bundle import DefenseBundle
+        from ism_edge_training.defense import Defense
 
         self._torch = torch
         torch.set_num_threads(threads)
@@ -58,8 +58,8 @@ class TorchEagerChain:
         return time.perf_counter()
 
     def run(self, x: np.ndarray) -> ChainResult:
-        from training.bundle import SCORES
-        from training.models import js_divergence
+        from ism_edge_training.bundle import SCORES
+        from ism_edge_training.models import js_divergence
 
         torch, d = self._torch, self.defense
         with torch.inference_mode():

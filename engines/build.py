@@ -1,9 +1,9 @@
 """Bundle → engine directory: the build's options and its common step (docs/engines.md).
 
-:func:`build_engines` exports the graphs and gates them on parity (:func:`engines.export.exported`),
-hands them to one backend's ``build()`` (:func:`engines.ort_build.build`,
-:func:`engines.tensorrt_build.build`), gates what was built, and writes the manifest. A directory
-is recompiled for another machine by :func:`engines.rebuild.rebuild_from_onnx`.
+:func:`build_engines` exports the graphs and gates them on parity (:func:`ism_edge_engines.export.exported`),
+hands them to one backend's ``build()`` (:func:`ism_edge_engines.ort_build.build`,
+:func:`ism_edge_engines.tensorrt_build.build`), gates what was built, and writes the manifest. A directory
+is recompiled for another machine by :func:`ism_edge_engines.rebuild.rebuild_from_onnx`.
 
 An engine directory (written atomically: a temporary sibling renamed into place, so an
 interrupted build leaves nothing behind)::
@@ -11,7 +11,7 @@ interrupted build leaves nothing behind)::
     DIR/
       manifest.json                 ism_edge.manifest.EngineManifest (parity report included)
       onnx/{role}.onnx              FP32 source graph (dynamic batch axis N, opset 18)
-      onnx/{role}.fp16.onnx         mixed-precision FP16 graph, FP32 I/O (engines.fp16)
+      onnx/{role}.fp16.onnx         mixed-precision FP16 graph, FP32 I/O (ism_edge_engines.fp16)
       onnx/{role}.int8.onnx         QDQ INT8 graph (ONNX Runtime INT8 builds only)
       onnx/{role}[.fp16].subpixel.onnx  ONNX Runtime FP32/FP16 source: transposed convolutions as
                                     sub-pixel convolutions (engines.subpixel; mapper only)
@@ -29,10 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-from engines import ort_build, parity, tensorrt_build
-from engines.artifacts import ONNX_DIR, Built, check_out_dir, decision_fields, library_versions, now
-from engines.export import OPSET, PARITY_SAMPLES, engine_file, exported
-from engines.progress import StepCallback, Steps
 from ism_edge._io import sha256_file
 from ism_edge.errors import EngineError
 from ism_edge.manifest import (
@@ -40,6 +36,10 @@ from ism_edge.manifest import (
     ROLES,
     EngineManifest,
 )
+from ism_edge_engines import ort_build, parity, tensorrt_build
+from ism_edge_engines.artifacts import ONNX_DIR, Built, check_out_dir, decision_fields, library_versions, now
+from ism_edge_engines.export import OPSET, PARITY_SAMPLES, engine_file, exported
+from ism_edge_engines.progress import StepCallback, Steps
 
 BACKEND_CHOICES = ("auto", *BACKENDS)
 PRECISION_CHOICES = ("fp32", "fp16", "int8")

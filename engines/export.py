@@ -2,13 +2,13 @@
 PyTorch (docs/engines.md).
 
 :func:`export_bundle` (``ism-edge export``) writes them, FP32 and FP16, with a parity report;
-:func:`exported` is the opening it shares with :func:`engines.build.build_engines`: load the
+:func:`exported` is the opening it shares with :func:`ism_edge_engines.build.build_engines`: load the
 bundle, read the parity samples, export the graphs into a temporary directory and check them.
 
 Graph roles and I/O names are the contract of :mod:`ism_edge.manifest`:
 
 * ``mapper``: ``x`` → ``x_hat`` = M(x), ``recon_error`` = mean |x − x̂| per sample (MagNet's
-  reconstruction detector, ``training.models.reconstruction_error``);
+  reconstruction detector, ``ism_edge_training.models.reconstruction_error``);
 * ``classifier``: ``x`` → ``logits`` of the deployed classifier (temperature 1);
 * ``perturbation``: ``x``, ``x_hat`` → ``p_score`` = sigmoid(P(x − x̂)); the residual is computed
   inside the graph, so the runtime needs no torch and no extra residual graph.
@@ -28,18 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engines.artifacts import EXPORT_REPORT, check_out_dir, library_versions, now
-from engines.progress import StepCallback, Steps
 from ism_edge._io import atomic_directory, sha256_file
 from ism_edge.errors import BundleError, EngineError, caused_by_interrupt, missing_dependency
 from ism_edge.manifest import GRAPH_IO, ROLES, SCORE_NAMES, EngineFile, TensorSpec
+from ism_edge_engines.artifacts import EXPORT_REPORT, check_out_dir, library_versions, now
+from ism_edge_engines.progress import StepCallback, Steps
 
 if TYPE_CHECKING:
     import numpy as np
     import onnx
     from torch import nn
 
-    from training.bundle import DefenseBundle
+    from ism_edge_training.bundle import DefenseBundle
 
 OPSET = 18
 PARITY_SAMPLES = 256
@@ -70,7 +70,7 @@ def graph_modules(bundle: DefenseBundle) -> dict[str, nn.Module]:
     import torch
     from torch import nn
 
-    from training.models import reconstruction_error
+    from ism_edge_training.models import reconstruction_error
 
     class MapperGraph(nn.Module):
         def __init__(self, mapper: nn.Module) -> None:
@@ -129,7 +129,7 @@ def onnx_from_module(
     except ImportError as e:
         raise missing_dependency(e.name or "onnx", "train", "exporting ONNX graphs") from None
 
-    from training.models.external import quiet_exporter
+    from ism_edge_training.models.external import quiet_exporter
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,11 +251,11 @@ def onnx_from_bundle(
 
 def onnx_of_user_classifier(bundle: DefenseBundle, path: Path, *, metadata: dict[str, str] | None = None) -> Path:
     """Write the classifier graph of a bundle around a user's own classifier: the user's graph as it is,
-    behind the conversion to its input contract (``training.models.external.classifier_graph``),
+    behind the conversion to its input contract (``ism_edge_training.models.external.classifier_graph``),
     never a re-export of the PyTorch conversion; checked like an exported graph."""
     import onnx
 
-    from training.models.external import classifier_graph
+    from ism_edge_training.models.external import classifier_graph
 
     clf = bundle.classifier
     model = classifier_graph(onnx.ModelProto.FromString(clf.graph), clf.contract, clf.num_classes)
@@ -278,7 +278,7 @@ def load_deployable(bundle_dir: Path) -> DefenseBundle:
     The engines and the runtime implement the full chain (M, C, P, three detectors); a baseline
     bundle lacks networks or deploys fewer detectors, so compiling it would change what it means.
     """
-    from training.bundle import DefenseBundle, DefenseSpec
+    from ism_edge_training.bundle import DefenseBundle, DefenseSpec
 
     bundle = DefenseBundle.load(bundle_dir)
     if bundle.defense != DefenseSpec():
@@ -291,7 +291,7 @@ def export_graphs(
     bundle: DefenseBundle, onnx_dir: Path, steps: Steps, *, metadata: dict[str, str]
 ) -> dict[str, dict[str, Path]]:
     """Export the FP32 graphs to ``onnx_dir`` and convert each to FP16; ``{precision: {role: path}}``."""
-    from engines.fp16 import fp16_from_onnx
+    from ism_edge_engines.fp16 import fp16_from_onnx
 
     input_shape = bundle.input_shape
     modules = graph_modules(bundle)
@@ -351,12 +351,12 @@ def exported(
 
     The graphs go to ``onnx_dir`` inside it. ``calibrated`` refuses a bundle without calibrated
     thresholds (engines need them). The caller gates on the report
-    (:func:`engines.parity.raise_on_failure`) and adds its own files to ``root``.
+    (:func:`ism_edge_engines.parity.raise_on_failure`) and adds its own files to ``root``.
     """
-    from engines import parity
-    from engines.ort_build import parity_of_files
-    from engines.samples import real_samples
     from ism_edge.compat import bundle_sha256
+    from ism_edge_engines import parity
+    from ism_edge_engines.ort_build import parity_of_files
+    from ism_edge_engines.samples import real_samples
 
     with steps("load bundle"):
         bundle = load_deployable(bundle_dir)
@@ -400,8 +400,8 @@ def export_bundle(
     hash and library versions) atomically; returns the report. Raises
     :class:`ism_edge.errors.ParityError` naming the first graph outside tolerance.
     """
-    from engines import parity
     from ism_edge._io import atomic_write_json
+    from ism_edge_engines import parity
 
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     check_out_dir(out_dir, bundle_dir, marker=EXPORT_REPORT)

@@ -26,8 +26,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from engines.export import save_pass_output
 from ism_edge.errors import EngineError, missing_dependency
+from ism_edge_engines.export import save_pass_output
 
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 FOLLOW_OPS = frozenset({

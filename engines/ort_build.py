@@ -1,7 +1,7 @@
 """ONNX → ONNX Runtime artifacts: optimized models and INT8 (static QDQ) models (docs/engines.md, "ONNX Runtime build").
 
-:func:`build` is the ONNX Runtime step of :func:`engines.build.build_engines`: the FP32/FP16
-graphs with their transposed convolutions as sub-pixel convolutions (:mod:`engines.subpixel`), or
+:func:`build` is the ONNX Runtime step of :func:`ism_edge_engines.build.build_engines`: the FP32/FP16
+graphs with their transposed convolutions as sub-pixel convolutions (:mod:`ism_edge_engines.subpixel`), or
 INT8 graphs calibrated on clean images, optimized and checked against PyTorch
 (:func:`parity_of_files`, which the export's graph gate runs too).
 
@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engines.artifacts import Built, engine_file_name, source_name
-from engines.progress import Steps
 from ism_edge._io import sha256_file
 from ism_edge.errors import EngineError, missing_dependency
 from ism_edge.manifest import ROLES
+from ism_edge_engines.artifacts import Built, engine_file_name, source_name
+from ism_edge_engines.progress import Steps
 
 if TYPE_CHECKING:
-    from engines.export import Exported
-    from training.bundle import DefenseBundle
+    from ism_edge_engines.export import Exported
+    from ism_edge_training.bundle import DefenseBundle
 
 OPTIMIZATION_LEVEL = "extended"
 INT8_OPS = ("Conv",)
@@ -200,8 +200,8 @@ def parity_of_files(
     batch: int,
 ) -> dict[str, Any]:
     """Graph- and defense-level parity of three ONNX Runtime-loadable files against PyTorch (the
-    defense run by the runtime's backend and decision code, :func:`engines.parity.defense_outputs`)."""
-    from engines import parity
+    defense run by the runtime's backend and decision code, :func:`ism_edge_engines.parity.defense_outputs`)."""
+    from ism_edge_engines import parity
 
     tol = parity.TOLERANCES[precision]
     runners = {role: runner(session(path)) for role, path in files.items()}
@@ -245,8 +245,8 @@ def build(
 
 def _subpixel_sources(graphs: Mapping[str, Path]) -> dict[str, Path]:
     """ONNX Runtime sources: each graph with its strided transposed convolutions rewritten
-    (``onnx/{role}[.fp16].subpixel.onnx``, :mod:`engines.subpixel`), or the graph itself when it has none."""
-    from engines.subpixel import subpixel_from_onnx
+    (``onnx/{role}[.fp16].subpixel.onnx``, :mod:`ism_edge_engines.subpixel`), or the graph itself when it has none."""
+    from ism_edge_engines.subpixel import subpixel_from_onnx
 
     return {role: subpixel_from_onnx(path, path.with_name(f"{path.name.removesuffix('.onnx')}.subpixel.onnx")) or path
             for role, path in graphs.items()}
@@ -258,7 +258,7 @@ def _quantize(ex: Exported, calibration: np.ndarray | None, steps: Steps, report
     The classifier runs on both x and x̂ in deployment, so it is calibrated on both; the
     perturbation graph on the pairs (x, M(x)).
     """
-    from engines.samples import real_samples
+    from ism_edge_engines.samples import real_samples
 
     fp32, input_shape = ex.graphs["fp32"], ex.input_shape
     with steps("read calibration samples"):
@@ -285,7 +285,7 @@ def _quantize(ex: Exported, calibration: np.ndarray | None, steps: Steps, report
 def _int8_latency(fp32: Mapping[str, Path], engines: Mapping[str, Path], x: np.ndarray,
                   reference: Mapping[str, Mapping[str, np.ndarray]], opt_batch: int) -> dict[str, Any]:
     """Median CPU latency of each FP32 graph and its INT8 engine at the opt batch size (ms)."""
-    from engines import parity
+    from ism_edge_engines import parity
 
     n = min(opt_batch, len(x))
     out: dict[str, Any] = {"batch": n}

@@ -1,6 +1,6 @@
 """Numerical parity of exported graphs and built engines against the PyTorch defense (docs/engines.md, "Parity gate").
 
-Two levels, both on real images (:func:`engines.samples.real_samples`):
+Two levels, both on real images (:func:`ism_edge_engines.samples.real_samples`):
 
 * **graph**: each graph's outputs against the same PyTorch module on the same inputs (the
   perturbation graph gets PyTorch's x̂, so each graph's own error is measured): max and mean
@@ -8,7 +8,7 @@ Two levels, both on real images (:func:`engines.samples.real_samples`):
 * **defense**: the graph files run as the runtime runs them — its own backend (ONNX Runtime on
   the CPU, :func:`ism_edge.backends.select_backend`) and its own host half
   (:mod:`ism_edge.decision`: feedback rounds, JSD, flags, label) — against
-  :class:`training.defense.Defense`: agreement of the label and of each detector flag.
+  :class:`ism_edge_training.defense.Defense`: agreement of the label and of each detector flag.
 
 Tolerances (per precision; ``scale`` is the largest |value| of that output in PyTorch, so logits
 of any magnitude are judged relative to their range, while x̂, recon_error and p_score have
@@ -50,7 +50,7 @@ from ism_edge.manifest import (
 )
 
 if TYPE_CHECKING:
-    from training.bundle import DefenseBundle
+    from ism_edge_training.bundle import DefenseBundle
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 SCORES = SCORE_NAMES
@@ -93,7 +93,7 @@ def reference_outputs(bundle: DefenseBundle, x: np.ndarray, batch: int = 64) -> 
     """PyTorch outputs of every graph module on ``x`` (float32 NCHW in [0, 1]), per role."""
     import torch
 
-    from engines.export import graph_modules
+    from ism_edge_engines.export import graph_modules
 
     modules = graph_modules(bundle)
 
@@ -165,8 +165,8 @@ def gate_manifest(files: Mapping[str, Path], root: Path, bundle: DefenseBundle, 
     A threshold the bundle lacks (not yet calibrated) turns its detector off (the largest allowed
     threshold), as :func:`torch_defense_outputs` does; ``bundle_sha256`` is a placeholder.
     """
-    from engines.artifacts import decision_fields
-    from engines.export import engine_file
+    from ism_edge_engines.artifacts import decision_fields
+    from ism_edge_engines.export import engine_file
 
     cfg = bundle.config
     input_shape = bundle.input_shape
@@ -211,16 +211,16 @@ def defense_outputs(
 
     :func:`runtime_defense_outputs` with :func:`gate_manifest`: first-pass recon error, feedback
     reformation, JSD between C(x) and C(x̂) at the detector temperature, P on (x, x̂), flags and
-    label — the same chain as :class:`training.defense.Defense`.
+    label — the same chain as :class:`ism_edge_training.defense.Defense`.
     """
     return runtime_defense_outputs(root, gate_manifest(files, root, bundle, batch=batch), x)
 
 
 def torch_defense_outputs(bundle: DefenseBundle, x: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
-    """:class:`training.defense.Defense` on ``x``, as numpy arrays keyed like :func:`defense_outputs`."""
+    """:class:`ism_edge_training.defense.Defense` on ``x``, as numpy arrays keyed like :func:`defense_outputs`."""
     import torch
 
-    from training.defense import Defense
+    from ism_edge_training.defense import Defense
 
     defense = Defense(bundle).eval()
     parts: list[dict[str, np.ndarray]] = []

@@ -1,7 +1,7 @@
 """Progress of an export or build: each step's name and wall-clock duration, for the CLI to print.
 
 The build logic only names its steps (``with steps("export mapper to ONNX"): ...``); how they are
-shown is the caller's ``callback`` (``cli.build.StepPrinter`` prints a spinner and a tick).
+shown is the caller's ``callback`` (``ism_edge_cli.build.StepPrinter`` prints a spinner and a tick).
 """
 
 from __future__ import annotations

@@ -14,13 +14,13 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from engines import ort_build, tensorrt_build
-from engines.artifacts import check_out_dir, library_versions, now
-from engines.build import DEFAULT_WORKSPACE_MB, check_options, resolve_backend
-from engines.progress import StepCallback, Steps
 from ism_edge._io import atomic_directory, sha256_file
 from ism_edge.errors import EngineError
 from ism_edge.manifest import MANIFEST_NAME, EngineManifest, load_manifest
+from ism_edge_engines import ort_build, tensorrt_build
+from ism_edge_engines.artifacts import check_out_dir, library_versions, now
+from ism_edge_engines.build import DEFAULT_WORKSPACE_MB, check_options, resolve_backend
+from ism_edge_engines.progress import StepCallback, Steps
 
 
 def rebuild_from_onnx(

@@ -27,8 +27,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engines.export import save_pass_output
 from ism_edge.errors import missing_dependency
+from ism_edge_engines.export import save_pass_output
 
 if TYPE_CHECKING:
     import numpy as np

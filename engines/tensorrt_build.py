@@ -1,7 +1,7 @@
 """ONNX → TensorRT engine (plan), for TensorRT 10 (JetPack 6 Orin) and 11 alike (docs/engines.md).
 
 The network is created **strongly typed** from the mixed-precision FP16 ONNX graph
-(:mod:`engines.fp16`): every tensor's type comes from the graph, so no precision builder flag is
+(:mod:`ism_edge_engines.fp16`): every tensor's type comes from the graph, so no precision builder flag is
 set (TensorRT 11 removed ``BuilderFlag.FP16``; strongly typed networks reject it on 10 too), and
 TF32 — on by default, and allowed for FP32 tensors of a strongly typed network — is cleared, so
 an FP32 tensor in the graph (every tensor of an ``fp32`` build) is computed in FP32, not with
@@ -13,7 +13,7 @@ Written against the TensorRT 10 Python API and type-checked with mypy against
 ``tensorrt-stubs``; whether a real TensorRT (not only the stubs) of version 10 or newer is
 installed is decided by :mod:`ism_edge.backends.tensorrt.loader`.
 
-:func:`build` is the TensorRT step of :func:`engines.build.build_engines` (one plan per role from
+:func:`build` is the TensorRT step of :func:`ism_edge_engines.build.build_engines` (one plan per role from
 the exported graphs of the build's precision); :func:`plans_from_onnx` is shared with the rebuild.
 """
 
@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engines.artifacts import Built, engine_file_name
-from engines.progress import Steps
 from ism_edge._io import atomic_write_bytes
 from ism_edge.backends.tensorrt import loader
 from ism_edge.errors import EngineError
+from ism_edge_engines.artifacts import Built, engine_file_name
+from ism_edge_engines.progress import Steps
 
 if TYPE_CHECKING:
     import tensorrt as trt

@@ -9,7 +9,7 @@ temporary directory, repairs exactly those defects, and runs mypy with that dire
 its search path; errors inside the stubs themselves are ignored, errors in the checked code are
 reported.
 
-Usage: ``python -m engines.typecheck engines/tensorrt_build.py [more paths]``.
+Usage: ``python -m ism_edge_engines.typecheck engines/tensorrt_build.py [more paths]``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Detector thresholds from a deployment's own clean frames: no labels, no torch (``ism-edge calibrate``).
 
 A bundle's thresholds are the (1 − target FPR) quantile of each detector's score on held-out
-training images (MagNet's rule, ``training.recipe.stages.calibrate_thresholds``). A camera does not
+training images (MagNet's rule, ``ism_edge_training.recipe.stages.calibrate_thresholds``). A camera does not
 see those images, so on clean camera frames the detectors flag far more than the target FPR
 (docs/runtime.md, "ism-edge calibrate"). Calibration applies the same rule to the scores of
 frames the user vouches are clean, taken *per frame* as the runtime reports them — in tile mode the

@@ -50,7 +50,7 @@ def current_gpu(device: int = 0) -> dict[str, str] | None:
 def bundle_sha256(directory: str | os.PathLike[str]) -> str:
     """Identity of a defense bundle without torch: SHA-256 over its manifest and weight hashes.
 
-    The same digest as ``training.bundle.bundle_hash`` (recorded in every engine manifest).
+    The same digest as ``ism_edge_training.bundle.bundle_hash`` (recorded in every engine manifest).
     """
     directory = Path(directory)
     path = directory / "manifest.json"

@@ -5,7 +5,7 @@ preprocessing work on one kind of image: float32 NCHW RGB pixels in [0, 1] at th
 size. A classifier brought by its user expects its own kind: another layout (NHWC), colour order
 (BGR), pixel scale ([0, 255]) and mean/std normalisation. :class:`ClassifierInput` records that
 contract; the conversion from the defense's pixels to it is part of the classifier's graph
-(``training.models.external``), so PyTorch, ONNX Runtime and TensorRT compute the same thing and
+(``ism_edge_training.models.external``), so PyTorch, ONNX Runtime and TensorRT compute the same thing and
 the runtime's preprocessing stays the same for every bundle (resize to ``height`` × ``width``, RGB,
 [0, 1]).
 

@@ -1,6 +1,6 @@
 """The host half of the defense chain (docs/architecture.md, "The defense chain"), in numpy:
 written once, shared by every backend, :class:`~ism_edge.runtime.DefenseRuntime` and the build's
-parity gate (``engines.parity``).
+parity gate (``ism_edge_engines.parity``).
 
 The networks run on a backend; what is decided on the host is:
 
@@ -10,7 +10,7 @@ The networks run on a backend; what is decided on the host is:
   softmax(C(x̂)/T_det) (:func:`ism_edge.scores.jsd`), one flag per detector (score above its
   calibrated threshold), and the label probabilities at T_deploy chosen by ``label_source``.
 
-The same rules are written in PyTorch by ``training.defense.Defense``; the parity gate compares
+The same rules are written in PyTorch by ``ism_edge_training.defense.Defense``; the parity gate compares
 the two on real images.
 """
 
@@ -91,7 +91,7 @@ def feedback_reformation(rounds: int, threshold: float, n: int, remap: Remap, re
 
     Up to ``rounds`` times: re-map the samples still active, and replace x̂ by M(x̂) for those
     whose residual is above ``threshold``; the others are final (a converged sample never changes
-    again, so this equals re-mapping the whole batch as ``training.defense.Defense.reform`` does).
+    again, so this equals re-mapping the whole batch as ``ism_edge_training.defense.Defense.reform`` does).
     Stops early once no sample is above the threshold.
     """
     counts = np.zeros(n, dtype=np.int32)

@@ -8,7 +8,7 @@ Usable without the CLI, e.g. from a ROS 2 image callback (see ``docs/runtime.md`
     verdict = runtime.process(frame)          # H×W×3 uint8, any size
     if verdict.flagged: ...
 
-Verdict semantics are those of ``training.defense.Defense`` (docs/architecture.md, "The defense
+Verdict semantics are those of ``ism_edge_training.defense.Defense`` (docs/architecture.md, "The defense
 chain"): x̂ = M(x) with optional
 feedback rounds; scores recon_error (first pass), JSD between softmax(C(x)/T_det) and
 softmax(C(x̂)/T_det), P(x, x̂); flagged = any score above its calibrated threshold; label =

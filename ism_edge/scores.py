@@ -1,6 +1,6 @@
 """Detector scores computed on the host (numpy): softmax and Jensen–Shannon divergence.
 
-The same formulas are used by ``training.defense`` in PyTorch, so PyTorch, ONNX Runtime and
+The same formulas are used by ``ism_edge_training.defense`` in PyTorch, so PyTorch, ONNX Runtime and
 TensorRT give the same verdicts (docs/architecture.md, "The defense chain").
 """
 

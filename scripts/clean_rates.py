@@ -13,10 +13,10 @@ import sys
 import numpy as np
 import torch
 
-from training.bundle import DefenseBundle
-from training.data import load_dataset
-from training.defense import Defense
-from training.recipe.stages import defense_scores
+from ism_edge_training.bundle import DefenseBundle
+from ism_edge_training.data import load_dataset
+from ism_edge_training.defense import Defense
+from ism_edge_training.recipe.stages import defense_scores
 
 
 def main(bundle_dir: str, data_path: str) -> None:

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from ism_edge.preprocess import resize_input
-from training.attacks import PGD
-from training.bundle import DefenseBundle
-from training.defense import attack_surrogate
+from ism_edge_training.attacks import PGD
+from ism_edge_training.bundle import DefenseBundle
+from ism_edge_training.defense import attack_surrogate
 
 W, H = 640, 480
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.bench_torch import TorchCompiledChain
 from ism_edge.bench.frames import camera_frames
 from ism_edge.preprocess import FramePreparer, check_frame
 from ism_edge.runtime import DefenseRuntime
+from ism_edge_engines.bench_torch import TorchCompiledChain
 
 
 def inputs(runtime: DefenseRuntime, n: int) -> np.ndarray:

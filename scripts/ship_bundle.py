@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from training.bundle import DefenseBundle, bundle_hash
+from ism_edge_training.bundle import DefenseBundle, bundle_hash
 
 
 def main(src: str, dst: str) -> None:

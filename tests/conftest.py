@@ -36,8 +36,8 @@ def untrained_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torch")
     import torch
 
-    from training.bundle import DefenseBundle
-    from training.models import preset
+    from ism_edge_training.bundle import DefenseBundle
+    from ism_edge_training.models import preset
 
     torch.manual_seed(0)
     b = DefenseBundle.create(preset("small"), [f"c{i}" for i in range(10)], preset="small")
@@ -55,7 +55,7 @@ TRAINED_RECIPE = dict(epochs_classifier=4, epochs_mapper=3, epochs_perturbation=
 @pytest.fixture(scope="session")
 def trained_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torch")
-    from training.recipe import RecipeConfig, TrainRequest, train_bundle
+    from ism_edge_training.recipe import RecipeConfig, TrainRequest, train_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "trained"
     req = TrainRequest(data=[CIFAR_TRAIN], out=out, preset="small", recipe=RecipeConfig(**TRAINED_RECIPE), device="cpu")

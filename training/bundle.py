@@ -41,7 +41,7 @@ from ism_edge.manifest import (
     SCORE_NAMES,
     TEMPERATURE_RANGE,
 )
-from training.models import (
+from ism_edge_training.models import (
     Classifier,
     Discriminator,
     MappingNetwork,
@@ -91,7 +91,7 @@ class DefenseSpec:
 
     @classmethod
     def for_baseline(cls, name: str) -> DefenseSpec:
-        """The deployed parts of a named baseline (see ``training.recipe.config.BASELINE_HELP``)."""
+        """The deployed parts of a named baseline (see ``ism_edge_training.recipe.config.BASELINE_HELP``)."""
         if name not in BASELINES:
             raise ValueError(f"unknown baseline {name!r}: choose one of {', '.join(BASELINES)}")
         if name == "full":
@@ -166,7 +166,7 @@ def network(name: str, cfg: ModelConfig, input_hw: tuple[int, int] | None = None
     """A fresh network ``name``; ``input_hw``: the (height, width) of a user's classifier's input, which
     the mapping network pads to its own size (:class:`~training.models.padded.PaddedMappingNetwork`)."""
     if name == "mapper" and input_hw is not None and input_hw != (cfg.image_size, cfg.image_size):
-        from training.models.padded import PaddedMappingNetwork
+        from ism_edge_training.models.padded import PaddedMappingNetwork
 
         return PaddedMappingNetwork(cfg, *input_hw)
     return NETWORKS[name](cfg)  # type: ignore[call-arg]
@@ -467,7 +467,7 @@ def _read_weights(directory: Path, file: str, name: str, digest: str, expected: 
 def _classifier_record(raw: Any, cfg: ModelConfig) -> dict[str, Any]:
     """The manifest's ``classifier`` record (a user's classifier), checked; ``{}`` for none."""
     from ism_edge.contract import check_classifier_record
-    from training.models.padded import mapper_side
+    from ism_edge_training.models.padded import mapper_side
 
     record = check_classifier_record(raw)
     if not record:
@@ -487,7 +487,7 @@ def _classifier_record(raw: Any, cfg: ModelConfig) -> dict[str, Any]:
 
 def _external_classifier(directory: Path, record: dict[str, Any]) -> nn.Module:
     """The user's classifier of a bundle: its graph file, hash-checked, converted for PyTorch."""
-    from training.models.external import from_bundle
+    from ism_edge_training.models.external import from_bundle
 
     try:
         path = check.inside(directory, record["file"])

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ism_edge.manifest import DEFAULT_DETECTOR_TEMPERATURE
-from training.bundle import DefenseBundle, DefenseSpec
-from training.models import js_divergence, reconstruction_error
+from ism_edge_training.bundle import DefenseBundle, DefenseSpec
+from ism_edge_training.models import js_divergence, reconstruction_error
 
 
 @dataclass
@@ -110,9 +110,9 @@ def attack_surrogate(bundle: DefenseBundle, name: str = "classifier") -> nn.Modu
     """The module attacks should differentiate for network ``name`` of the bundle.
 
     For distilled classifiers (and their teacher) this is ``logits / T`` (see
-    :class:`training.models.ScaledLogits`); otherwise the network itself.
+    :class:`ism_edge_training.models.ScaledLogits`); otherwise the network itself.
     """
-    from training.models import ScaledLogits
+    from ism_edge_training.models import ScaledLogits
 
     net = bundle.networks[name]
     if name in ("classifier", "teacher") and is_distilled(bundle):

@@ -6,7 +6,7 @@ took before this module existed. Under torchrun (``WORLD_SIZE`` > 1 in the envir
 :func:`process_group` joins the group (gloo on CPU, NCCL on CUDA) with a collective timeout, so
 that a rank that died or hangs ends the job with one error line instead of a silent wait.
 
-The scheme, for the recipe (``training.recipe``):
+The scheme, for the recipe (``ism_edge_training.recipe``):
 
 * **data**: every epoch all ranks draw the same permutation of the training images (the
   single-process seed), pad it to a multiple of the world size with its first indices (as

@@ -5,7 +5,7 @@ A backend runs the whole defense chain of an engine directory on a batch of mode
 network outputs; the verdict logic (JSD, thresholds, labels) lives in :mod:`ism_edge.runtime` so
 every backend gives the same verdicts, and the feedback rule is written once in
 :mod:`ism_edge.decision` (:meth:`Backend._reform`). Chain (docs/architecture.md, "The defense
-chain"; identical to ``training.defense``)::
+chain"; identical to ``ism_edge_training.defense``)::
 
     x̂, recon_error = M(x)                 first pass; recon_error is the MagNet detector score
     x̂ ← M(x̂) for the samples whose ‖x̂ − M(x̂)‖₁/(CHW) > thresholds["recon_error"], ≤ n rounds

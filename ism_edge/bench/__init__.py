@@ -9,7 +9,7 @@
 
 No timing here is asserted by a test: the figures are measured by the command and recorded in
 ``docs/performance.md``. Torch is never imported by this package; the PyTorch-eager column is
-``engines.bench_torch.TorchEagerChain``, passed in as a :class:`~ism_edge.bench.chain.Column`.
+``ism_edge_engines.bench_torch.TorchEagerChain``, passed in as a :class:`~ism_edge.bench.chain.Column`.
 """
 
 from __future__ import annotations

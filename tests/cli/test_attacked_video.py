@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 pytest.importorskip("torch")
 
-from cli.main import app  # noqa: E402
+from ism_edge_cli.main import app  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
 runner = CliRunner()
@@ -21,7 +21,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def attacked_run(trained_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from engines.build import build_engines
+    from ism_edge_engines.build import build_engines
 
     work = tmp_path_factory.mktemp("attacked-video")
     engines = build_engines(trained_bundle_dir, work / "engines", parity_samples=32)

@@ -17,7 +17,7 @@ from ism_edge.errors import ExitCode
 pytest.importorskip("torch")  # the engine directory fixture and the PyTorch column
 pytest.importorskip("onnx")
 
-from cli.main import app as main_app  # noqa: E402
+from ism_edge_cli.main import app as main_app  # noqa: E402
 from tests.cli import one_error_line  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from tests.ism_edge.conftest import shared_engine_dir  # noqa: E402
@@ -93,11 +93,11 @@ def test_the_torch_compile_column_and_the_ratio_to_the_fastest_peer(engine_dir: 
 
 def test_the_torch_compile_column_says_why_it_cannot_run(untrained_bundle_dir: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import engines.bench_torch
-    from cli.bench import _compiled_column
+    import ism_edge_engines.bench_torch
+    from ism_edge_cli.bench import _compiled_column
 
     assert "no --bundle" in _compiled_column(None, 1, "cpu", {}, True).reason
-    monkeypatch.setattr(engines.bench_torch, "cxx_compiler", lambda: None)
+    monkeypatch.setattr(ism_edge_engines.bench_torch, "cxx_compiler", lambda: None)
     column = _compiled_column(untrained_bundle_dir, 1, "cpu", {}, True)
     assert column.factory is None and "C++ compiler" in column.reason
 

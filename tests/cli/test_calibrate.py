@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 pytest.importorskip("torch")  # only to build the engine directory fixture
 
-from cli.main import app  # noqa: E402
+from ism_edge_cli.main import app  # noqa: E402
 from tests.cli import one_error_line  # noqa: E402
 from tests.ism_edge.conftest import PHOTO_NAMES, PHOTOS, shared_engine_dir, video_frames  # noqa: E402
 

@@ -9,9 +9,9 @@ from typing import get_args
 import pytest
 from typer.testing import CliRunner
 
-from cli.choices import Baseline, DataKind, Preset
-from cli.main import app
 from ism_edge.errors import ExitCode
+from ism_edge_cli.choices import Baseline, DataKind, Preset
+from ism_edge_cli.main import app
 from tests.cli import one_error_line
 
 runner = CliRunner()
@@ -19,9 +19,9 @@ runner = CliRunner()
 
 def test_the_cli_choices_are_the_training_names() -> None:
     pytest.importorskip("torch")
-    from training.bundle import BASELINES
-    from training.data.load import KINDS
-    from training.models import PRESETS
+    from ism_edge_training.bundle import BASELINES
+    from ism_edge_training.data.load import KINDS
+    from ism_edge_training.models import PRESETS
 
     assert set(get_args(Preset)) == set(PRESETS)
     assert set(get_args(Baseline)) == set(BASELINES)

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 cv2 = pytest.importorskip("cv2")
 
-from cli.main import app  # noqa: E402
+from ism_edge_cli.main import app  # noqa: E402
 from tests.conftest import CIFAR_TEST, CIFAR_TRAIN  # noqa: E402
 from tests.own_classifier_models import IMAGENET_MEAN, IMAGENET_STD, SIZE, TinyResNet  # noqa: E402
 
@@ -157,7 +157,7 @@ def test_run_labels_clean_frames_as_the_original_model_and_flags_large_attacks(o
 
 
 def test_a_pytorch_factory_with_bgr_255_inputs(own: dict[str, Any], tmp_path: Path) -> None:
-    from training.bundle import DefenseBundle
+    from ism_edge_training.bundle import DefenseBundle
 
     bgr_mean = [255 * m for m in IMAGENET_MEAN[::-1]]
     bgr_std = [255 * s for s in IMAGENET_STD[::-1]]

@@ -19,8 +19,8 @@ from ism_edge.errors import ExitCode
 
 pytest.importorskip("torch")  # only to build the engine directory fixture
 
-from cli.main import app  # noqa: E402
 from ism_edge.outputs import opencv_has_gui  # noqa: E402
+from ism_edge_cli.main import app  # noqa: E402
 from tests.cli import one_error_line  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from tests.ism_edge.conftest import (  # noqa: E402
@@ -296,7 +296,7 @@ def run_in_subprocess(args: list[str], *, file_size_limit: int | None = None) ->
     setup = "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN)"
     if file_size_limit is not None:
         setup += f"; resource.setrlimit(resource.RLIMIT_FSIZE, ({file_size_limit}, {file_size_limit}))"
-    code = f"{setup}; sys.argv = ['ism-edge', *sys.argv[1:]]; from cli.main import main; main()"
+    code = f"{setup}; sys.argv = ['ism-edge', *sys.argv[1:]]; from ism_edge_cli.main import main; main()"
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 pytest.importorskip("torch")  # only to build the engine directory fixture
 
-from cli.main import app  # noqa: E402
-from cli.run import split_arguments  # noqa: E402
 from ism_edge.errors import SourceError  # noqa: E402
+from ism_edge_cli.main import app  # noqa: E402
+from ism_edge_cli.run import split_arguments  # noqa: E402
 from tests.cli import one_error_line  # noqa: E402
 from tests.ism_edge.conftest import (  # noqa: E402
     PHOTO_NAMES,

@@ -14,7 +14,7 @@ from ism_edge.errors import ExitCode
 
 pytest.importorskip("torch")
 
-from cli.main import app, expand_multi_value  # noqa: E402
+from ism_edge_cli.main import app, expand_multi_value  # noqa: E402
 from tests.conftest import CIFAR_TEST, CIFAR_TRAIN  # noqa: E402
 
 runner = CliRunner()
@@ -81,9 +81,9 @@ def test_evaluate_writes_table_and_json(tmp_path: Path, trained_bundle_dir: Path
 
 def test_a_stopped_multi_bundle_evaluation_keeps_the_bundles_it_finished(
         tmp_path: Path, trained_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import training.evaluation
+    import ism_edge_training.evaluation
 
-    real = training.evaluation.evaluate_bundle
+    real = ism_edge_training.evaluation.evaluate_bundle
     calls = []
 
     def second_one_fails(*args, **kwargs):
@@ -92,7 +92,7 @@ def test_a_stopped_multi_bundle_evaluation_keeps_the_bundles_it_finished(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training.evaluation, "evaluate_bundle", second_one_fails)
+    monkeypatch.setattr(ism_edge_training.evaluation, "evaluate_bundle", second_one_fails)
     copy = tmp_path / "copy"
     shutil.copytree(trained_bundle_dir, copy)
     out = tmp_path / "eval"
@@ -108,7 +108,7 @@ def test_a_stopped_multi_bundle_evaluation_keeps_the_bundles_it_finished(
 
 def test_resume_reuses_the_bundles_an_earlier_run_finished(
         tmp_path: Path, trained_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import training.evaluation
+    import ism_edge_training.evaluation
 
     out = tmp_path / "eval"
     opts = ["--data", str(CIFAR_TEST), "--n", "6", "--eps", "0.3", "--attacks", "fgsm", "--threat", "known",
@@ -118,14 +118,14 @@ def test_resume_reuses_the_bundles_an_earlier_run_finished(
     first = json.loads((out / "results.json").read_text())["bundles"][0]
     copy = tmp_path / "copy"
     shutil.copytree(trained_bundle_dir, copy)
-    real = training.evaluation.evaluate_bundle
+    real = ism_edge_training.evaluation.evaluate_bundle
     calls: list[str] = []
 
     def counted(*args, **kwargs):
         calls.append(kwargs["name"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training.evaluation, "evaluate_bundle", counted)
+    monkeypatch.setattr(ism_edge_training.evaluation, "evaluate_bundle", counted)
     r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), str(copy), *opts, "--resume"])
     assert r.exit_code == 0, r.output + r.stderr
     res = json.loads((out / "results.json").read_text())
@@ -181,7 +181,7 @@ def test_train_a_baseline_and_evaluate_it_next_to_the_defense(tmp_path: Path, tr
 
 def test_crosscheck_without_art_is_one_clear_line(tmp_path: Path, trained_bundle_dir: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("training.evaluation.crosscheck.art_version", lambda: None)
+    monkeypatch.setattr("ism_edge_training.evaluation.crosscheck.art_version", lambda: None)
     r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), "--data", str(CIFAR_TEST), "--crosscheck",
                             "--out", str(tmp_path / "eval")])
     assert "pip install adversarial-robustness-toolbox" in _one_error_line(r)

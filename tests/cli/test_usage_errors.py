@@ -12,9 +12,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cli._common import Terminated, cli_errors, sigterm_interrupts
-from cli.main import app
 from ism_edge.errors import BundleError, ExitCode
+from ism_edge_cli._common import Terminated, cli_errors, sigterm_interrupts
+from ism_edge_cli.main import app
 from tests.cli import one_error_line
 from tests.conftest import ROOT
 

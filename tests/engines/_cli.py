@@ -16,7 +16,7 @@ class CliRun:
 def invoke(*args: str) -> CliRun:
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from ism_edge_cli.main import app
 
     result = CliRunner().invoke(app, list(args))
     out = Path(args[args.index("--out") + 1]) if "--out" in args else Path()

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_cli_build_writes_a_checked_engine_directory(built: CliRun, untrained_bundle_dir: Path) -> None:
     from ism_edge.compat import check_compatible
-    from training.bundle import bundle_hash
+    from ism_edge_training.bundle import bundle_hash
 
     assert built.exit_code == 0, built.output
     for step in ("export mapper to ONNX", "convert classifier to FP16", "parity of the FP16 graphs",
@@ -40,7 +40,7 @@ def test_cli_build_writes_a_checked_engine_directory(built: CliRun, untrained_bu
     assert m.parity["ok"] and m.parity["gated"] == ["fp32", "engine"]
     for role in ROLES:
         ef = m.engines[role]
-        # the mapper's transposed convolutions run as sub-pixel convolutions (engines.subpixel)
+        # the mapper's transposed convolutions run as sub-pixel convolutions (ism_edge_engines.subpixel)
         source = "onnx/mapper.subpixel.onnx" if role == "mapper" else f"onnx/{role}.onnx"
         assert (ef.file, ef.onnx) == (f"{role}.onnx", source)
         assert (built.out / "onnx" / f"{role}.fp16.onnx").is_file() and (built.out / "onnx" / f"{role}.onnx").is_file()
@@ -54,9 +54,9 @@ def test_cli_build_writes_a_checked_engine_directory(built: CliRun, untrained_bu
 def test_built_engines_reproduce_the_pytorch_defense(built: CliRun, untrained_bundle_dir: Path) -> None:
     """The runtime (its ONNX Runtime backend and decision code) on the built directory gives PyTorch's labels
     and flags."""
-    from engines import parity
-    from engines.samples import real_samples
-    from training.bundle import DefenseBundle
+    from ism_edge_engines import parity
+    from ism_edge_engines.samples import real_samples
+    from ism_edge_training.bundle import DefenseBundle
 
     m = load_manifest(built.out)
     x, _ = real_samples(m.input_shape, 48, split="train")  # images the build's parity did not use
@@ -68,7 +68,7 @@ def test_built_engines_reproduce_the_pytorch_defense(built: CliRun, untrained_bu
 
 
 def test_int8_build_is_calibrated_and_parity_gated(untrained_bundle_dir: Path, tmp_path: Path) -> None:
-    from engines.build import build_engines
+    from ism_edge_engines.build import build_engines
 
     steps: list[str] = []
     out = build_engines(untrained_bundle_dir, tmp_path / "int8", precision="int8", parity_samples=32,
@@ -87,10 +87,10 @@ def test_int8_build_is_calibrated_and_parity_gated(untrained_bundle_dir: Path, t
 
 def test_interrupted_build_leaves_no_engine_directory(untrained_bundle_dir: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import engines.export
-    from engines.build import build_engines
+    import ism_edge_engines.export
+    from ism_edge_engines.build import build_engines
 
-    real = engines.export.onnx_from_module
+    real = ism_edge_engines.export.onnx_from_module
     calls: list[str] = []
 
     def export_then_interrupt(*args: object, **kwargs: object) -> Path:
@@ -99,7 +99,7 @@ def test_interrupted_build_leaves_no_engine_directory(untrained_bundle_dir: Path
             raise KeyboardInterrupt
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(engines.export, "onnx_from_module", export_then_interrupt)
+    monkeypatch.setattr(ism_edge_engines.export, "onnx_from_module", export_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         build_engines(untrained_bundle_dir, tmp_path / "engines", parity_samples=8)
     assert calls == ["mapper", "classifier"]  # one graph had been written when it stopped
@@ -107,15 +107,15 @@ def test_interrupted_build_leaves_no_engine_directory(untrained_bundle_dir: Path
 
 
 def test_interrupted_rebuild_keeps_the_old_directory(engine_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import engines.ort_build
-    from engines.rebuild import rebuild_from_onnx
+    import ism_edge_engines.ort_build
+    from ism_edge_engines.rebuild import rebuild_from_onnx
 
     before = {p.relative_to(engine_copy): sha256_file(p) for p in engine_copy.rglob("*") if p.is_file()}
 
     def interrupted(*args: object, **kwargs: object) -> Path:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engines.ort_build, "optimized_model_from_onnx", interrupted)
+    monkeypatch.setattr(ism_edge_engines.ort_build, "optimized_model_from_onnx", interrupted)
     with pytest.raises(KeyboardInterrupt):
         rebuild_from_onnx(engine_copy)
     after = {p.relative_to(engine_copy): sha256_file(p) for p in engine_copy.rglob("*") if p.is_file()}
@@ -125,9 +125,10 @@ def test_interrupted_rebuild_keeps_the_old_directory(engine_copy: Path, monkeypa
 
 def test_rebuild_from_onnx_needs_neither_torch_nor_onnx(engine_copy: Path) -> None:
     code = (
-        "import sys; from engines.rebuild import rebuild_from_onnx; from ism_edge.compat import check_compatible\n"
+        "import sys; from ism_edge_engines.rebuild import rebuild_from_onnx\n"
+        "from ism_edge.compat import check_compatible\n"
         f"m = rebuild_from_onnx({str(engine_copy)!r}); check_compatible(m, {str(engine_copy)!r})\n"
-        "bad = [n for n in ('torch', 'onnx', 'training') if n in sys.modules]\n"
+        "bad = [n for n in ('torch', 'onnx', 'ism_edge_training') if n in sys.modules]\n"
         "assert not bad, bad; print(m.created)"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -149,7 +150,7 @@ def test_cli_rebuild_from_an_engine_directory(engine_copy: Path, tmp_path: Path)
 
 
 def test_out_dir_that_is_not_an_engine_directory_is_refused(untrained_bundle_dir: Path, tmp_path: Path) -> None:
-    from engines.build import build_engines
+    from ism_edge_engines.build import build_engines
 
     (tmp_path / "photo.jpg").write_bytes(b"not mine to delete")
     with pytest.raises(EngineError, match="is not an engine directory"):
@@ -160,9 +161,9 @@ def test_out_dir_that_is_not_an_engine_directory_is_refused(untrained_bundle_dir
 def test_uncalibrated_bundle_is_refused(tmp_path: Path) -> None:
     import torch
 
-    from engines.build import build_engines
-    from training.bundle import DefenseBundle
-    from training.models import preset
+    from ism_edge_engines.build import build_engines
+    from ism_edge_training.bundle import DefenseBundle
+    from ism_edge_training.models import preset
 
     torch.manual_seed(0)
     DefenseBundle.create(preset("small"), [f"c{i}" for i in range(10)]).save(tmp_path / "b")
@@ -172,7 +173,7 @@ def test_uncalibrated_bundle_is_refused(tmp_path: Path) -> None:
 
 
 def test_tensorrt_requests_fail_clearly_without_tensorrt(untrained_bundle_dir: Path, tmp_path: Path) -> None:
-    from engines.build import build_engines, resolve_backend
+    from ism_edge_engines.build import build_engines, resolve_backend
 
     assert resolve_backend("auto") == "onnxruntime"  # tensorrt-stubs alone is not TensorRT
     with pytest.raises(EngineError, match="INT8 TensorRT engines are not supported"):
@@ -188,7 +189,7 @@ def test_tensorrt_requests_fail_clearly_without_tensorrt(untrained_bundle_dir: P
 
 def test_cli_build_fails_on_a_graph_outside_tolerance(untrained_bundle_dir: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from engines import parity
+    from ism_edge_engines import parity
 
     monkeypatch.setitem(parity.TOLERANCES, "fp16", parity.Tolerance(max_abs=1e-9, mean_abs=1e-10, agreement=0.99))
     run = invoke("build", str(untrained_bundle_dir), "--out", str(tmp_path / "e"), "--backend", "onnxruntime",
@@ -202,7 +203,7 @@ def test_cli_build_fails_on_a_graph_outside_tolerance(untrained_bundle_dir: Path
 def test_fp16_onnxruntime_build_runs_the_sub_pixel_fp16_mapper(untrained_bundle_dir: Path, tmp_path: Path) -> None:
     import onnx
 
-    from engines.build import build_engines
+    from ism_edge_engines.build import build_engines
 
     out = build_engines(untrained_bundle_dir, tmp_path / "fp16", precision="fp16", parity_samples=32)
     m = load_manifest(out)
@@ -240,8 +241,8 @@ def _exporter_breaks_on_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_ctrl_c_inside_the_onnx_exporter_is_an_interrupt(untrained_bundle_dir: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from engines.export import graph_modules, onnx_from_module
-    from training.bundle import DefenseBundle
+    from ism_edge_engines.export import graph_modules, onnx_from_module
+    from ism_edge_training.bundle import DefenseBundle
 
     _exporter_breaks_on_ctrl_c(monkeypatch)
     modules = graph_modules(DefenseBundle.load(untrained_bundle_dir))
@@ -264,7 +265,7 @@ def test_cli_build_interrupted_inside_the_exporter_says_interrupted(untrained_bu
 def _build_until_partial(bundle: Path, out: Path) -> tuple[subprocess.Popen[str], Path]:
     """Start `ism-edge build` in a child process; return it once its temporary directory exists."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "build", str(bundle), "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "ism_edge_cli.main", "build", str(bundle), "--out", str(out),
                              "--backend", "onnxruntime", "--parity-samples", "8"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     import time

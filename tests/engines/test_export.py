@@ -32,7 +32,7 @@ def test_cli_export_writes_graphs_and_report(exported: CliRun) -> None:
 
 
 def test_graphs_are_checker_clean_with_dynamic_batch_and_opset_18(exported: CliRun) -> None:
-    from engines.export import check_onnx
+    from ism_edge_engines.export import check_onnx
 
     for files in _files(exported).values():
         for role, path in files.items():
@@ -68,7 +68,7 @@ def test_mapper_graph_keeps_the_k_sparse_code(exported: CliRun, untrained_bundle
 
 
 def test_fp16_graphs_compute_in_fp16_and_keep_sensitive_ops_fp32(exported: CliRun) -> None:
-    from engines.fp16 import precision_summary
+    from ism_edge_engines.fp16 import precision_summary
 
     files = _files(exported)
     for role in ROLES:
@@ -105,10 +105,10 @@ def test_parity_report_within_tolerance_on_real_samples(exported: CliRun) -> Non
 
 def test_graph_outside_tolerance_fails_naming_it(exported: CliRun, untrained_bundle_dir: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from engines import parity
-    from engines.ort_build import parity_of_files
-    from engines.samples import real_samples
-    from training.bundle import DefenseBundle
+    from ism_edge_engines import parity
+    from ism_edge_engines.ort_build import parity_of_files
+    from ism_edge_engines.samples import real_samples
+    from ism_edge_training.bundle import DefenseBundle
 
     bundle = DefenseBundle.load(untrained_bundle_dir)
     x, source = real_samples((3, 32, 32), 16)
@@ -128,11 +128,11 @@ def test_the_defense_gate_runs_the_runtime_backend_and_decision_code(
     (feedback rounds included) and ism_edge.decision.decide, not a copy of the chain."""
     import dataclasses
 
-    from engines import parity
-    from engines.samples import real_samples
     from ism_edge import decision
     from ism_edge.backends.onnxruntime import OnnxRuntimeBackend
-    from training.bundle import DefenseBundle
+    from ism_edge_engines import parity
+    from ism_edge_engines.samples import real_samples
+    from ism_edge_training.bundle import DefenseBundle
 
     bundle = dataclasses.replace(DefenseBundle.load(untrained_bundle_dir), feedback_rounds=2)
     x, _ = real_samples((3, 32, 32), 12)
@@ -159,7 +159,7 @@ def test_the_defense_gate_runs_the_runtime_backend_and_decision_code(
 
 
 def test_corrupted_onnx_file_is_refused(exported: CliRun, tmp_path: Path) -> None:
-    from engines.export import check_onnx
+    from ism_edge_engines.export import check_onnx
 
     bad = tmp_path / "mapper.onnx"
     data = _files(exported)["fp32"]["mapper"].read_bytes()
@@ -181,7 +181,7 @@ def test_export_refuses_to_replace_a_foreign_directory(untrained_bundle_dir: Pat
 
 
 def test_real_samples_are_real_pixels_and_split(cifar_test: tuple[np.ndarray, np.ndarray]) -> None:
-    from engines.samples import real_samples
+    from ism_edge_engines.samples import real_samples
 
     x, source = real_samples((3, 32, 32), 8)
     np.testing.assert_array_equal((x * 255).round().astype(np.uint8), cifar_test[0][:8].transpose(0, 3, 1, 2))
@@ -195,7 +195,7 @@ def test_real_samples_are_real_pixels_and_split(cifar_test: tuple[np.ndarray, np
 def test_max_bound_allows_the_agreement_share_of_samples_beyond_it() -> None:
     """FP16 (agreement 99 %): 2 of 200 samples beyond the max bound pass (a top-k near-tie moves
     one sample's x̂), 3 do not; the mean bound still covers every element."""
-    from engines import parity
+    from ism_edge_engines import parity
 
     tol = parity.TOLERANCES["fp16"]
     ref = np.zeros((200, 3, 4, 4), dtype=np.float32)

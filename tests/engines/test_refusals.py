@@ -42,7 +42,7 @@ def test_corrupted_onnx_source_is_refused(engine_copy: Path, tmp_path: Path, nam
 
 
 def test_corrupted_engine_file_is_refused(engine_copy: Path) -> None:
-    from engines.ort_build import session
+    from ism_edge_engines.ort_build import session
 
     engine = engine_copy / "classifier.onnx"
     engine.write_bytes(b"\x00garbage" * 100)
@@ -133,10 +133,10 @@ def test_engine_from_another_bundle_is_refused(engine_copy: Path, untrained_bund
 
 def test_bundle_hash_without_torch_matches_training(untrained_bundle_dir: Path) -> None:
     from ism_edge.compat import bundle_sha256
-    from training.bundle import bundle_hash
+    from ism_edge_training.bundle import bundle_hash
 
     assert bundle_sha256(untrained_bundle_dir) == bundle_hash(untrained_bundle_dir)
-    code = ("import sys, ism_edge.compat, engines, engines.build, engines.rebuild; "
+    code = ("import sys, ism_edge.compat, engines, ism_edge_engines.build, engines.rebuild; "
             "assert 'torch' not in sys.modules and 'onnx' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -218,8 +218,8 @@ def test_compiling_a_bundle_without_torch_is_one_line(command: str, untrained_bu
 
 def test_rebuilding_without_onnxruntime_is_one_line(engine_copy: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from engines import ort_build
     from ism_edge.errors import MissingDependencyError
+    from ism_edge_engines import ort_build
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     run = invoke("build", str(engine_copy), "--out", str(tmp_path / "new"))

@@ -1,4 +1,4 @@
-"""The sub-pixel rewrite of strided transposed convolutions computes the same map (engines.subpixel)."""
+"""The sub-pixel rewrite of strided transposed convolutions computes the same map (ism_edge_engines.subpixel)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from engines.subpixel import phase_offsets, subpixel_from_onnx, subpixel_model  # noqa: E402
+from ism_edge_engines.subpixel import phase_offsets, subpixel_from_onnx, subpixel_model  # noqa: E402
 
 
 def _deconv_graph(path: Path, *, c_in: int = 4, c_out: int = 3, k: int = 3, stride: int = 2, pads=(1, 1, 1, 1),

@@ -1,4 +1,4 @@
-"""engines.tensorrt_build on CPU, against a fake TensorRT builder that records what it was asked.
+"""ism_edge_engines.tensorrt_build on CPU, against a fake TensorRT builder that records what it was asked.
 
 The real TensorRT calls are type-checked against tensorrt-stubs (test_typecheck.py); what these
 tests add is the builder's own decisions: TF32 cleared, a bad timing cache replaced by an empty
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engines.tensorrt_build import BatchProfile, engine_from_onnx
+from ism_edge_engines.tensorrt_build import BatchProfile, engine_from_onnx
 
 CACHE_MAGIC = b"TRTCACHE"
 
@@ -190,9 +190,9 @@ def test_a_good_or_missing_timing_cache_builds_without_a_warning(configs: list[F
 
 
 def test_the_tensorrt_build_writes_one_plan_per_role_unmeasured(configs: list[FakeConfig], tmp_path: Path) -> None:
-    from engines import tensorrt_build
-    from engines.progress import Steps
     from ism_edge.manifest import ROLES
+    from ism_edge_engines import tensorrt_build
+    from ism_edge_engines.progress import Steps
 
     graphs = {role: tmp_path / "onnx" / f"{role}.fp16.onnx" for role in ROLES}
     for path in graphs.values():
@@ -211,9 +211,9 @@ def test_the_tensorrt_build_writes_one_plan_per_role_unmeasured(configs: list[Fa
 
 def test_a_tensorrt_build_without_a_visible_gpu_is_refused(configs: list[FakeConfig],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from engines import tensorrt_build
     from ism_edge import compat
     from ism_edge.errors import EngineError
+    from ism_edge_engines import tensorrt_build
 
     monkeypatch.setattr(compat, "current_gpu", lambda device=0: None)
     with pytest.raises(EngineError, match="no CUDA GPU is visible.*--backend onnxruntime"):

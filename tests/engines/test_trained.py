@@ -13,7 +13,7 @@ pytest.importorskip("onnx")
 
 @pytest.mark.slow  # the fixture trains a small defense (~1 min on 2 cores) unless another test already did
 def test_trained_bundle_builds_with_parity_in_tolerance(trained_bundle_dir: Path, tmp_path: Path) -> None:
-    from engines.build import build_engines
+    from ism_edge_engines.build import build_engines
 
     m = load_manifest(build_engines(trained_bundle_dir, tmp_path / "e", parity_samples=128))
     p = m.parity

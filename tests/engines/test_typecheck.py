@@ -26,7 +26,7 @@ def build(path: str) -> None:
 
 
 def test_tensorrt_builder_passes_mypy_with_tensorrt_stubs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from engines.typecheck import run_mypy
+    from ism_edge_engines.typecheck import run_mypy
 
     wrong = tmp_path / "wrong_trt.py"
     wrong.write_text(WRONG)

@@ -1,6 +1,6 @@
 """Fixtures for the runtime tests: an engine directory built from the untrained bundle, test videos.
 
-The engine directory comes from ``engines.build.build_engines`` (torch is used only to build it;
+The engine directory comes from ``ism_edge_engines.build.build_engines`` (torch is used only to build it;
 the runtime under test never imports torch). Test videos are made from the sample photographs in
 ``data/samples/photos``.
 """
@@ -26,11 +26,11 @@ VIDEO_SIZE = (160, 120)  # (width, height) of the generated test videos
 
 
 def build_engine_dir(bundle_dir: Path, out_dir: Path) -> Path:
-    """An ONNX Runtime FP32 engine directory built by ``engines.build.build_engines``.
+    """An ONNX Runtime FP32 engine directory built by ``ism_edge_engines.build.build_engines``.
 
     A small parity sample keeps the build to a few seconds; the parity gate still runs.
     """
-    from engines.build import build_engines
+    from ism_edge_engines.build import build_engines
 
     return Path(build_engines(bundle_dir, out_dir, backend="onnxruntime", precision="fp32", batch=(1, 8, 64),
                               parity_samples=16))

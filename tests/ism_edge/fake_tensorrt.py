@@ -48,7 +48,7 @@ def perturbation(x: np.ndarray, x_hat: np.ndarray) -> np.ndarray:
 
 
 def reference(x: np.ndarray, threshold: float, rounds: int) -> dict[str, np.ndarray]:
-    """The chain as ``training.defense`` defines it, on the numpy networks above."""
+    """The chain as ``ism_edge_training.defense`` defines it, on the numpy networks above."""
     x_hat, recon = mapper(x)
     done = np.zeros(len(x), dtype=np.int32)
     for _ in range(rounds):

@@ -107,7 +107,7 @@ def test_onnxruntime_backend_contract(engine_dir: Path, manifest: EngineManifest
 def test_onnxruntime_feedback_on_the_still_samples_equals_the_whole_batch_rule(
     engine_dir: Path, manifest: EngineManifest, cifar_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    """Re-mapping only the samples still above threshold = training.defense's where() over the batch."""
+    """Re-mapping only the samples still above threshold = ism_edge_training.defense's where() over the batch."""
     x = np.ascontiguousarray(cifar_test[0][:32].transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
     with OnnxRuntimeBackend(engine_dir, manifest, feedback_rounds=0) as plain:
         x_hat, _ = plain._map(x)
@@ -167,7 +167,7 @@ def test_cuda_bindings_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_tensorrt_backend_and_cuda_module_pass_mypy_against_tensorrt_stubs(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("mypy")
     pytest.importorskip("tensorrt_stubs")
-    typecheck = pytest.importorskip("engines.typecheck")
+    typecheck = pytest.importorskip("ism_edge_engines.typecheck")
     monkeypatch.chdir(ROOT)
     report, status = typecheck.run_mypy(["ism_edge/backends/tensorrt", "ism_edge/cuda.py"])
     assert status == 0, report
@@ -207,8 +207,8 @@ def test_cuda_buffers_round_trip_and_events_time() -> None:
 def test_tensorrt_verdicts_match_onnxruntime(untrained_bundle_dir: Path, tmp_path: Path,
                                              cifar_test: tuple[np.ndarray, np.ndarray]) -> None:
     """FP32 TensorRT engines give the ONNX Runtime verdicts; the pipelined schedule changes nothing."""
-    from engines.build import build_engines
     from ism_edge import DefenseRuntime
+    from ism_edge_engines.build import build_engines
 
     out = build_engines(untrained_bundle_dir, tmp_path / "trt", backend="tensorrt", precision="fp32", parity_samples=16)
     images = list(cifar_test[0][:80])

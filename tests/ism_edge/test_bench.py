@@ -357,7 +357,7 @@ def test_the_bench_package_never_imports_torch() -> None:
         "import sys, ism_edge.bench, ism_edge.bench.chain, ism_edge.bench.stream, ism_edge.bench.flops, "
         "ism_edge.bench.peak\n"
         "from ism_edge.bench.flops import chain_flops\n"
-        "print(sorted(m for m in ('torch', 'training', 'engines') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'ism_edge_training', 'ism_edge_engines') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -65,7 +65,7 @@ def _residual(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _whole_batch_reform(x_hat: np.ndarray, rounds: int, threshold: float) -> np.ndarray:
-    """``training.defense.Defense.reform``'s loop in numpy: re-map the whole batch every round."""
+    """``ism_edge_training.defense.Defense.reform``'s loop in numpy: re-map the whole batch every round."""
     for _ in range(rounds):
         again = _toy_map(x_hat)
         still = _residual(x_hat, again) > threshold

@@ -1,4 +1,4 @@
-"""DefenseRuntime on ONNX Runtime: same verdicts as training.defense, frame handling, tile mode."""
+"""DefenseRuntime on ONNX Runtime: same verdicts as ism_edge_training.defense, frame handling, tile mode."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ def _torch_reference(bundle_dir: Path, images: np.ndarray, thresholds: dict[str,
                      rounds: int) -> dict[str, np.ndarray]:
     import torch
 
-    from training.bundle import DefenseBundle
-    from training.defense import Defense
+    from ism_edge_training.bundle import DefenseBundle
+    from ism_edge_training.defense import Defense
 
     bundle = DefenseBundle.load(bundle_dir)
     bundle.thresholds = dict(thresholds)
@@ -56,7 +56,7 @@ def _torch_reference(bundle_dir: Path, images: np.ndarray, thresholds: dict[str,
 def test_verdicts_match_the_pytorch_defense(
     rounds: int, untrained_bundle_dir: Path, engine_copy: Path, cifar_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    """recon_error, JSD, P, flagged, label, confidence and x̂ equal training.defense.Defense's.
+    """recon_error, JSD, P, flagged, label, confidence and x̂ equal ism_edge_training.defense.Defense's.
 
     Without feedback the thresholds sit at the medians of the scores, so both verdicts occur;
     with feedback the reconstruction threshold sits at the median residual of x̂, so some
@@ -64,8 +64,8 @@ def test_verdicts_match_the_pytorch_defense(
     """
     import torch
 
-    from training.bundle import DefenseBundle
-    from training.models import reconstruction_error
+    from ism_edge_training.bundle import DefenseBundle
+    from ism_edge_training.models import reconstruction_error
 
     images = cifar_test[0][:48]
     probe = _torch_reference(untrained_bundle_dir, images, {"recon_error": 1e9, "jsd": 1e9, "p_score": 1e9}, 0)

@@ -16,7 +16,7 @@ from tests.ism_edge import fake_tensorrt as fake
 
 
 def test_a_tensorrt_older_than_10_is_refused_where_it_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from engines import tensorrt_build
+    from ism_edge_engines import tensorrt_build
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake.tensorrt_module(fake.FakeCudaDriver(), version="8.6.1.6"))
     with pytest.raises(MissingDependencyError,
@@ -29,7 +29,7 @@ def test_a_tensorrt_older_than_10_is_refused_where_it_is_loaded(monkeypatch: pyt
 
 
 def test_tensorrt_10_and_11_count_and_stubs_do_not(monkeypatch: pytest.MonkeyPatch) -> None:
-    from engines import tensorrt_build
+    from ism_edge_engines import tensorrt_build
 
     for version in ("10.3.0.30", "11.1.0.106"):
         monkeypatch.setitem(sys.modules, "tensorrt", fake.tensorrt_module(fake.FakeCudaDriver(), version=version))

@@ -9,10 +9,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from ism_edge_training.recipe import RecipeConfig, TrainRequest, train_bundle  # noqa: E402
+from ism_edge_training.recipe import runner as runner_mod  # noqa: E402
+from ism_edge_training.recipe.stages import BestEpoch, _craft  # noqa: E402
 from tests.conftest import CIFAR_TRAIN  # noqa: E402
-from training.recipe import RecipeConfig, TrainRequest, train_bundle  # noqa: E402
-from training.recipe import runner as runner_mod  # noqa: E402
-from training.recipe.stages import BestEpoch, _craft  # noqa: E402
 
 TINY = dict(epochs_classifier=2, batch_size=128, guard_examples=40)
 
@@ -100,8 +100,8 @@ def test_config_refuses_unknown_methods() -> None:
 
 def test_baselines_share_the_classifier_stages_of_a_bundle(trained_bundle_dir: Path, tmp_path: Path) -> None:
     from ism_edge.errors import BundleError
+    from ism_edge_training.bundle import DefenseBundle
     from tests.conftest import TRAINED_RECIPE
-    from training.bundle import DefenseBundle
 
     full = DefenseBundle.load(trained_bundle_dir)
     recipe = RecipeConfig(**TRAINED_RECIPE)
@@ -122,8 +122,8 @@ def test_baselines_share_the_classifier_stages_of_a_bundle(trained_bundle_dir: P
 
 def test_a_full_run_shares_the_distilled_classifier_and_trains_a_new_mapper(trained_bundle_dir: Path,
                                                                             tmp_path: Path) -> None:
+    from ism_edge_training.bundle import DefenseBundle
     from tests.conftest import TRAINED_RECIPE
-    from training.bundle import DefenseBundle
 
     full = DefenseBundle.load(trained_bundle_dir)
     recipe = RecipeConfig(**{**TRAINED_RECIPE, "epochs_mapper": 1})
@@ -139,7 +139,7 @@ def test_a_full_run_shares_the_distilled_classifier_and_trains_a_new_mapper(trai
 
 
 def test_thresholds_hold_the_rate_within_every_group() -> None:
-    from training.recipe.stages import calibrate_thresholds
+    from ism_edge_training.recipe.stages import calibrate_thresholds
 
     rng = np.random.default_rng(0)
     sharp = rng.normal(1.0, 0.1, 200)  # e.g. exact-pixel images: P scores them higher

@@ -1,4 +1,4 @@
-"""Properties of the attacks (training.attacks) on a small classifier trained on real CIFAR-10 samples."""
+"""Properties of the attacks (ism_edge_training.attacks) on a small classifier trained on real CIFAR-10 samples."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
-from tests.conftest import CIFAR_TEST, CIFAR_TRAIN  # noqa: E402
-from training.attacks import (  # noqa: E402
+from ism_edge_training.attacks import (  # noqa: E402
     FGSM,
     PGD,
     AdaptiveAttack,
@@ -20,10 +19,11 @@ from training.attacks import (  # noqa: E402
     bpda,
     make_attack,
 )
-from training.attacks.adaptive import _SurrogateDefense  # noqa: E402
-from training.bundle import DefenseBundle  # noqa: E402
-from training.defense import Defense  # noqa: E402
-from training.models import Classifier, preset  # noqa: E402
+from ism_edge_training.attacks.adaptive import _SurrogateDefense  # noqa: E402
+from ism_edge_training.bundle import DefenseBundle  # noqa: E402
+from ism_edge_training.defense import Defense  # noqa: E402
+from ism_edge_training.models import Classifier, preset  # noqa: E402
+from tests.conftest import CIFAR_TEST, CIFAR_TRAIN  # noqa: E402
 
 EPS = 8 / 255
 N_ATTACK = 64  # test images attacked

@@ -11,15 +11,15 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ism_edge.errors import IsmEdgeError  # noqa: E402
+from ism_edge_training.attacks import AdaptiveAttack  # noqa: E402
+from ism_edge_training.bundle import DefenseBundle, DefenseSpec, read_bundle_manifest  # noqa: E402
+from ism_edge_training.data import load_dataset  # noqa: E402
+from ism_edge_training.data.torch_utils import to_tensor  # noqa: E402
+from ism_edge_training.defense import Defense  # noqa: E402
+from ism_edge_training.evaluation import EvalConfig, evaluate_bundle  # noqa: E402
+from ism_edge_training.recipe import RecipeConfig, TrainRequest, train_bundle  # noqa: E402
+from ism_edge_training.recipe.runner import clean_accuracy  # noqa: E402
 from tests.conftest import CIFAR_TEST, CIFAR_TRAIN  # noqa: E402
-from training.attacks import AdaptiveAttack  # noqa: E402
-from training.bundle import DefenseBundle, DefenseSpec, read_bundle_manifest  # noqa: E402
-from training.data import load_dataset  # noqa: E402
-from training.data.torch_utils import to_tensor  # noqa: E402
-from training.defense import Defense  # noqa: E402
-from training.evaluation import EvalConfig, evaluate_bundle  # noqa: E402
-from training.recipe import RecipeConfig, TrainRequest, train_bundle  # noqa: E402
-from training.recipe.runner import clean_accuracy  # noqa: E402
 
 LIMIT = 300
 TINY = dict(epochs_classifier=1, epochs_mapper=1, epochs_perturbation=1, batch_size=64, adv_attack="fgsm")

@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ism_edge.errors import BundleError  # noqa: E402
-from training.bundle import DefenseBundle, bundle_hash  # noqa: E402
-from training.defense import Defense  # noqa: E402
+from ism_edge_training.bundle import DefenseBundle, bundle_hash  # noqa: E402
+from ism_edge_training.defense import Defense  # noqa: E402
 
 
 def test_round_trip_preserves_weights_and_outputs(untrained_bundle_dir: Path, tmp_path: Path) -> None:

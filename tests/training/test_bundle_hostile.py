@@ -20,8 +20,8 @@ torch = pytest.importorskip("torch")
 from ism_edge._io import sha256_file  # noqa: E402
 from ism_edge.compat import bundle_sha256  # noqa: E402
 from ism_edge.errors import BundleError  # noqa: E402
+from ism_edge_training.bundle import DefenseBundle  # noqa: E402
 from tests.engines._cli import invoke  # noqa: E402
-from training.bundle import DefenseBundle  # noqa: E402
 
 
 @pytest.fixture

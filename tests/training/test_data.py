@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 
 from ism_edge.errors import DataError
-from tests.conftest import CIFAR_TEST, CIFAR_TRAIN, ROOT, SAMPLES
-from training.data import (
+from ism_edge_training.data import (
     CIFAR10_CLASSES,
     ImageArrays,
     declared_classes,
@@ -29,6 +28,7 @@ from training.data import (
     load_dataset,
     stratified_indices,
 )
+from tests.conftest import CIFAR_TEST, CIFAR_TRAIN, ROOT, SAMPLES
 
 CELEBA = SAMPLES / "celeba"
 
@@ -634,7 +634,7 @@ def test_image_arrays_validation() -> None:
 # ---------------------------------------------------------------------------------------------
 def test_to_tensor_and_batches(npz_test: dict) -> None:
     torch = pytest.importorskip("torch")
-    from training.data import iterate_batches, to_tensor
+    from ism_edge_training.data import iterate_batches, to_tensor
 
     a = load_dataset([CIFAR_TEST], limit=300)
     t = to_tensor(a.x)
@@ -658,7 +658,7 @@ def test_to_tensor_and_batches(npz_test: dict) -> None:
 
 def test_augmentation_is_reflect_crop_and_flip(npz_test: dict) -> None:
     torch = pytest.importorskip("torch")
-    from training.data import iterate_batches
+    from ism_edge_training.data import iterate_batches
 
     a = load_dataset([CIFAR_TEST], limit=64)
     aug = torch.cat([xb for xb, _ in iterate_batches(a, 32, shuffle=False, augment=True, seed=7)])
@@ -677,7 +677,7 @@ def test_augmentation_is_reflect_crop_and_flip(npz_test: dict) -> None:
 
 
 def test_loaders_do_not_import_torch() -> None:
-    code = (f"import sys; import training.data as d; d.load_dataset([r'{CIFAR_TEST}'], limit=10); "
+    code = (f"import sys; import ism_edge_training.data as d; d.load_dataset([r'{CIFAR_TEST}'], limit=10); "
             f"d.load_dataset([r'{CELEBA}'], image_size=8, limit=4); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -20,8 +20,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ism_edge.errors import ExitCode  # noqa: E402
+from ism_edge_training import distributed as dist  # noqa: E402
 from tests.conftest import CIFAR_TEST, CIFAR_TRAIN, ROOT  # noqa: E402
-from training import distributed as dist  # noqa: E402
 
 # A short recipe: every stage, one epoch, 120 training images (6 batches of 20; 10 per rank with 2 ranks).
 SHORT = ["--data", str(CIFAR_TRAIN), "--limit", "133", "--preset", "small", "--epochs", "1", "--epochs-finetune", "1",
@@ -36,8 +36,8 @@ def _free_port() -> int:
 
 
 def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "ism_edge_cli", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def test_shards_are_disjoint_equal_and_cover_everything() -> None:
@@ -61,9 +61,9 @@ def _rank_probe(rank: int, world: int, port: int, out: str) -> None:
     """One gloo rank: what its epoch context yields and what the reductions return."""
     import torch.distributed as td
 
-    from training.data import ImageArrays
-    from training.recipe import RecipeConfig
-    from training.recipe.stages import EpochContext, heldout_accuracy
+    from ism_edge_training.data import ImageArrays
+    from ism_edge_training.recipe import RecipeConfig
+    from ism_edge_training.recipe.stages import EpochContext, heldout_accuracy
 
     td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -126,7 +126,7 @@ def two_rank_and_one_rank_bundles(tmp_path_factory: pytest.TempPathFactory) -> t
     assert run.returncode == 0, run.stderr[-3000:]
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from ism_edge_cli.main import app
 
     one = CliRunner().invoke(app, ["train", *SHORT, "--out", str(tmp / "one")])
     assert one.exit_code == 0, one.output
@@ -137,9 +137,9 @@ def two_rank_and_one_rank_bundles(tmp_path_factory: pytest.TempPathFactory) -> t
 def test_two_rank_and_one_rank_bundles_load_evaluate_and_build(two_rank_and_one_rank_bundles, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from cli.main import app
-    from training.bundle import DefenseBundle
-    from training.recipe import STAGES
+    from ism_edge_cli.main import app
+    from ism_edge_training.bundle import DefenseBundle
+    from ism_edge_training.recipe import STAGES
 
     two, one, log = two_rank_and_one_rank_bundles
     for path, ranks in ((two, 2), (one, 1)):
@@ -174,7 +174,7 @@ def test_only_rank_0_writes_and_logs(two_rank_and_one_rank_bundles) -> None:
 # the undefended stage; launched by hand, without torchrun's agent to stop the other rank.
 FAULTY_RANK = """
 import os, sys, time
-from training.recipe import runner
+from ism_edge_training.recipe import runner
 if os.environ["RANK"] == "1":
     real = runner.classifier_epoch
     def faulty(*a, **kw):
@@ -184,7 +184,7 @@ if os.environ["RANK"] == "1":
             time.sleep(600)
         return real(*a, **kw)
     runner.classifier_epoch = faulty
-from cli.main import main
+from ism_edge_cli.main import main
 sys.argv = ["ism-edge", *sys.argv[2:]]
 main()
 """
@@ -217,7 +217,7 @@ def test_a_dead_or_stalled_rank_ends_the_job_with_one_line(fault: str, tmp_path:
     run = _cli("train", *args, "--nproc", "2", "--resume")  # the job continues where it stopped
     assert run.returncode == 0, run.stderr[-3000:]
     assert "undefended: resuming at epoch 2/2" in run.stdout + run.stderr
-    from training.bundle import DefenseBundle
+    from ism_edge_training.bundle import DefenseBundle
 
     assert len(DefenseBundle.load(out).stages["undefended"]["history"]) == 2
 

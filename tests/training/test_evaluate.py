@@ -12,10 +12,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.conftest import CIFAR_TEST  # noqa: E402
-from training.bundle import DefenseBundle  # noqa: E402
-from training.data import load_dataset  # noqa: E402
-from training.evaluation import (  # noqa: E402
+from ism_edge_training.bundle import DefenseBundle  # noqa: E402
+from ism_edge_training.data import load_dataset  # noqa: E402
+from ism_edge_training.evaluation import (  # noqa: E402
     EvalConfig,
     csv_text,
     evaluate_bundle,
@@ -24,6 +23,7 @@ from training.evaluation import (  # noqa: E402
     plot_accuracy_vs_eps,
     sanity_checks,
 )
+from tests.conftest import CIFAR_TEST  # noqa: E402
 
 N = 40
 EPS = (8 / 255, 0.3)

@@ -23,7 +23,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from training.models.external import ClassifierSource, classifier_graph, prepare_classifier  # noqa: E402
+from ism_edge_training.models.external import ClassifierSource, classifier_graph, prepare_classifier  # noqa: E402
 
 
 def _save(tmp_path: Path, name: str, nodes: list[Any], inits: list[Any], in_shape: list[Any], k: int) -> Path:
@@ -69,11 +69,11 @@ def test_nhwc_bgr_255_probabilities_contract(tmp_path: Path) -> None:
 
 
 def test_a_non_square_input_is_padded_for_m_and_compiled(tmp_path: Path) -> None:
-    from cli.main import app
     from ism_edge.runtime import DefenseRuntime
-    from training.bundle import DefenseBundle, external_networks
-    from training.models import preset
-    from training.models.padded import PaddedMappingNetwork, mapper_side
+    from ism_edge_cli.main import app
+    from ism_edge_training.bundle import DefenseBundle, external_networks
+    from ism_edge_training.models import preset
+    from ism_edge_training.models.padded import PaddedMappingNetwork, mapper_side
 
     nodes, inits = _linear_head("x", False, 3, False)
     path = _save(tmp_path, "wide", nodes, inits, [1, 3, 40, 56], 3)
@@ -105,8 +105,8 @@ def test_a_non_square_input_is_padded_for_m_and_compiled(tmp_path: Path) -> None
 
 def test_a_bundle_whose_classifier_graph_was_modified_is_refused(tmp_path: Path) -> None:
     from ism_edge.errors import BundleError
-    from training.bundle import DefenseBundle, external_networks
-    from training.models import preset
+    from ism_edge_training.bundle import DefenseBundle, external_networks
+    from ism_edge_training.models import preset
 
     nodes, inits = _linear_head("x", False, 3, False)
     path = _save(tmp_path, "c", nodes, inits, ["batch", 3, 32, 32], 3)

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from training.models import (  # noqa: E402
+from ism_edge_training.models import (  # noqa: E402
     PRESETS,
     Classifier,
     MappingNetwork,
@@ -65,7 +65,7 @@ def test_the_residual_decoder_path_carries_detail_the_code_cannot() -> None:
         # Same code for both images (the sparse code alone would give the same output), other detail.
         za = m.encoder(a)
         qa, qb = m.encoder[:4](a), m.encoder[:4](b)
-        from training.models import k_sparse as ks
+        from ism_edge_training.models import k_sparse as ks
 
         za = ks(za, cfg.sparsity_k)
         assert not torch.allclose(m.decode(za, qa), m.decode(za, qb))

@@ -11,13 +11,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ism_edge.errors import BundleError, IsmEdgeError  # noqa: E402
+from ism_edge_training.bundle import DefenseBundle  # noqa: E402
+from ism_edge_training.data import load_dataset  # noqa: E402
+from ism_edge_training.defense import Defense  # noqa: E402
+from ism_edge_training.recipe import STAGES, RecipeConfig, TrainRequest, train_bundle  # noqa: E402
+from ism_edge_training.recipe import runner as runner_mod  # noqa: E402
+from ism_edge_training.recipe.stages import defense_scores  # noqa: E402
 from tests.conftest import CIFAR_TEST, CIFAR_TRAIN  # noqa: E402
-from training.bundle import DefenseBundle  # noqa: E402
-from training.data import load_dataset  # noqa: E402
-from training.defense import Defense  # noqa: E402
-from training.recipe import STAGES, RecipeConfig, TrainRequest, train_bundle  # noqa: E402
-from training.recipe import runner as runner_mod  # noqa: E402
-from training.recipe.stages import defense_scores  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def heldout():
 
 
 def _accuracy(net: torch.nn.Module, data) -> float:
-    from training.recipe.runner import clean_accuracy
+    from ism_edge_training.recipe.runner import clean_accuracy
 
     return clean_accuracy(net, data, torch.device("cpu"))
 
@@ -40,9 +40,9 @@ def test_short_training_beats_chance(trained_bundle_dir: Path, heldout) -> None:
 
 
 def test_detectors_flag_large_attacks_far_more_than_clean(trained_bundle_dir: Path, heldout) -> None:
-    from training.attacks import PGD
-    from training.data.torch_utils import to_tensor
-    from training.defense import attack_surrogate
+    from ism_edge_training.attacks import PGD
+    from ism_edge_training.data.torch_utils import to_tensor
+    from ism_edge_training.defense import attack_surrogate
 
     b = DefenseBundle.load(trained_bundle_dir)
     x = to_tensor(heldout.x[:200])
@@ -186,8 +186,8 @@ def test_same_seed_same_weights(tmp_path: Path) -> None:
 def test_exact_pixel_pairs_weigh_as_much_as_reencoded_ones_in_p_s_loss() -> None:
     import numpy as np
 
-    from training.data.arrays import ImageArrays
-    from training.recipe.stages import EpochContext
+    from ism_edge_training.data.arrays import ImageArrays
+    from ism_edge_training.recipe.stages import EpochContext
 
     n = 20
     exact = np.arange(n) < 2  # 10 % exact pixels, as in the CIFAR-10 copy

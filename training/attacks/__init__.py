@@ -13,11 +13,11 @@ from typing import Any
 
 from torch import nn
 
-from training.attacks.adaptive import AdaptiveAttack
-from training.attacks.base import BPDA, Attack, bpda, project
-from training.attacks.fgsm import FGSM
-from training.attacks.pgd import PGD
-from training.attacks.square import SquareAttack
+from ism_edge_training.attacks.adaptive import AdaptiveAttack
+from ism_edge_training.attacks.base import BPDA, Attack, bpda, project
+from ism_edge_training.attacks.fgsm import FGSM
+from ism_edge_training.attacks.pgd import PGD
+from ism_edge_training.attacks.square import SquareAttack
 
 ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "square": SquareAttack}
 

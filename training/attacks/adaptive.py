@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from training.attacks.base import (
+from ism_edge_training.attacks.base import (
     Attack,
     bpda,
     check_int,
@@ -29,12 +29,12 @@ from training.attacks.base import (
     project,
     random_start,
 )
-from training.attacks.square import margin_loss
-from training.bundle import SCORES
-from training.models import reconstruction_error
+from ism_edge_training.attacks.square import margin_loss
+from ism_edge_training.bundle import SCORES
+from ism_edge_training.models import reconstruction_error
 
 if TYPE_CHECKING:
-    from training.defense import Defense, DefenseOutput
+    from ism_edge_training.defense import Defense, DefenseOutput
 
 BPDA_MODES = ("none", "feedback", "mapper")
 LOSSES = ("margin", "ce")
@@ -119,7 +119,7 @@ class AdaptiveAttack(Attack):
                    if not hasattr(defense, a)]
         if missing:
             raise ValueError(
-                f"AdaptiveAttack needs a training.defense.Defense (Defense(bundle)); "
+                f"AdaptiveAttack needs a ism_edge_training.defense.Defense (Defense(bundle)); "
                 f"{type(defense).__name__} has no {', '.join(missing)}"
             )
         self.steps = check_int(steps, "steps", 1)

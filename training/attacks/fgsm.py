@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from training.attacks.base import Attack, input_gradient
+from ism_edge_training.attacks.base import Attack, input_gradient
 
 
 class FGSM(Attack):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from training.attacks.base import (
+from ism_edge_training.attacks.base import (
     Attack,
     check_int,
     check_positive,

@@ -3,7 +3,7 @@
 :class:`ImageArrays` (uint8 NHWC RGB, int64 labels, provenance).
 
 The loaders need numpy and OpenCV only; ``to_tensor`` and ``iterate_batches`` live in
-:mod:`training.data.torch_utils`, the one module here that imports torch, and are imported
+:mod:`ism_edge_training.data.torch_utils`, the one module here that imports torch, and are imported
 from it on first access.
 """
 
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from training.data.arrays import ImageArrays, stratified_indices
-from training.data.cifar10 import CIFAR10_CLASSES
-from training.data.load import KINDS, declared_classes, detect_kind, load_dataset
+from ism_edge_training.data.arrays import ImageArrays, stratified_indices
+from ism_edge_training.data.cifar10 import CIFAR10_CLASSES
+from ism_edge_training.data.load import KINDS, declared_classes, detect_kind, load_dataset
 
 if TYPE_CHECKING:
-    from training.data.torch_utils import iterate_batches, to_tensor
+    from ism_edge_training.data.torch_utils import iterate_batches, to_tensor
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -33,7 +33,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("to_tensor", "iterate_batches"):
-        from training.data import torch_utils
+        from ism_edge_training.data import torch_utils
 
         return getattr(torch_utils, name)
-    raise AttributeError(f"module 'training.data' has no attribute {name!r}")
+    raise AttributeError(f"module 'ism_edge_training.data' has no attribute {name!r}")

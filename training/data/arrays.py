@@ -49,7 +49,7 @@ def _indices_digest(idx: np.ndarray) -> str:
 class ImageArrays:
     """A labelled image set held in memory, with a record of where it came from.
 
-    ``x`` is uint8 ``(N, H, W, C)``, RGB (C = 3) or grey (C = 1); ``training.data.torch_utils.to_tensor``
+    ``x`` is uint8 ``(N, H, W, C)``, RGB (C = 3) or grey (C = 1); ``ism_edge_training.data.torch_utils.to_tensor``
     turns it into float32 NCHW pixels in [0, 1]. ``y`` holds int64 indices into ``class_names``.
     ``provenance`` is a JSON-serialisable record (kind, absolute paths, per-file SHA-256, N,
     split, attribute, image size, selections applied) that ends up in the bundle manifest.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ism_edge.errors import DataError
-from training.data.images import IMAGE_EXTENSIONS
+from ism_edge_training.data.images import IMAGE_EXTENSIONS
 
 
 def _images_in(d: Path) -> list[Path]:

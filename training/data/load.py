@@ -13,10 +13,10 @@ import numpy as np
 
 from ism_edge._io import sha256_file
 from ism_edge.errors import DataError
-from training.data import celeba, cifar10, folder
-from training.data.arrays import ImageArrays, stratified_indices
-from training.data.images import files_digest, fit_all, read_images
-from training.data.npz import declared_names, read_npz_parts
+from ism_edge_training.data import celeba, cifar10, folder
+from ism_edge_training.data.arrays import ImageArrays, stratified_indices
+from ism_edge_training.data.images import files_digest, fit_all, read_images
+from ism_edge_training.data.npz import declared_names, read_npz_parts
 
 KINDS = ("cifar10-pickle", "cifar10-binary", "npz", "celeba", "folder")
 LAYOUTS = ("a CIFAR-10 cifar-10-batches-py or cifar-10-batches-bin directory (or its parent), "

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ism_edge.errors import DataError
-from training.data.cifar10 import CIFAR10_CLASSES
+from ism_edge_training.data.cifar10 import CIFAR10_CLASSES
 
 FORMAT_HINT = "an image .npz holds x (uint8, N×H×W×C RGB) and y (integer labels, N), optionally exact (bool, N)"
 

@@ -1,4 +1,4 @@
-"""From :class:`ImageArrays` to PyTorch batches; the only module of ``training.data`` that imports torch."""
+"""From :class:`ImageArrays` to PyTorch batches; the only module of ``ism_edge_training.data`` that imports torch."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ism_edge.errors import DataError
-from training.data.arrays import ImageArrays
+from ism_edge_training.data.arrays import ImageArrays
 
 PAD = 4
 

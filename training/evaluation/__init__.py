@@ -1,7 +1,7 @@
 """Honest evaluation of a defense bundle and its baselines (docs/evaluation.md)."""
 
-from training.evaluation.claims import CLAIMS, claim_for
-from training.evaluation.protocol import (
+from ism_edge_training.evaluation.claims import CLAIMS, claim_for
+from ism_edge_training.evaluation.protocol import (
     DEFAULT_EPS,
     Cell,
     EvalConfig,
@@ -9,14 +9,14 @@ from training.evaluation.protocol import (
     evaluate_bundle,
     plan_cells,
 )
-from training.evaluation.report import (
+from ism_edge_training.evaluation.report import (
     csv_text,
     markdown_report,
     markdown_table,
     plot_accuracy_vs_eps,
     rich_table,
 )
-from training.evaluation.sanity import sanity_checks
+from ism_edge_training.evaluation.sanity import sanity_checks
 
 __all__ = [
     "CLAIMS",

@@ -23,12 +23,12 @@ from rich.progress import Progress
 from torch import nn
 
 from ism_edge.errors import missing_dependency
-from training.attacks import PGD, AdaptiveAttack, Attack
-from training.bundle import DefenseBundle
-from training.data import ImageArrays
-from training.data.torch_utils import to_tensor
-from training.defense import Defense, attack_surrogate, is_distilled
-from training.evaluation.protocol import EvalConfig
+from ism_edge_training.attacks import PGD, AdaptiveAttack, Attack
+from ism_edge_training.bundle import DefenseBundle
+from ism_edge_training.data import ImageArrays
+from ism_edge_training.data.torch_utils import to_tensor
+from ism_edge_training.defense import Defense, attack_surrogate, is_distilled
+from ism_edge_training.evaluation.protocol import EvalConfig
 
 ART_PACKAGE = "adversarial-robustness-toolbox"
 
@@ -150,7 +150,7 @@ def crosscheck(bundle: DefenseBundle, data: ImageArrays, cfg: EvalConfig, *, dev
 
 def crosscheck_markdown(checks: list[dict[str, Any]]) -> str:
     """The cross-check as a Markdown table (accuracy of the attacked model, %)."""
-    from training.evaluation.report import eps_label
+    from ism_edge_training.evaluation.report import eps_label
 
     head = ["defense", "attacked model", "ε", "steps", "ours PGD %", "ART PGD %", "ART APGD-CE %", "ART APGD-DLR %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -22,14 +22,14 @@ Clean inputs give clean accuracy and each detector's false-positive rate. Threat
 * ``adaptive``: white-box through the whole deployed defense — M with its feedback loop, C on
   x̂, P and every deployed detector, with a term that pushes each score under its calibrated
   threshold (Carlini & Wagner 2017's break of MagNet; Tramèr et al. 2020). ``pgd`` is
-  :class:`training.attacks.AdaptiveAttack` with ``adaptive_steps`` steps and
+  :class:`ism_edge_training.attacks.AdaptiveAttack` with ``adaptive_steps`` steps and
   ``adaptive_restarts`` restarts plus, for every ε above the smallest, one run started from the
   adversarial examples of the next smaller ε (they lie inside the larger ball, so a larger budget
   is never weaker; oblivious/known PGD does the same for the samples its own runs did not fool),
   ``fgsm`` its single step of size ε without random start,
   ``square`` the score-based black-box Square attack on the defense's label logits.
 
-With ``sanity=True`` extra cells are run for the checks of :mod:`training.evaluation.sanity`
+With ``sanity=True`` extra cells are run for the checks of :mod:`ism_edge_training.evaluation.sanity`
 (ε = 0, an unbounded ε = 1, twice the PGD steps); they are reported apart from the table.
 """
 
@@ -47,11 +47,11 @@ from rich.progress import Progress
 from torch import nn
 
 from ism_edge.errors import IsmEdgeError
-from training.attacks import PGD, AdaptiveAttack, Attack, make_attack
-from training.bundle import SCORES, DefenseBundle
-from training.data import ImageArrays
-from training.data.torch_utils import iterate_batches
-from training.defense import Defense, attack_surrogate, is_distilled
+from ism_edge_training.attacks import PGD, AdaptiveAttack, Attack, make_attack
+from ism_edge_training.bundle import SCORES, DefenseBundle
+from ism_edge_training.data import ImageArrays
+from ism_edge_training.data.torch_utils import iterate_batches
+from ism_edge_training.defense import Defense, attack_surrogate, is_distilled
 
 DEFAULT_EPS = (8 / 255, 0.1, 0.2, 0.3, 0.4)
 ATTACK_NAMES = ("fgsm", "pgd", "square")
@@ -71,7 +71,7 @@ class EvalConfig:
     ``pgd_steps``/``pgd_restarts``: PGD against a classifier (oblivious, known; step 2.5·ε/steps,
     random start). ``adaptive_steps``/``adaptive_restarts``: the adaptive PGD through the defense;
     ``adaptive_bpda``: ``"none"`` (exact gradients), ``"feedback"`` or ``"mapper"`` (see
-    :class:`training.attacks.AdaptiveAttack`). ``square_queries``: Square's query budget per image.
+    :class:`ism_edge_training.attacks.AdaptiveAttack`). ``square_queries``: Square's query budget per image.
     ``sanity``: also run the extra cells of the sanity checks.
     """
 
@@ -232,7 +232,7 @@ def _other_label(o: Any, label_source: str) -> torch.Tensor:
 
 
 def _dataset_name(data: ImageArrays) -> str:
-    from training.data.cifar10 import CIFAR10_CLASSES
+    from ism_edge_training.data.cifar10 import CIFAR10_CLASSES
 
     names = tuple(data.class_names)
     if names == tuple(CIFAR10_CLASSES):
@@ -357,7 +357,7 @@ def evaluate_bundle(
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }
-    from training.evaluation.sanity import sanity_checks
+    from ism_edge_training.evaluation.sanity import sanity_checks
 
     result["sanity"] = sanity_checks(result)
     if progress is not None and task is not None:

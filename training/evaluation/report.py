@@ -51,7 +51,7 @@ def _as_list(results: dict[str, Any] | Sequence[dict[str, Any]]) -> list[dict[st
 
 def rows(results: dict[str, Any] | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One flat row per (defense, threat, attack, ε) cell, with the paper's claim where it has one."""
-    from training.evaluation.claims import claim_for
+    from ism_edge_training.evaluation.claims import claim_for
 
     out = []
     for r in _as_list(results):
@@ -99,7 +99,7 @@ def _md(header: list[str], body: list[list[str]]) -> list[str]:
 
 def markdown_report(results: dict[str, Any] | Sequence[dict[str, Any]], title: str | None = None) -> str:
     """The full report: cells, clean accuracy and FPR, sanity checks, claims note, settings."""
-    from training.evaluation.claims import SOURCE
+    from ism_edge_training.evaluation.claims import SOURCE
 
     rs = _as_list(results)
     lines = [f"# {title}", ""] if title else []
@@ -147,7 +147,7 @@ CSV_FIELDS = ["defense", "baseline", "dataset", "threat", "attack", "eps", "step
 
 def csv_text(results: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
     """Every cell (table and sanity cells) as CSV, fractions in [0, 1]."""
-    from training.evaluation.claims import claim_for
+    from ism_edge_training.evaluation.claims import claim_for
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
@@ -185,7 +185,7 @@ def plot_accuracy_vs_eps(results: dict[str, Any] | Sequence[dict[str, Any]], pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from training.evaluation.claims import claim_for
+    from ism_edge_training.evaluation.claims import claim_for
 
     rs = _as_list(results)
     threats = [t for t in ("oblivious", "known", "adaptive") if any(c["threat"] == t for r in rs for c in r["cells"])]

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from training.evaluation.report import eps_label
+from ism_edge_training.evaluation.report import eps_label
 
 UNBOUNDED_MAX = 0.05
 

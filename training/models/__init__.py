@@ -1,7 +1,7 @@
 """Networks of the defense (paper Tables 1 and 2) and their configuration presets."""
 
-from training.models.config import PRESETS, ModelConfig, preset
-from training.models.networks import (
+from ism_edge_training.models.config import PRESETS, ModelConfig, preset
+from ism_edge_training.models.networks import (
     Classifier,
     Discriminator,
     MappingNetwork,

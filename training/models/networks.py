@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.models.config import ModelConfig
+from ism_edge_training.models.config import ModelConfig
 
 
 class Classifier(nn.Module):

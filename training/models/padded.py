@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from training.models.config import ModelConfig
-from training.models.networks import MappingNetwork
+from ism_edge_training.models.config import ModelConfig
+from ism_edge_training.models.networks import MappingNetwork
 
 
 def mapper_side(height: int, width: int) -> int:

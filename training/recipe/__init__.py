@@ -1,6 +1,6 @@
 """The training recipe (docs/training.md): adversarial training, distillation, M, P, calibration."""
 
-from training.recipe.config import (
+from ism_edge_training.recipe.config import (
            BASELINE_HELP,
            BASELINE_STAGES,
            STAGE_HELP,
@@ -8,7 +8,7 @@ from training.recipe.config import (
            RecipeConfig,
            baseline_stages,
 )
-from training.recipe.runner import TrainRequest, train_bundle
+from ism_edge_training.recipe.runner import TrainRequest, train_bundle
 
 __all__ = ["BASELINE_HELP", "BASELINE_STAGES", "STAGES", "STAGE_HELP", "RecipeConfig", "TrainRequest",
            "baseline_stages", "train_bundle"]

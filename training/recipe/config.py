@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from ism_edge.manifest import DEFAULT_DETECTOR_TEMPERATURE
-from training.bundle import BASELINES
+from ism_edge_training.bundle import BASELINES
 
 STAGES = ("undefended", "adversarial", "distill", "mapper", "finetune", "perturbation", "calibrate")
 STAGE_HELP = {

@@ -15,16 +15,16 @@ import numpy as np
 import torch
 
 from ism_edge.errors import BundleError, DataError, IsmEdgeError
-from training import distributed as dist
-from training.bundle import DefenseBundle, DefenseSpec, bundle_hash
-from training.data import ImageArrays, load_dataset
-from training.defense import Defense, attack_surrogate
-from training.models import ScaledLogits
-from training.models import preset as model_preset
-from training.models.external import ClassifierSource
-from training.progress import log, make_progress
-from training.recipe.config import STAGES, RecipeConfig, baseline_stages
-from training.recipe.stages import (
+from ism_edge_training import distributed as dist
+from ism_edge_training.bundle import DefenseBundle, DefenseSpec, bundle_hash
+from ism_edge_training.data import ImageArrays, load_dataset
+from ism_edge_training.defense import Defense, attack_surrogate
+from ism_edge_training.models import ScaledLogits
+from ism_edge_training.models import preset as model_preset
+from ism_edge_training.models.external import ClassifierSource
+from ism_edge_training.progress import log, make_progress
+from ism_edge_training.recipe.config import STAGES, RecipeConfig, baseline_stages
+from ism_edge_training.recipe.stages import (
     BestEpoch,
     EpochContext,
     adversarial_pool,
@@ -120,7 +120,7 @@ def _optimizer(params: Any, cfg: RecipeConfig, lr: float | None = None) -> torch
 
 @torch.no_grad()
 def clean_accuracy(model: torch.nn.Module, data: ImageArrays, device: torch.device) -> float:
-    from training.data.torch_utils import iterate_batches
+    from ism_edge_training.data.torch_utils import iterate_batches
 
     model.eval()
     correct = 0
@@ -178,9 +178,9 @@ class RecipeRunner:
     def _external_bundle(self, train: ImageArrays, calib: ImageArrays) -> DefenseBundle:
         """The bundle around the user's classifier: read, checked and converted here (or loaded from
         ``--out`` when the run starts after the mapper stage), with fresh M, P and D."""
-        from training.bundle import external_networks
-        from training.models.external import prepare_classifier
-        from training.models.padded import mapper_side
+        from ism_edge_training.bundle import external_networks
+        from ism_edge_training.models.external import prepare_classifier
+        from ism_edge_training.models.padded import mapper_side
 
         assert self.req.classifier is not None
         out = Path(self.req.out)
@@ -471,7 +471,7 @@ class RecipeRunner:
         _seed_everything(self.cfg.seed)
         size: int | tuple[int, int] = model_preset(self.req.preset).image_size
         if self.req.classifier is not None:
-            from training.models.external import classifier_size
+            from ism_edge_training.models.external import classifier_size
 
             size = classifier_size(self.req.classifier)
         train, calib = self._load_data(size)

@@ -1,7 +1,7 @@
 """The stages of the training recipe (docs/training.md), as plain per-epoch functions.
 
 Each ``*_epoch`` function trains for one epoch and returns its mean metrics; the runner
-(``training.recipe.runner``) owns the loop, optimisers, checkpoints and progress display.
+(``ism_edge_training.recipe.runner``) owns the loop, optimisers, checkpoints and progress display.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
-from training import distributed as dist
-from training.attacks import make_attack
-from training.bundle import SCORES
-from training.data import ImageArrays
-from training.data.torch_utils import iterate_batches, to_tensor
-from training.defense import Defense
-from training.models import ScaledLogits, sparse_l1
-from training.progress import Meter, track
-from training.recipe.config import RecipeConfig
+from ism_edge_training import distributed as dist
+from ism_edge_training.attacks import make_attack
+from ism_edge_training.bundle import SCORES
+from ism_edge_training.data import ImageArrays
+from ism_edge_training.data.torch_utils import iterate_batches, to_tensor
+from ism_edge_training.defense import Defense
+from ism_edge_training.models import ScaledLogits, sparse_l1
+from ism_edge_training.progress import Meter, track
+from ism_edge_training.recipe.config import RecipeConfig
 
 
 @dataclass

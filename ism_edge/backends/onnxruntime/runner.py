@@ -3,7 +3,7 @@
 The classifier runs once on the concatenated batch [x; x̂] (one call instead of two — faster on
 the CPU provider, same numbers). Feedback rounds re-map only the samples that are still above
 the reconstruction threshold, which gives the same result as re-mapping the whole batch and
-keeping the converged samples (``training.defense.Defense.reform``): a converged sample never
+keeping the converged samples (``ism_edge_training.defense.Defense.reform``): a converged sample never
 changes again. Copies to and from a GPU (CUDA provider) happen inside ``session.run``; the
 ``upload`` stage is therefore 0 and ``download`` is the host-side collection of the outputs.
 """

@@ -9,7 +9,7 @@ Two things pass for ``import tensorrt`` without being a usable TensorRT:
   ``ParserError.node_name`` with an ``AttributeError``. Its major version is checked here, where
   the module is loaded, and the error says what is needed.
 
-The backend (:mod:`ism_edge.backends.tensorrt.runner`), the builder (:mod:`engines.tensorrt_build`)
+The backend (:mod:`ism_edge.backends.tensorrt.runner`), the builder (:mod:`ism_edge_engines.tensorrt_build`)
 and the engine-directory check (:mod:`ism_edge.compat`) all ask this module.
 """
 

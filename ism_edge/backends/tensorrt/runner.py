@@ -372,7 +372,7 @@ class TensorRTBackend(Backend):
     def _feedback(self, n: int) -> np.ndarray:
         """Feedback reformation on the mapper stream: x̂ ← M(x̂) for samples still above threshold.
 
-        Same rule as ``training.defense.Defense.reform``; the mapper's ``recon_error`` output on
+        Same rule as ``ism_edge_training.defense.Defense.reform``; the mapper's ``recon_error`` output on
         input x̂ is exactly ‖x̂ − M(x̂)‖₁/(CHW). Replaced samples are copied device to device. Only
         the first ``n`` samples count (padding rows beyond them are re-mapped but never decided on).
         """
