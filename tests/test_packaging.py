@@ -27,12 +27,12 @@ def test_no_module_imports_a_folder_by_its_own_name() -> None:
     assert offenders == []
 
 
-@pytest.mark.slow
-def test_the_wheel_installs_only_names_of_this_project(tmp_path: Path) -> None:
+def build_wheel(tmp_path: Path) -> Path:
+    """The project's wheel, built from the committed tree (no build/ or egg-info of the checkout leaks in)."""
     pytest.importorskip("setuptools")
     src = tmp_path / "src"
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for rel in tracked:  # the committed tree only: no build/ or egg-info of the checkout leaks in
+    for rel in tracked:
         if (ROOT / rel).is_file() and not rel.startswith(("models/", "data/", "tests/")):
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, src / rel)
@@ -40,6 +40,12 @@ def test_the_wheel_installs_only_names_of_this_project(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
                     str(src)], check=True, capture_output=True, text=True)
     (wheel,) = out.glob("ism_edge-*.whl")
+    return wheel
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_only_names_of_this_project(tmp_path: Path) -> None:
+    wheel = build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         info = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
