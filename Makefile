@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	# Type stubs for the TensorRT builder module; --no-deps because the stubs'
 	# dependency on tensorrt itself cannot be installed without NVIDIA's index.
 	$(PIP) install -q --no-deps "tensorrt-stubs>=10,<11"
+	# onnx2torch (train --classifier model.onnx) without its torchvision requirement (pyproject: train).
+	$(PIP) install -q --no-deps "onnx2torch>=1.5,<2"
 	touch $@
 
 install: $(VENV)/.installed

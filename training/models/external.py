@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ism_edge.contract import ClassifierInput
-from ism_edge.errors import BundleError, missing_dependency
+from ism_edge.errors import BundleError, MissingDependencyError, missing_dependency
 
 if TYPE_CHECKING:
     import onnx
@@ -95,7 +95,9 @@ def import_onnx2torch() -> Any:
     if "onnx2torch" in sys.modules:
         return sys.modules["onnx2torch"]
     if importlib.util.find_spec("onnx2torch") is None:
-        raise missing_dependency("onnx2torch", "train", "converting an ONNX classifier to PyTorch")
+        raise MissingDependencyError("converting an ONNX classifier to PyTorch needs the Python module 'onnx2torch', "
+                                     "which is not installed: pip install --no-deps 'onnx2torch>=1.5,<2' (its "
+                                     "torchvision requirement is not needed)")
     if importlib.util.find_spec("torchvision") is not None:
         import onnx2torch
 
