@@ -31,7 +31,7 @@ typecheck: $(VENV)/.installed
 	$(PY) -m mypy ism_edge
 
 lint: $(VENV)/.installed
-	# pyproject's [tool.ruff]: 120 columns, and ism_edge may not import torch, training or engines.
+	# pyproject's [tool.ruff]: 120 columns, and ism_edge may not import torch, ism_edge_training or ism_edge_engines.
 	$(PY) -m ruff check ism_edge training engines cli tests examples scripts
 
 test: $(VENV)/.installed

@@ -65,7 +65,8 @@ def test_import_and_a_full_onnxruntime_run_load_no_torch(engine_dir: Path, sampl
 
 
 @pytest.mark.parametrize("source", ["import torch\n", "from torch import nn\n",
-                                    "from ism_edge_training.bundle import DefenseBundle\n", "import ism_edge_engines.build\n"])
+                                    "from ism_edge_training.bundle import DefenseBundle\n",
+                                    "import ism_edge_engines.build\n"])
 def test_ruff_refuses_torch_side_imports_in_the_runtime_package(source: str) -> None:
     """The rule is lint, not only this test suite: `make test` runs ruff, which bans these in ism_edge/."""
     pytest.importorskip("ruff")
