@@ -45,7 +45,8 @@ ism-edge run "$OUT/engines" "file://$OUT/video/$video" "file://$OUT/annotated.mp
 python scripts/demo_report.py "$OUT/verdicts.jsonl" "$OUT/video/truth.json"
 
 step "6/7 calibrate the thresholds on 300 clean frames of the same camera (another pan over the same photos, 10 s)"
-python -c "from ism_edge.bench.frames import write_video; import sys; write_video(sys.argv[1], 300, per_photo=75)" "$OUT/clean-clip.mkv"
+python -c "from ism_edge.bench.frames import load_photos, write_video; import sys
+write_video(sys.argv[1], 300, photos=load_photos('data/samples/photos'), per_photo=75)" "$OUT/clean-clip.mkv"
 ism-edge calibrate "$OUT/engines" "$OUT/clean-clip.mkv" --fpr 0.02
 
 step "7/7 the test video again, with the calibrated thresholds"
