@@ -50,6 +50,18 @@ def _same(a: Any, b: Any) -> bool:
     return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
 
 
+# What the evaluation's own subset (--n, --seed: in the config) changes in the data's provenance.
+_SUBSET_KEYS = ("n", "class_counts", "selection", "n_exact")
+
+
+def _same_source(stored: Any, data: dict[str, Any]) -> bool:
+    """Whether a report's data provenance (of its subset) is of the same files as ``data`` (all of it)."""
+    if not isinstance(stored, dict):
+        return False
+    return _same({k: v for k, v in stored.items() if k not in _SUBSET_KEYS},
+                 {k: v for k, v in data.items() if k not in _SUBSET_KEYS})
+
+
 @cli_errors
 def evaluate(
     bundles: Annotated[list[Path], typer.Argument(help=(
@@ -188,7 +200,7 @@ def evaluate(
         for path, b, name in zip(bundles, loaded, names, strict=True):
             digest = bundle_hash(path)
             old, old_check = earlier.get(digest, ({}, None))
-            if old and _same(old.get("config"), cfg.to_dict()) and _same(old.get("data"), arrays.provenance):
+            if old and _same(old.get("config"), cfg.to_dict()) and _same_source(old.get("data"), arrays.provenance):
                 r = {**old, "name": name}
                 typer.echo(f"{name}: results of {out_dir / 'results.json'} reused (same bundle, images and options)",
                            err=True)

@@ -36,7 +36,8 @@ def sample_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def log_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The verdict lines (not the run's header line)."""
+    return [rec for rec in (json.loads(line) for line in path.read_text().splitlines()) if "frame" in rec]
 
 
 def texts(uris: list) -> list[str]:
