@@ -152,6 +152,8 @@ def evaluate(
         if art_version() is None:
             raise IsmEdgeError(f"--crosscheck needs the Adversarial Robustness Toolbox, which is not installed: "
                                f"pip install {ART_PACKAGE} (or 'ism-edge[eval]'), or drop --crosscheck")
+    out_dir = out or (bundles[0].with_name(bundles[0].name + "-eval") if len(bundles) == 1 else Path("ism-edge-eval"))
+    earlier = _earlier_results(out_dir) if resume else {}  # a report that cannot be resumed: refused before any work
     loaded = [DefenseBundle.load(b) for b in bundles]
     first = loaded[0]
     for path, b in zip(bundles[1:], loaded[1:], strict=True):
@@ -173,7 +175,6 @@ def evaluate(
     checks = []
     # No progress bar is drawn into a pipe or a log: a line per finished cell instead.
     echo = None if console.is_terminal else (lambda line: typer.echo(line, err=True))
-    out_dir = out or (bundles[0].with_name(bundles[0].name + "-eval") if len(bundles) == 1 else Path("ism-edge-eval"))
     command = "ism-edge " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("ism-edge") else None
 
     def write_reports() -> None:
@@ -195,7 +196,6 @@ def evaluate(
         atomic_write_bytes(out_dir / "results.csv", csv_text(results).encode())
         plot_accuracy_vs_eps(results, out_dir / "accuracy_vs_eps.png")
 
-    earlier = _earlier_results(out_dir) if resume else {}
     with make_progress() as progress:
         for path, b, name in zip(bundles, loaded, names, strict=True):
             digest = bundle_hash(path)

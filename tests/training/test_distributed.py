@@ -213,7 +213,8 @@ def test_a_dead_or_stalled_rank_ends_the_job_with_one_line(fault: str, tmp_path:
     errors = [line for line in err0.splitlines() if line.startswith("error:")]
     assert procs[0].returncode == ExitCode.BAD_INPUT and len(errors) == 1, err0
     assert errors[0].startswith("error: rank 0: lost the other ranks (")
-    assert ("Timed out" in errors[0]) == (fault == "stalls")
+    if fault == "stalls":  # a dead peer shows as a reset connection or, if noticed late, as the same timeout
+        assert "Timed out" in errors[0]
     assert err0.strip().endswith(errors[0]) and "Traceback" not in err0
     assert not out.exists() and (tmp_path / "b.ckpt" / "checkpoint.pt").is_file()  # epoch 1 was checkpointed
     if fault == "stalls":
