@@ -214,7 +214,7 @@ def test_a_dead_or_stalled_rank_ends_the_job_with_one_line(fault: str, tmp_path:
     assert procs[0].returncode == ExitCode.BAD_INPUT and len(errors) == 1, err0
     assert errors[0].startswith("error: rank 0: lost the other ranks (")
     if fault == "stalls":  # a dead peer shows as a reset connection or, if noticed late, as the same timeout
-        assert "Timed out" in errors[0]
+        assert "time" in errors[0].lower()  # gloo: "Timed out waiting …" or "Application timeout caused …"
     assert err0.strip().endswith(errors[0]) and "Traceback" not in err0
     assert not out.exists() and (tmp_path / "b.ckpt" / "checkpoint.pt").is_file()  # epoch 1 was checkpointed
     if fault == "stalls":
