@@ -72,6 +72,9 @@ def evaluate(
         "Comma-separated attacks: fgsm, pgd, square (score-based black-box)."))] = "fgsm,pgd",
     eps: Annotated[str, typer.Option(help=(
         "Comma-separated L∞ budgets on the [0,1] scale; fractions allowed."))] = "8/255,0.1,0.2,0.3,0.4",
+    adaptive_eps: Annotated[str | None, typer.Option(help=(
+        "Budgets of the adaptive threat model, comma-separated (default: as --eps); each of its steps "
+        "runs the whole defense, so a long evaluation may keep it to 8/255."))] = None,
     threat: Annotated[str, typer.Option(help=(
         "Comma-separated threat models: oblivious (crafted on an undefended classifier), known (on the deployed C), "
         "adaptive (through the whole defense and its detectors)."))] = "oblivious,known,adaptive",
@@ -139,7 +142,8 @@ def evaluate(
                          threats=tuple(parse_list(threat, ("oblivious", "known", "adaptive"), "--threat")),
                          n=None if n == 0 else n, batch_size=batch_size, pgd_steps=pgd_steps,
                          pgd_restarts=pgd_restarts, adaptive_steps=adaptive_steps, adaptive_restarts=adaptive_restarts,
-                         adaptive_bpda=adaptive_bpda, square_queries=square_queries, sanity=sanity, seed=seed)
+                         adaptive_bpda=adaptive_bpda, square_queries=square_queries, sanity=sanity, seed=seed,
+                         adaptive_eps=None if adaptive_eps is None else tuple(parse_eps(adaptive_eps)))
         check_cfg = replace(cfg, n=cfg.n if crosscheck_n is None else (crosscheck_n or None),
                             eps=cfg.eps if crosscheck_eps is None else tuple(parse_eps(crosscheck_eps)))
     except ValueError as e:

@@ -103,6 +103,22 @@ def test_plan_adds_the_sanity_cells() -> None:
     assert not plan_cells(EvalConfig(eps=EPS, sanity=False))[1]
 
 
+def test_adaptive_budgets_apart() -> None:
+    cfg = EvalConfig(eps=(0.1, 0.2), adaptive_eps=(8 / 255,), attacks=("pgd",))
+    main, extra = plan_cells(cfg)
+    assert {(c.threat, c.eps) for c in main} == {("oblivious", 0.1), ("oblivious", 0.2), ("known", 0.1),
+                                                 ("known", 0.2), ("adaptive", 8 / 255)}
+    # The more-steps check of each threat runs at a budget that threat evaluates.
+    assert {(c.threat, c.eps) for c in extra if c.steps_factor == 2} == {("known", 0.1), ("adaptive", 8 / 255)}
+    assert cfg.to_dict()["adaptive_eps"] == [8 / 255]
+    # Without it the stored options are those of reports written before the option existed.
+    assert "adaptive_eps" not in EvalConfig(eps=(0.1,)).to_dict()
+    with pytest.raises(ValueError, match="every ε"):
+        EvalConfig(adaptive_eps=(2.0,))
+    with pytest.raises(ValueError, match="every ε"):
+        EvalConfig(adaptive_eps=())
+
+
 def test_eps_zero_equals_clean(result: dict) -> None:
     for threat in ("oblivious", "known", "adaptive"):
         c = _cell(result, threat, "fgsm", 0.0)
