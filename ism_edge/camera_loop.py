@@ -5,7 +5,8 @@ frames of a live source so latency never grows), the runtime judges each frame, 
 appended to the JSON-lines log at once, and annotated frames go to a video file, an image
 folder or a window. When frame N+1 is already waiting it is submitted before frame N is
 collected, so on TensorRT its upload overlaps N's compute; when none is waiting (a live source
-at its own pace) frame N is answered at once rather than one capture later.
+at its own pace), or N's work is already done (ONNX Runtime computes at submit), frame N is
+answered at once rather than one capture later.
 
 Ctrl-C, SIGTERM and SIGHUP stop the loop gracefully (the frame in flight is finished and logged,
 outputs are closed, the summary is printed); a second one interrupts at once. A frame the runtime
@@ -156,8 +157,10 @@ def run_camera_loop(
     try:
         with graceful_interrupt(stop) as received, reader:
             while (stopped := _stop_reason(stop, outputs, stats.taken, opts)) is None:
-                if len(reader.queue) == 0:
-                    judge.answer()  # no frame waiting (a live source at its own pace): answer now, not a capture later
+                if len(reader.queue) == 0 or judge.ready():
+                    # No frame waiting (a live source at its own pace), or the work is done (ONNX
+                    # Runtime computes at submit): answer now, not a capture later.
+                    judge.answer()
                 if (item := reader.get(stop=stop)) is None:
                     stopped = "interrupted" if stop.is_set() else "end"
                     break
@@ -341,6 +344,10 @@ class _Judge:
         previous, self.in_flight = self.in_flight, (item, pending)
         if previous is not None:
             self._finish(*previous)
+
+    def ready(self) -> bool:
+        """Whether the frame in flight is done (collecting it would not wait for the device)."""
+        return self.in_flight is not None and self.runtime.ready(self.in_flight[1])
 
     def answer(self) -> None:
         """Collect the frame in flight, if any, and write its verdict."""

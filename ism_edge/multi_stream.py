@@ -206,8 +206,10 @@ class MultiStream:
                 yield from self._first_open(stream)
             while not self.stop.is_set():
                 yield from self._take_events()
-                if in_flight is not None and not self._any_waiting():
-                    yield from self._answer(in_flight)  # nothing waiting: answer now, not a batch later
+                if in_flight is not None and (not self._any_waiting() or self.runtime.ready(in_flight[1])):
+                    # Nothing waiting, or the work is done (ONNX Runtime computes at submit): answer
+                    # now, not after the next batch's gathering and compute.
+                    yield from self._answer(in_flight)
                     in_flight = None
                 picked, skips = self._gather()
                 yield from self._take_events()

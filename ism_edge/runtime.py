@@ -309,6 +309,19 @@ class DefenseRuntime:
         owner, index, job = self._inflight.popleft()
         owner.outputs[index] = self.backend.wait(job)
 
+    def ready(self, pending: Pending) -> bool:
+        """Whether :meth:`collect` would return ``pending``'s verdicts without waiting for the device.
+
+        ONNX Runtime computes in :meth:`submit`, so its frames are ready at once: a loop that holds
+        frames in flight to overlap a GPU's work collects them now instead of after the next batch.
+        """
+        with self._lock:
+            if pending.collected:
+                return False
+            live = {id(job) for _, _, job in self._inflight}
+            return all(i in pending.outputs or (id(job) in live and self.backend.done(job))
+                       for i, job in enumerate(pending.jobs))
+
     def collect(self, pending: Pending) -> list[Verdict]:
         """Wait for the frames of ``pending`` and return their verdicts, in order."""
         with self._lock:

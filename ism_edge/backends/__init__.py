@@ -224,11 +224,22 @@ class Backend(abc.ABC):
         finally:
             self._pending.discard(job.serial)
 
+    def done(self, job: Job) -> bool:
+        """Whether ``job`` is finished, so that :meth:`wait` would not block."""
+        if job.serial not in self._pending:
+            raise RuntimeError("this job was already waited for, or belongs to another backend")
+        return self._done_impl(job)
+
     def infer(self, x: np.ndarray, *, x_hat: bool = False) -> ChainOutput:
         """Run the chain on ``x`` synchronously (enqueue + wait)."""
         return self.wait(self.enqueue(x, x_hat=x_hat))
 
     # -- for subclasses -----------------------------------------------------------------------
+    def _done_impl(self, job: Job) -> bool:
+        """A backend that computes in :meth:`enqueue` (ONNX Runtime) is always done; an
+        asynchronous one (TensorRT) asks its device."""
+        return True
+
     def _reform(self, n: int, remap: Remap, replace: Replace) -> np.ndarray:
         """Feedback reformation of a batch of ``n`` (:func:`ism_edge.decision.feedback_reformation`)
         with this backend's rounds and the manifest's ``recon_error`` threshold; rounds per sample."""

@@ -85,6 +85,33 @@ def test_the_python_api_yields_source_frame_and_verdict(runtime: DefenseRuntime,
     assert all(v.label in runtime.class_names for _, _, v in seen)
 
 
+def test_onnx_runtime_batches_are_answered_before_the_next_is_gathered(
+    runtime: DefenseRuntime, sample_video: Path, small_video: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX Runtime computes at submit: holding a batch in flight while the next one is gathered
+    and computed would only add that time to its latency (files always have a frame waiting)."""
+    submitted: list[int] = []
+    real = runtime.submit_batch
+
+    def counting(frames, **kw):  # type: ignore[no-untyped-def]
+        pending = real(frames, **kw)
+        submitted.append(len(frames))
+        assert runtime.ready(pending)
+        return pending
+
+    monkeypatch.setattr(runtime, "submit_batch", counting)
+    answered_after: list[int] = []
+    for _ in MultiStream(runtime, [sample_video, small_video]):
+        answered_after.append(len(submitted))
+    # Every verdict is yielded before the next batch is submitted: the k-th batch's frames come
+    # while k batches have been submitted, never k + 1.
+    done = 0
+    for k, size in enumerate(submitted, start=1):
+        assert answered_after[done:done + size] == [k] * size
+        done += size
+    assert done == 19
+
+
 def test_max_frames_is_per_source(runtime: DefenseRuntime, sample_video: Path, small_video: Path) -> None:
     seen = list(MultiStream(runtime, [sample_video, small_video], max_frames=3))
     assert sorted((s, f) for s, f, _ in seen) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]

@@ -192,6 +192,15 @@ def test_submit_before_collect_gives_the_same_verdicts(runtime: DefenseRuntime, 
         runtime.collect(p)
 
 
+def test_ready_says_whether_collect_would_wait(runtime: DefenseRuntime, photos: list[np.ndarray]) -> None:
+    """ONNX Runtime computes at submit: ready at once; a collected frame is not ready again."""
+    first, second = runtime.submit(photos[0]), runtime.submit(photos[1])
+    assert runtime.ready(first) and runtime.ready(second)
+    runtime.collect(first)
+    assert not runtime.ready(first) and runtime.ready(second)
+    runtime.collect(second)
+
+
 def test_one_runtime_serves_several_threads(runtime: DefenseRuntime, photos: list[np.ndarray]) -> None:
     expected = {i: runtime.process(p).scores for i, p in enumerate(photos)}
     results: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(photos))}

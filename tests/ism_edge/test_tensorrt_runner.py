@@ -56,6 +56,20 @@ def test_the_chain_on_a_fake_gpu_equals_the_reference(gpu: fake.FakeCudaDriver, 
     assert last2.x_hat is None and set(got.timings_ms) == {"upload", "mapping", "classifier", "detectors", "download"}
 
 
+def test_done_asks_the_device_without_waiting(gpu: fake.FakeCudaDriver, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    manifest = fake.engine_directory(tmp_path, threshold=0.5)
+    with TensorRTBackend(tmp_path, manifest) as backend:
+        job = backend.enqueue(images(2))
+        monkeypatch.setattr(gpu, "event_query", lambda event: False)  # the GPU still at work
+        assert not backend.done(job)
+        monkeypatch.setattr(gpu, "event_query", lambda event: True)
+        assert backend.done(job)
+        backend.wait(job)
+        with pytest.raises(RuntimeError, match="already waited"):
+            backend.done(job)
+
+
 def test_the_raw_classifier_pass_is_queued_before_feedback_makes_the_host_wait(gpu: fake.FakeCudaDriver,
                                                                                tmp_path: Path) -> None:
     """C(x) overlaps M even with feedback rounds: it is enqueued before the host first waits."""

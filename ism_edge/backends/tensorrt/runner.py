@@ -395,6 +395,10 @@ class TensorRTBackend(Backend):
 
         return self._reform(n, remap, replace)
 
+    def _done_impl(self, job: Job) -> bool:
+        with cuda.device_context(self.gpu):
+            return self._slots[int(job.payload)].events["done"].done()
+
     def _wait_impl(self, job: Job) -> ChainOutput:
         slot = self._slots[int(job.payload)]
         n = job.batch
