@@ -156,10 +156,6 @@ def test_two_rank_and_one_rank_bundles_load_evaluate_and_build(two_rank_and_one_
         assert json.loads((tmp_path / f"eval{ranks}" / "results.json").read_text())["bundles"][0]["n"] == 16
         r = CliRunner().invoke(app, ["build", str(path), "--out", str(tmp_path / f"engines{ranks}"),
                                      "--backend", "onnxruntime"])
-        if ranks == 2 and r.exit_code != 0 and "parity check failed" in r.output:
-            # Known bug (issue 17, open): the 2-rank bundle's FP32 graphs match PyTorch one by one,
-            # but the defense's flags agree on ~90 % of images only; a 1-rank bundle builds.
-            pytest.xfail("the parity gate refuses the 2-rank bundle's flags (issue 17)")
         assert r.exit_code == 0, r.output
         assert (tmp_path / f"engines{ranks}" / "manifest.json").is_file()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -13,6 +14,7 @@ from ism_edge_training.models import (  # noqa: E402
     ModelConfig,
     PerturbationClassifier,
     ScaledLogits,
+    js_divergence,
     k_sparse,
     preset,
 )
@@ -92,3 +94,19 @@ def test_scaled_logits_keeps_the_label() -> None:
     clf = Classifier(preset("small")).eval()
     x = torch.rand(8, 3, 32, 32)
     assert torch.equal(ScaledLogits(clf, 0.05)(x).argmax(1), clf(x).argmax(1))
+
+
+def test_jsd_is_the_runtimes_to_float_precision_even_for_nearly_equal_outputs() -> None:
+    """Nearly equal distributions (a classifier with tiny logits at T = 10): float32 would cancel
+    to ±1e-7 noise, so a threshold calibrated on it would flip flags between PyTorch and the engines."""
+    from ism_edge.scores import jsd
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 10, generator=g) * 1e-2
+    b = a + torch.randn(64, 10, generator=g) * 1e-4
+    ours = js_divergence(a, b, 10.0)
+    assert ours.dtype == torch.float32 and bool((ours >= 0).all())
+    np.testing.assert_allclose(ours.numpy(), jsd(a.numpy(), b.numpy(), 10.0), rtol=1e-5, atol=1e-15)
+    a.requires_grad_(True)
+    js_divergence(a, b + 1.0, 10.0).sum().backward()  # the adaptive attack's gradients still flow
+    assert a.grad is not None and a.grad.dtype == torch.float32

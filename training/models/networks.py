@@ -206,14 +206,19 @@ def reconstruction_error(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 
 def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-sample JSD between softmax(a/T) and softmax(b/T); same formula as ism_edge.scores.jsd."""
-    p = F.softmax(logits_a / temperature, dim=1)
-    q = F.softmax(logits_b / temperature, dim=1)
+    """Per-sample JSD between softmax(a/T) and softmax(b/T); same formula as ism_edge.scores.jsd.
+
+    In float64, as the runtime computes it: in float32 the two KL terms of nearly equal
+    distributions cancel to ±1e-7 noise, and a threshold calibrated on that noise makes PyTorch
+    and the engines disagree on flags that neither computes meaningfully.
+    """
+    p = F.softmax(logits_a.double() / temperature, dim=1)
+    q = F.softmax(logits_b.double() / temperature, dim=1)
     m = 0.5 * (p + q)
     eps = 1e-12
     kl_pm = (p * ((p + eps).log() - (m + eps).log())).sum(dim=1)
     kl_qm = (q * ((q + eps).log() - (m + eps).log())).sum(dim=1)
-    return 0.5 * (kl_pm + kl_qm)
+    return (0.5 * (kl_pm + kl_qm)).to(logits_a.dtype)
 
 
 class ScaledLogits(nn.Module):
