@@ -43,13 +43,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ism_edge.camera_loop import RunSummary, _Fps, _Outputs, _Stats, graceful_interrupt
-from ism_edge.errors import FrameError, IsmEdgeError, SourceError
+from ism_edge.errors import FrameError, IsmEdgeError, OutputError, SourceError
+from ism_edge.mosaic import Mosaic
 from ism_edge.outputs import FrameSink, ImageFolderOutput, VerdictLog
 from ism_edge.runtime import DefenseRuntime, Pending
 from ism_edge.sources import Captured, FrameReader, FrameSource, ReaderOptions, Skipped, SourceURI, make_source
 from ism_edge.verdict import Verdict
 
 BATCH_TIMEOUT = 0.02  # s a batch waits for the other sources after its first frame (below one 30 fps frame)
+_MOSAIC_STATES = {"retrying": "no signal", "ended": "ended", "max-frames": "ended", "failed": "failed"}  # its cell
 
 
 # -- what the loop yields -------------------------------------------------------------------------
@@ -66,13 +68,16 @@ class StreamVerdict(NamedTuple):
 
 @dataclass(frozen=True)
 class Judged:
-    """A judged frame with what its outputs need: the captured frame and its latency (ms, capture → verdict)."""
+    """A judged frame with what its outputs need: the captured frame and its latency (ms, capture → verdict).
+
+    ``last_of_batch``: no other frame of its batch follows (a mosaic is written once per batch)."""
 
     source: int
     item: Captured
     verdict: Verdict
     latency_ms: float
     t_verdict: float  # time.perf_counter() when the verdict was known
+    last_of_batch: bool = True
 
 
 @dataclass(frozen=True)
@@ -427,8 +432,8 @@ class MultiStream:
         now = time.perf_counter()
         self.batches += 1
         self.batch_sizes.append(len(batch))
-        for (stream, item), verdict in zip(batch, verdicts, strict=True):
-            yield Judged(stream.index, item, verdict, (now - item.t_capture) * 1e3, now)
+        for k, ((stream, item), verdict) in enumerate(zip(batch, verdicts, strict=True)):
+            yield Judged(stream.index, item, verdict, (now - item.t_capture) * 1e3, now, k == len(batch) - 1)
 
 
 # -- the CLI's loop around it ---------------------------------------------------------------------
@@ -478,20 +483,28 @@ def run_multi_stream(
     on_event: Callable[[SourceEvent], None] | None = None,
     status: Callable[[MultiRunSummary], None] | None = None,
     status_interval: float = 1.0,
+    mosaic: Mosaic | None = None,
 ) -> MultiRunSummary:
     """The loop of ``ism-edge run`` with several inputs: every verdict to the log (with its
     ``source`` and ``source_uri``) and to its source's outputs, until every source is done,
     Ctrl-C (every verdict already computed is written), a closed window or a failed output.
 
+    ``mosaic``: also one tiled picture of every source (:class:`ism_edge.mosaic.Mosaic`, one cell
+    per source in order), written once per batch after the batch's verdicts; a source that ends
+    or fails shows that in its cell.
+
     A source that fails leaves the run and is reported through ``on_event``; its error is the
-    summary's ``failure`` at the end (after everything else is written). The log and the sinks
-    are closed here.
+    summary's ``failure`` at the end (after everything else is written). The log, the sinks and
+    the mosaic are closed here.
     """
     n = len(multi.streams)
     per_source = list(outputs) if outputs is not None else [SourceOutputs() for _ in range(n)]
     if len(per_source) != n:
         raise ValueError(f"{len(per_source)} outputs for {n} sources")
-    outs = [_Outputs(log, o.sinks, o.purified, head={"source": i, "source_uri": multi.streams[i].uri})
+    if mosaic is not None and len(mosaic.uris) != n:
+        raise ValueError(f"a mosaic of {len(mosaic.uris)} cells for {n} sources")
+    outs = [_Outputs(log, [*o.sinks, *([] if mosaic is None else [mosaic.cell(i)])], o.purified,
+                     head={"source": i, "source_uri": multi.streams[i].uri})
             for i, o in enumerate(per_source)]
     stats = [_Stats(RunSummary(source=s.uri, backend=runtime.backend_name)) for s in multi.streams]
     total = _Stats(RunSummary(source=f"{n} sources", backend=runtime.backend_name))
@@ -512,6 +525,8 @@ def run_multi_stream(
                     out.verdict(event.item, event.verdict, event.latency_ms, fps[event.source].tick(event.t_verdict))
                     st.judged(event.item, event.verdict, event.t_verdict, event.latency_ms)
                     total.judged(event.item, event.verdict, event.t_verdict, event.latency_ms)
+                    if mosaic is not None and event.last_of_batch:
+                        mosaic.write()
                 elif isinstance(event, SkippedItem):
                     stats[event.source].summary.skipped += 1
                     total.summary.skipped += 1
@@ -522,9 +537,13 @@ def run_multi_stream(
                         source_failure = source_failure or event.error
                     elif event.kind == "max-frames":
                         stats[event.source].summary.stopped = "max-frames"
+                    if mosaic is not None and event.kind in _MOSAIC_STATES:
+                        mosaic.mark(event.source, _MOSAIC_STATES[event.kind])
+                    elif mosaic is not None and event.kind == "opened":
+                        mosaic.unmark(event.source)
                     if on_event is not None:
                         on_event(event)
-                if any(o.stop_requested for o in outs):
+                if any(o.stop_requested for o in outs) or (mosaic is not None and mosaic.stop_requested):
                     stopped = "window"
                     multi.stop.set()
                 now = time.perf_counter()
@@ -543,8 +562,10 @@ def run_multi_stream(
         stopped = "error"
     finally:
         events.close()  # the readers stop; a batch still in flight is collected and not written
-        close_failure = _close_all(outs)
+        close_failure = _close_all(outs, mosaic)
         _finish(result, multi, stats, total, outs, received, stopped)
+        if mosaic is not None:
+            result.total.outputs += mosaic.written()
         if result.total.failure is None and (close_failure or source_failure) is not None:
             failure = close_failure or source_failure
             assert failure is not None
@@ -556,10 +577,15 @@ def run_multi_stream(
     return result
 
 
-def _close_all(outs: list[_Outputs]) -> IsmEdgeError | None:
+def _close_all(outs: list[_Outputs], mosaic: Mosaic | None) -> IsmEdgeError | None:
     failure = None
     for out in outs:
         failure = out.close() or failure
+    if mosaic is not None:
+        try:
+            mosaic.close()
+        except (IsmEdgeError, OSError) as e:
+            failure = failure or (e if isinstance(e, IsmEdgeError) else OutputError(f"closing the mosaic failed: {e}"))
     return failure
 
 
