@@ -32,13 +32,15 @@ def input_uri(input: str | None, camera: int | None, what: str = "input") -> Sou
     return parse_source(camera if camera is not None else str(input))
 
 
-def split_arguments(args: list[str], cameras: list[int], output: str | None) -> tuple[list[SourceURI], str | None]:
+def split_arguments(args: list[str], cameras: list[int], output: str | None,
+                    *, mosaic: bool = False) -> tuple[list[SourceURI], str | None]:
     """The inputs and the OUTPUT of ``run``'s arguments, ``--camera`` options and ``--output``.
 
     ``INPUT OUTPUT`` (two arguments) keeps its meaning from single-input runs unless the second is
-    a live source (a camera, device or stream, which cannot be an output); with more arguments
-    only a last ``display://N`` or one holding ``{source}`` is the OUTPUT. ``--output`` makes every
-    argument an input (``--output none``: no annotated output).
+    a live source (a camera, device or stream, which cannot be an output) or ``--mosaic`` is given
+    (a mosaic tiles several inputs); with more arguments only a last ``display://N`` or one
+    holding ``{source}`` is the OUTPUT. ``--output`` makes every argument an input (``--output
+    none``: no annotated output).
     """
     from ism_edge.errors import SourceError
     from ism_edge.sources import parse_source
@@ -47,9 +49,10 @@ def split_arguments(args: list[str], cameras: list[int], output: str | None) -> 
         raise SourceError("give exactly one input list: INPUT arguments or --camera N options, not both "
                           "(a camera can be an INPUT: its index N)")
     inputs = list(args)
-    if output is None and len(inputs) == 2 and not _live(inputs[1]):
+    if output is None and len(inputs) == 2 and not mosaic and not _live(inputs[1]):
         output = inputs.pop()
-    elif output is None and len(inputs) > 2 and (inputs[-1].startswith("display://") or "{source}" in inputs[-1]):
+    elif output is None and len(inputs) > (1 if mosaic else 2) and (inputs[-1].startswith("display://")
+                                                                    or "{source}" in inputs[-1]):
         output = inputs.pop()
     if output is not None and output.strip().lower() == "none":
         output = None
@@ -203,6 +206,15 @@ def run(
     fail_on_flag: Annotated[bool, typer.Option("--fail-on-flag", help=(
         "Exit with code 4 when any frame was flagged (after writing every output as usual), "
         "for scripts and CI jobs."))] = False,
+    mosaic: Annotated[str | None, typer.Option("--mosaic", help=(
+        "Several inputs: also one tiled picture of them all, one frame per batch: file://wall.mp4, a folder for "
+        "images, or display://0 (a window; then no window per input unless OUTPUT asks for them). Each input's cell "
+        "shows its latest annotated frame, its index and name, or 'no signal', 'ended', 'failed'."))] = None,
+    mosaic_grid: Annotated[str | None, typer.Option(help=(
+        "ROWSxCOLS of the --mosaic (default: ceil(sqrt(N)) columns and the rows they need)."))] = None,
+    mosaic_cell: Annotated[str | None, typer.Option(help=(
+        "WIDTHxHEIGHT in pixels of each --mosaic cell (default 640x480); frames are scaled to fit, keeping "
+        "their aspect ratio."))] = None,
 ) -> None:
     """Judge every frame of a camera, stream, video or image folder with the compiled defense.
 
@@ -233,8 +245,16 @@ def run(
     from ism_edge.sources import FrameReader, ReaderOptions, open_source
 
     cv_logging.setLogLevel(cv_logging.LOG_LEVEL_ERROR)
-    source_uris, output = split_arguments(args or [], camera or [], output_opt)
+    source_uris, output = split_arguments(args or [], camera or [], output_opt, mosaic=mosaic is not None)
+    if mosaic is not None and headless and mosaic.strip().lower().startswith("display://"):
+        raise typer.BadParameter(f"--mosaic {mosaic} opens a window, which --headless forbids: write the mosaic "
+                                 "to a file (file://wall.mp4) or a folder")
     headless = headless or (output_opt is not None and output_opt.strip().lower() == "none")  # no window either
+    if mosaic is None and (mosaic_grid is not None or mosaic_cell is not None):
+        raise typer.BadParameter("--mosaic-grid and --mosaic-cell shape the --mosaic: give --mosaic OUTPUT too")
+    if mosaic is not None and len(source_uris) == 1:
+        raise typer.BadParameter(f"--mosaic tiles several inputs, and {source_uris[0]} is the only one: give more "
+                                 "inputs, or write this one's annotated OUTPUT")
     if len(source_uris) > 1:
         from ism_edge_cli.run_many import run_many
 
@@ -243,7 +263,8 @@ def run(
             feedback_rounds=feedback_rounds, max_frames=max_frames, headless=headless, purified=purified, fps=fps,
             realtime=realtime, queue_size=queue_size, stall_timeout=stall_timeout, reconnect=reconnect,
             threads=threads, rebuild_on_mismatch=rebuild_on_mismatch, summary_json=summary_json,
-            batch_timeout=batch_timeout / 1e3, fail_on_flag=fail_on_flag,
+            batch_timeout=batch_timeout / 1e3, fail_on_flag=fail_on_flag, mosaic=mosaic, mosaic_grid=mosaic_grid,
+            mosaic_cell=mosaic_cell,
         )  # fmt: skip
         return
     source_uri = source_uris[0]

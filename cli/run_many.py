@@ -1,8 +1,8 @@
 """`ism-edge run ENGINE_DIR INPUT INPUT ...`: several inputs judged in shared batches by one engine chain.
 
 Separate from ``cli/run.py`` so that the single-input run stays as it was; the per-source outputs
-(``OUTPUT`` and ``--purified`` holding ``{source}``), the per-source summary and the source events
-are this module's.
+(``OUTPUT`` and ``--purified`` holding ``{source}``), the ``--mosaic`` of every input, the
+per-source summary and the source events are this module's.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ism_edge_cli._common import Backend, Mode, tile_grid_for
 
 if TYPE_CHECKING:
     from ism_edge.errors import IsmEdgeError
+    from ism_edge.mosaic import Mosaic
     from ism_edge.multi_stream import MultiRunSummary, SourceEvent
     from ism_edge.outputs import OutputPath, OutputURI
     from ism_edge.sources import FrameSource, SourceURI
@@ -36,18 +37,24 @@ def run_many(
     mode: Mode, tile_grid: str | None, feedback_rounds: int | None, max_frames: int | None, headless: bool,
     purified: Path | None, fps: float | None, realtime: bool, queue_size: int, stall_timeout: float, reconnect: int,
     threads: int | None, rebuild_on_mismatch: bool, summary_json: Path | None, batch_timeout: float,
-    fail_on_flag: bool = False,
+    fail_on_flag: bool = False, mosaic: str | None = None, mosaic_grid: str | None = None,
+    mosaic_cell: str | None = None,
 ) -> None:
-    """The body of ``ism-edge run`` for several inputs (the options are ``run``'s)."""
+    """The body of ``ism-edge run`` for several inputs (the options are ``run``'s).
+
+    ``--mosaic`` goes with any per-source output: it is written as well (a window of every input
+    replaces the windows per input that a run without OUTPUT opens by default)."""
     from datetime import datetime, timezone
 
     from ism_edge.errors import ExitCode, OutputError, SourceError
+    from ism_edge.mosaic import Mosaic
     from ism_edge.multi_stream import MultiStream, SourceOutputs, run_multi_stream
     from ism_edge.outputs import (
         DisplayOutput,
         FrameSink,
         ImageFolderOutput,
         VerdictLog,
+        VideoFileOutput,
         check_output_paths,
         new_run_id,
         open_output,
@@ -58,7 +65,11 @@ def run_many(
     from ism_edge_cli.run import _log_header, _ready_runtime, _runtime_options, _threshold_lines
 
     n = len(uris)
-    if output is None and not headless and opencv_has_gui():
+    layout = _mosaic_layout(n, mosaic_grid, mosaic_cell)
+    if mosaic is not None and SOURCE_FIELD in mosaic:
+        raise typer.BadParameter(f"--mosaic {mosaic} is one output for all {n} inputs: drop {SOURCE_FIELD} from it")
+    mosaic_uri = None if mosaic is None else parse_output(mosaic)
+    if output is None and mosaic is None and not headless and opencv_has_gui():
         output = "display://0"
     display = output is not None and output.strip().lower().startswith("display://")
     if display and headless:
@@ -72,7 +83,7 @@ def run_many(
         None if output is None or display else parse_output(per_source(output, i)) for i in range(n)
     ]
     folders = [None if purified is None else Path(per_source(str(purified), i)) for i in range(n)]
-    paths = _output_paths(out_uris, folders, log, summary_json)
+    paths = _output_paths(out_uris, folders, log, summary_json, mosaic_uri)
     for uri in uris:
         check_output_paths(paths, source=uri.path, source_is_folder=uri.kind == "folder", engine_dir=engine_dir)
     if realtime and (bad := [u for u in uris if u.kind != "video"]):
@@ -95,7 +106,13 @@ def run_many(
         sources = [_source(make_source(u, read_timeout=stall_timeout), realtime) for u in uris]
         outputs: list[SourceOutputs] = []
         log_out = None
+        tiles: Mosaic | None = None
         try:
+            if mosaic_uri is not None:
+                mosaic_fps = fps or max((r for r in map(_file_fps, uris) if r is not None), default=30.0)
+                mosaic_sink = (DisplayOutput("ism-edge mosaic") if mosaic_uri.kind == "display"
+                               else open_output(mosaic_uri, fps=mosaic_fps))
+                tiles = Mosaic(mosaic_sink, [str(u) for u in uris], grid=layout[0], cell=layout[1])
             for i, (uri, out_uri, folder) in enumerate(zip(uris, out_uris, folders, strict=True)):
                 sinks: list[FrameSink] = []
                 outputs.append(SourceOutputs(sinks, None))
@@ -105,22 +122,32 @@ def run_many(
                     sinks.append(open_output(out_uri, fps=fps or _file_fps(uri) or 30.0))
                 outputs[-1].purified = ImageFolderOutput(folder) if folder is not None else None
             log_out = VerdictLog(log, run_id=run_id)
-            log_out.write_header(_log_header(runtime, engine_dir, [str(u) for u in uris],
-                                             [None if u is None else u.text for u in out_uris], started))
+            header = _log_header(runtime, engine_dir, [str(u) for u in uris],
+                                 [None if u is None else u.text for u in out_uris], started)
+            log_out.write_header(header if mosaic_uri is None else {**header, "mosaic": mosaic_uri.text})
         except BaseException:
             for o in outputs:
                 for sink in o.sinks:
                     sink.close()
+            if tiles is not None:
+                tiles.close()
             raise
         multi = MultiStream(runtime, sources, reader_options=reader_options, batch_timeout=batch_timeout,
                             max_frames=max_frames, purified=purified is not None)
         for i, uri in enumerate(uris):
             where = "" if out_uris[i] is None else f" → {out_uris[i].text}"  # type: ignore[union-attr]
             typer.echo(f"input {i}: {uri}{where}", err=True)
+        if tiles is not None and mosaic_uri is not None:
+            (rows, cols), (width, height) = tiles.grid, tiles.cell_size
+            typer.echo(f"mosaic: {rows}x{cols} cells of {width}x{height} → {mosaic_uri.text}"
+                       + (f" ({tiles.sink.encoder.describe()})" if isinstance(tiles.sink, VideoFileOutput) else ""),
+                       err=True)
+            if isinstance(tiles.sink, VideoFileOutput) and tiles.sink.note:
+                typer.echo(f"note: {tiles.sink.note}", err=True)
         typer.echo(f"log: {log}; run {run_id}; batch timeout {batch_timeout * 1e3:g} ms", err=True)
         status = _status_printer() if sys.stderr.isatty() else None
         summary = run_multi_stream(runtime, multi, log=log_out, outputs=outputs, on_event=_echo_event(uris),
-                                   status=status)
+                                   status=status, mosaic=tiles)
         if status is not None:
             typer.echo("", err=True)
     print_multi_summary(summary)
@@ -159,12 +186,42 @@ def _file_fps(uri: SourceURI) -> float | None:
     return rate if 0.0 < rate < 1000.0 else None
 
 
+def _mosaic_layout(n: int, grid_text: str | None,
+                   cell_text: str | None) -> tuple[tuple[int, int] | None, tuple[int, int]]:
+    """``--mosaic-grid ROWSxCOLS`` (None: chosen from the input count) and ``--mosaic-cell WIDTHxHEIGHT``,
+    checked before anything loads (a usage error otherwise)."""
+    from ism_edge.mosaic import DEFAULT_CELL, check_cell, mosaic_grid
+
+    grid = None if grid_text is None else _pair(grid_text, "--mosaic-grid", "ROWSxCOLS, e.g. 2x3")
+    cell = DEFAULT_CELL if cell_text is None else _pair(cell_text, "--mosaic-cell", "WIDTHxHEIGHT, e.g. 480x360")
+    try:
+        mosaic_grid(n, grid)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="'--mosaic-grid'") from None
+    try:
+        cell = check_cell(cell)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="'--mosaic-cell'") from None
+    return grid, cell
+
+
+def _pair(text: str, option: str, form: str) -> tuple[int, int]:
+    """Two whole numbers ``AxB``; a usage error naming ``option`` otherwise."""
+    try:
+        a, b = (int(p) for p in text.lower().split("x"))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not {form}", param_hint=f"'{option}'") from None
+    return a, b
+
+
 def _output_paths(out_uris: list[OutputURI | None], folders: list[Path | None], log: str,
-                  summary_json: Path | None) -> list[OutputPath]:
+                  summary_json: Path | None, mosaic: OutputURI | None = None) -> list[OutputPath]:
     from ism_edge.outputs import OutputPath
 
     paths = [OutputPath(f"OUTPUT of input {i}", Path(u.location), folder=u.kind == "images")
              for i, u in enumerate(out_uris) if u is not None and u.kind != "display"]
+    if mosaic is not None and mosaic.kind != "display":
+        paths.append(OutputPath("--mosaic", Path(mosaic.location), folder=mosaic.kind == "images"))
     paths += [OutputPath(f"--purified of input {i}", f, folder=True) for i, f in enumerate(folders) if f is not None]
     if log != "-":
         paths.append(OutputPath("--log", Path(log)))

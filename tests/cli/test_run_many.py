@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import pytest
 from typer.testing import CliRunner
 
@@ -60,6 +61,10 @@ def test_which_argument_is_the_output(tmp_path: Path) -> None:
     assert texts(uris) == ["camera 0", "camera 2"] and out == "o_{source}.mp4"
     with pytest.raises(SourceError, match="not both"):
         split_arguments(["a.mp4"], [0], None)
+    uris, out = split_arguments(["a.mp4", "b.mp4"], [], None, mosaic=True)  # a mosaic tiles several inputs
+    assert texts(uris) == ["a.mp4", "b.mp4"] and out is None
+    uris, out = split_arguments(["a.mp4", "b.mp4", "display://0"], [], None, mosaic=True)
+    assert texts(uris) == ["a.mp4", "b.mp4"] and out == "display://0"
 
 
 def test_two_inputs_are_judged_and_written_per_source(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
@@ -120,3 +125,46 @@ def test_max_frames_counts_per_input(engine_dir: Path, sample_video: Path, tmp_p
     records = log_records(log)
     assert len([x for x in records if x["source"] == 0]) == 3 and len([x for x in records if x["source"] == 1]) == 1
     assert count_video_frames(sample_video) == 12
+
+
+def test_two_inputs_make_one_mosaic_video(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+    wall, log, summary = tmp_path / "wall.mp4", tmp_path / "v.jsonl", tmp_path / "summary.json"
+    r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), str(PHOTOS), "--mosaic", str(wall),
+                            "--mosaic-cell", "320x240", "--log", str(log), "--summary-json", str(summary)])  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(summary.read_text())
+    n_photos = len(list(PHOTOS.glob("*.jpg")))
+    assert s["total"]["frames"] == 12 + n_photos and count_video_frames(wall) == s["batches"] < 12 + n_photos
+    assert {"output": "mosaic", "path": str(wall), "frames": s["batches"], "complete": True} in s["total"]["outputs"]
+    cap = cv2.VideoCapture(str(wall))
+    assert (cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (640, 240)  # 1 × 2 cells
+    cap.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json", "v.jsonl", "wall.mp4"]  # no OUTPUT per input
+    header = json.loads(log.read_text().splitlines()[0])
+    assert header["mosaic"] == str(wall) and header["output"] == [None, None]
+    assert "mosaic: 1x2 cells of 320x240" in r.stderr and f"{s['batches']} frames in {wall}" in r.stderr
+
+
+def test_a_mosaic_and_outputs_per_input_together(engine_dir: Path, sample_video: Path, tmp_path: Path) -> None:
+    r = runner.invoke(app, ["run", str(engine_dir), str(sample_video), str(sample_video),
+                            str(tmp_path / "out_{source}.avi"), "--mosaic", str(tmp_path / "wall"),
+                            "--mosaic-grid", "2x1", "--mosaic-cell", "160x120", "--log", str(tmp_path / "v.jsonl")])
+    assert r.exit_code == 0, r.stderr
+    assert [count_video_frames(tmp_path / f"out_{i}.avi") for i in (0, 1)] == [12, 12]
+    walls = sorted((tmp_path / "wall").glob("*.jpg"))
+    assert 12 <= len(walls) < 24 and cv2.imread(str(walls[0])).shape == (240, 160, 3)  # 2 × 1 cells
+
+
+def test_the_mosaic_may_not_overwrite_an_input_or_another_output(engine_dir: Path, sample_video: Path,
+                                                                tmp_path: Path) -> None:
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(sample_video.read_bytes())
+    log = tmp_path / "v.jsonl"
+    line = one_error_line(runner.invoke(app, ["run", str(engine_dir), str(sample_video), str(clip),
+                                              "--mosaic", str(clip), "--log", str(log)]))
+    assert "--mosaic" in line and "never overwrites its input" in line
+    assert clip.read_bytes() == sample_video.read_bytes() and not log.exists()
+    line = one_error_line(runner.invoke(app, ["run", str(engine_dir), str(sample_video), str(clip),
+                                              "--output", str(tmp_path / "o_{source}.mp4"),
+                                              "--mosaic", str(tmp_path / "o_1.mp4")]))
+    assert "--mosaic" in line and "are the same file" in line
