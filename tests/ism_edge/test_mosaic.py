@@ -196,3 +196,36 @@ def test_the_mosaic_must_have_a_cell_per_source(runtime: DefenseRuntime, sample_
     multi = MultiStream(runtime, [sample_video, sample_video])
     with pytest.raises(ValueError, match="a mosaic of 3 cells for 2 sources"):
         run_multi_stream(runtime, multi, mosaic=Mosaic(Recorder(), ["a", "b", "c"]))
+
+
+def test_a_closed_mosaic_window_stops_the_run(runtime: DefenseRuntime) -> None:
+    class Window(Recorder):
+        def write(self, image: np.ndarray) -> None:
+            super().write(image)
+            self.stop_requested = len(self.images) >= 2  # q pressed on the second frame
+
+    window = Window()
+    multi = MultiStream(runtime, [solid(RED, 40, (64, 48)), solid(BLUE, 40, (64, 48))])
+    summary = run_multi_stream(runtime, multi, mosaic=Mosaic(window, multi.uris, cell=(64, 48)))
+    assert summary.stopped == "window" and summary.failure is None
+    assert len(window.images) == 2 and summary.total.frames < 80
+
+
+def test_a_mosaic_that_cannot_be_written_ends_the_run_with_its_error(runtime: DefenseRuntime,
+                                                                     tmp_path: Path) -> None:
+    from ism_edge.errors import OutputError
+    from ism_edge.outputs import VerdictLog
+
+    class Full(Recorder):
+        def write(self, image: np.ndarray) -> None:
+            if self.images:
+                self.failed = True
+                raise OutputError("mosaic wall.mp4: frame 1 cannot be written: check free disk space")
+            super().write(image)
+
+    multi = MultiStream(runtime, [solid(RED, 20, (64, 48)), solid(BLUE, 20, (64, 48))])
+    log = tmp_path / "v.jsonl"
+    summary = run_multi_stream(runtime, multi, log=VerdictLog(log), mosaic=Mosaic(Full(), multi.uris, cell=(64, 48)))
+    assert isinstance(summary.failure, OutputError) and "frame 1 cannot be written" in str(summary.failure)
+    assert summary.stopped == "error" and 2 <= summary.total.frames < 40
+    assert len(log.read_text().splitlines()) == summary.total.frames  # every verdict before it is logged
