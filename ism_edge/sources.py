@@ -100,13 +100,20 @@ def parse_source(text: str | int) -> SourceURI:
             raise SourceError(f"{raw}: a camera is named by its index, e.g. camera://0 or --camera 0")
         return SourceURI("camera", rest, raw)
     if scheme in NETWORK_SCHEMES:
-        return SourceURI("network", raw, raw)
+        return SourceURI("network", raw, redact_credentials(raw))
     if scheme == "file":
         return _file_uri(rest, raw)
     raise SourceError(
         f"input {raw!r} has an unsupported scheme {scheme!r}: use a file path, file://, v4l2://, csi://, "
         "rtsp://, http:// or --camera N"
     )
+
+
+def redact_credentials(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@``: how a stream is named in logs,
+    summaries and error lines (the password of an IP camera must not land in a verdict log)."""
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*@)(.*)$", url)
+    return url if match is None else f"{match.group(1)}***@{match.group(3)}"
 
 
 def _file_uri(path: str, text: str) -> SourceURI:
@@ -252,7 +259,7 @@ class CaptureSource(FrameSource):
             return (f"{self.uri}: the CSI camera could not be opened: "
                     "check the ribbon cable and that nvargus-daemon is running")
         if kind == "network":
-            return f"stream {loc} could not be opened: check the URL, credentials and network"
+            return f"stream {self.uri} could not be opened: check the URL, credentials and network"
         return (f"video file {loc} could not be opened: "
                 "it is not a video OpenCV can decode (corrupt or unsupported codec)")
 

@@ -50,6 +50,20 @@ def test_uris_follow_jetson_utils_conventions(text: str | int, kind: str, locati
     assert uri.live == (kind in ("camera", "v4l2", "csi", "network"))
 
 
+def test_a_streams_credentials_never_leave_its_location() -> None:
+    """An IP camera's password is used to open it, but logs, summaries and errors name the stream without it."""
+    uri = parse_source("rtsp://admin:s3cret@10.0.0.7:554/live?channel=1")
+    assert uri.location == "rtsp://admin:s3cret@10.0.0.7:554/live?channel=1"
+    assert str(uri) == "rtsp://***@10.0.0.7:554/live?channel=1"
+    assert str(parse_source("rtsp://10.0.0.7/a@b")) == "rtsp://10.0.0.7/a@b"  # an @ in the path is no credential
+
+
+def test_an_unreachable_stream_error_does_not_show_its_password() -> None:
+    with pytest.raises(SourceError, match="could not be opened") as err:
+        open_source("rtsp://admin:s3cret@127.0.0.1:9/stream", read_timeout=1.0)
+    assert "s3cret" not in str(err.value) and "127.0.0.1:9/stream" in str(err.value)
+
+
 def test_a_folder_uri_and_bad_uris(image_folder: Path) -> None:
     assert parse_source(f"file://{image_folder}").kind == "folder"
     assert parse_source(str(image_folder)).kind == "folder"
