@@ -12,3 +12,4 @@ from typing import Literal
 Preset = Literal["paper", "medium", "small", "celeba64", "celeba128"]
 Baseline = Literal["full", "none", "magnet", "adv-only", "distill-only"]
 DataKind = Literal["auto", "cifar10-pickle", "cifar10-binary", "npz", "celeba", "folder"]
+Finetune = Literal["none", "adversarial"]

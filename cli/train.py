@@ -10,7 +10,7 @@ import typer
 
 from ism_edge.errors import IsmEdgeError
 from ism_edge_cli._common import cli_errors, keep_freed_memory, parse_eps, parse_list, require_training
-from ism_edge_cli.choices import Baseline, DataKind, Preset
+from ism_edge_cli.choices import Baseline, DataKind, Finetune, Preset
 
 
 @cli_errors
@@ -92,8 +92,12 @@ def train(
         "naming one class per line (with --classifier: in the order of the model's outputs; an image folder's "
         "sub-folders carry these names)."))] = None,
     classifier: Annotated[str | None, typer.Option(help=(
-        "Protect your own classifier: an .onnx file, or package.module:factory with --weights. It stays frozen; "
-        "M, P and the thresholds are trained around it (docs/own-classifier.md)."))] = None,
+        "Protect your own classifier: an .onnx file, or package.module:factory with --weights. It stays frozen "
+        "(see --finetune); M, P and the thresholds are trained around it (docs/own-classifier.md)."))] = None,
+    finetune: Annotated[Finetune, typer.Option(help=(
+        "--classifier: none keeps it frozen; adversarial first runs the recipe's adversarial stage on a copy "
+        "(--epochs-classifier, --adv-eps, --adv-attack; no distillation), exported back to ONNX with the same "
+        "input contract as the bundle's classifier. Your file is not modified."))] = "none",
     weights: Annotated[Path | None, typer.Option(help=(
         "Weights of a --classifier package.module:factory (.safetensors, or a torch.save state dict)."))] = None,
     input_size: Annotated[str | None, typer.Option(help=(
@@ -172,7 +176,11 @@ def train(
                                     classifier_output)
     elif weights is not None or input_size is not None:
         raise typer.BadParameter("--weights and --input-size describe a --classifier: pass one")
-    req = replace(req, classifier=source)
+    elif finetune != "none":
+        raise typer.BadParameter(f"--finetune {finetune} fine-tunes a --classifier: pass one")
+    if finetune != "none" and adv_ratio <= 0:
+        raise typer.BadParameter(f"--finetune {finetune} trains on adversarial examples: --adv-ratio must be > 0")
+    req = replace(req, classifier=source, finetune=finetune)
     names = None if classes is None else _class_names(classes)
     if nproc > 1:
         if batch_size % nproc or batch_size // nproc < 2:

@@ -131,7 +131,8 @@ def decision_fields(bundle: Any) -> dict[str, Any]:
         "target_fpr": float(bundle.target_fpr),
         "feedback_rounds": int(bundle.feedback_rounds),
         "label_source": bundle.label_source,
-        # a user's own classifier: where it came from and the input contract its graph converts to
+        # a user's own classifier: where it came from, the input contract its graph converts to, and how
+        # its copy was fine-tuned (``ism-edge train --finetune``)
         "classifier": {k: v for k, v in getattr(bundle, "classifier_record", {}).items()
-                       if k in ("origin", "input", "num_classes")},
+                       if k in ("origin", "input", "num_classes", "finetuned")},
     }

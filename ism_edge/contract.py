@@ -26,6 +26,8 @@ CHANNEL_ORDERS = ("RGB", "BGR")
 SCALES = (1.0, 255.0)
 OUTPUTS = ("logits", "probabilities")
 ORIGIN_KINDS = ("onnx", "module")
+#: How a bundle's copy of a user's classifier was fine-tuned (``ism-edge train --finetune``).
+FINETUNED_METHODS = ("adversarial",)
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,10 @@ class ClassifierInput:
 def check_classifier_record(record: Any, name: str = "classifier") -> dict[str, Any]:
     """Check a manifest's ``classifier`` record (a user's classifier: its origin and input contract).
 
-    ``{"origin": {"kind": "onnx" | "module", "source": text, "sha256": hex, ...}, "input": {...}}``;
-    returns it. An empty record means the bundle's own classifier.
+    ``{"origin": {"kind": "onnx" | "module", "source": text, "sha256": hex, ...}, "input": {...}}``,
+    and ``"finetuned": {"method": "adversarial", "epochs": n, ...}`` when the graph is a fine-tuned
+    copy of the user's classifier (the origin still names the user's file); returns it. An empty
+    record means the bundle's own classifier.
     """
     record = check.obj(record, name)
     if not record:
@@ -112,4 +116,10 @@ def check_classifier_record(record: Any, name: str = "classifier") -> dict[str, 
     if "weights" in origin:
         check.text(origin["weights"], f"{name}.origin.weights", max_len=4096)
     ClassifierInput.from_dict(check.require(record, "input", f"{name}.input"), f"{name}.input")
+    if "finetuned" in record:
+        tuned = check.obj(record["finetuned"], f"{name}.finetuned")
+        check.choice(check.require(tuned, "method", f"{name}.finetuned.method"), f"{name}.finetuned.method",
+                     FINETUNED_METHODS)
+        check.integer(check.require(tuned, "epochs", f"{name}.finetuned.epochs"), f"{name}.finetuned.epochs", 0,
+                      1_000_000)
     return record

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ism_edge.errors import ExitCode
-from ism_edge_cli.choices import Baseline, DataKind, Preset
+from ism_edge_cli.choices import Baseline, DataKind, Finetune, Preset
 from ism_edge_cli.main import app
 from tests.cli import one_error_line
 
@@ -26,6 +26,9 @@ def test_the_cli_choices_are_the_training_names() -> None:
     assert set(get_args(Preset)) == set(PRESETS)
     assert set(get_args(Baseline)) == set(BASELINES)
     assert get_args(DataKind) == ("auto", *KINDS)
+    from ism_edge_training.models.external import FINETUNE_METHODS
+
+    assert get_args(Finetune) == FINETUNE_METHODS
 
 
 @pytest.mark.parametrize(("args", "expected"), [

@@ -260,3 +260,69 @@ def test_unreadable_images(own: dict[str, Any], tmp_path: Path) -> None:
         (data / name).mkdir(parents=True)
         (data / name / "a.png").write_bytes(b"not a png")
     assert "cannot decode image" in _train_error(own, tmp_path, str(own["root"] / "model.onnx"), data=data)
+
+
+# -- --finetune adversarial: the recipe's adversarial stage on a copy of the user's classifier -----
+
+
+def _digests(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.glob("model.onnx*"))}
+
+
+def test_finetune_adversarial_trains_a_copy_that_the_bundle_deploys(own: dict[str, Any], tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from ism_edge.runtime import DefenseRuntime
+
+    before = _digests(own["root"])
+    assert "model.onnx" in before
+    out, engines = tmp_path / "bundle", tmp_path / "engines"
+    r = runner.invoke(app, ["train", "--classifier", str(own["root"] / "model.onnx"), "--finetune", "adversarial",
+                            "--data", str(own["root"] / "data"), "--classes", str(own["root"] / "classes.txt"),
+                            "--mean", ",".join(map(str, IMAGENET_MEAN)), "--std", ",".join(map(str, IMAGENET_STD)),
+                            "--out", str(out), "--epochs-classifier", "1", "--epochs-mapper", "1",
+                            "--epochs-perturbation", "1", "--batch-size", "16", "--limit", "36", "--device", "cpu",
+                            "--guard-examples", "0"])
+    assert r.exit_code == 0, r.output
+    assert _digests(own["root"]) == before  # the user's files (graph and external weights) are untouched
+    manifest = json.loads((out / "manifest.json").read_text())
+    record = manifest["classifier"]
+    assert record["origin"]["source"].endswith("model.onnx") and record["origin"]["sha256"] == before["model.onnx"]
+    tuned = record["finetuned"]
+    assert tuned["method"] == "adversarial" and tuned["epochs"] == 1 and tuned["attack"] == "fgsm-rs"
+    assert tuned["eps"] == pytest.approx([8 / 255, 8 / 255])
+    assert set(tuned["heldout"]["before"]) == set(tuned["heldout"]["after"]) == {"clean_acc", "pgd_acc"}
+    assert tuned["heldout"]["n"] >= 1 and tuned["export_check"]["max_rel_diff"] <= 1e-3
+    assert manifest["stages"]["adversarial"]["finetuned"] == tuned and manifest["stages"]["adversarial"]["epochs"] == 1
+    assert "skipped" in manifest["stages"]["distill"] and manifest["provenance"]["recipe"]["distill"] is False
+    assert "classifier" not in manifest["weights"] and "teacher" not in manifest["weights"]
+    # The bundle's graph is another model than the user's, with the user's input contract (48x48, ImageNet
+    # normalisation applied outside the graph): the weights changed.
+    xs, _ = _images(CIFAR_TEST, 10)
+    user_in = _normalised(xs).numpy()
+    theirs = ort.InferenceSession(str(own["root"] / "model.onnx")).run(None, {"x": user_in[:1]})[0]
+    session = ort.InferenceSession(str(out / "classifier.onnx"))
+    assert session.get_inputs()[0].shape[1:] == [3, 48, 48]
+    tuned_logits = session.run(None, {session.get_inputs()[0].name: user_in})[0]
+    assert np.abs(tuned_logits[:1] - theirs).max() > 1e-3
+    r = runner.invoke(app, ["build", str(out), "--out", str(engines), "--backend", "onnxruntime",
+                            "--precision", "fp32", "--parity-samples", "32"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((engines / "manifest.json").read_text())["classifier"]["finetuned"]["method"] == "adversarial"
+    with DefenseRuntime(engines, color_order="RGB") as rt:
+        verdicts = rt.process_batch(list(xs))
+    clean = [(v, int(i)) for v, i in zip(verdicts, tuned_logits.argmax(1), strict=True) if not v.flagged]
+    assert clean  # label source "auto": an unflagged frame's label is the fine-tuned classifier's
+    assert [v.label for v, _ in clean] == [ORDER[i] for _, i in clean]
+
+
+def test_finetune_needs_a_classifier() -> None:
+    r = runner.invoke(app, ["train", "--data", "d", "--out", "o", "--finetune", "adversarial"])
+    assert r.exit_code == 2 and "--finetune adversarial fine-tunes a --classifier" in _one_error_line(r)
+
+
+def test_finetune_takes_none_or_adversarial() -> None:
+    r = runner.invoke(app, ["train", "--data", "d", "--out", "o", "--classifier", "m.onnx", "--finetune", "bogus"])
+    assert r.exit_code == 2 and "Invalid value for '--finetune'" in _one_error_line(r)

@@ -119,3 +119,41 @@ def test_a_bundle_whose_classifier_graph_was_modified_is_refused(tmp_path: Path)
         f.write(b"\0")
     with pytest.raises(BundleError, match="does not match its hash"):
         DefenseBundle.load(tmp_path / "b")
+
+
+def test_a_trainable_copy_trains_every_weight_and_exports_at_the_users_contract(tmp_path: Path) -> None:
+    """``--finetune``'s copy: the MatMul matrix onnx2torch keeps as a buffer trains, the frozen
+    original does not change, and the export takes the user's NHWC BGR [0, 255] input as before."""
+    from ism_edge_training.models.external import finetuned_classifier
+
+    nodes, inits = _linear_head("x", True, 4, True)
+    path = _save(tmp_path, "nhwc", nodes, inits, ["batch", 24, 20, 3], 4)
+    original = path.read_bytes()
+    mean, std = (100.0, 110.0, 120.0), (50.0, 60.0, 70.0)
+    src = ClassifierSource(str(path), channel_order="BGR", scale=255.0, mean=mean, std=std, output="probabilities")
+    x = torch.from_numpy(np.random.default_rng(4).random((6, 3, 24, 20), dtype=np.float32))
+    clf = prepare_classifier(src, x.numpy())
+    with torch.no_grad():
+        frozen_before = clf(x)
+    copy = clf.trainable_copy()
+    assert [p.shape for p in copy.parameters()] == [(3, 4)]  # the MatMul's weight, a buffer in onnx2torch
+    opt = torch.optim.SGD(copy.parameters(), lr=50.0)
+    torch.nn.functional.cross_entropy(copy(x), torch.tensor([0, 1, 2, 3, 0, 1])).backward()
+    opt.step()
+    with torch.no_grad():
+        assert torch.equal(clf(x), frozen_before)  # the user's classifier is not the copy
+        tuned_out = copy(x)
+    assert (tuned_out - frozen_before).abs().max() > 1e-3
+    tuned = finetuned_classifier(copy, x.numpy(), {"method": "adversarial", "epochs": 1})
+    assert path.read_bytes() == original
+    assert tuned.record["origin"] == clf.record["origin"] and tuned.record["input"] == clf.record["input"]
+    assert tuned.record["finetuned"]["method"] == "adversarial"
+    assert tuned.record["finetuned"]["export_check"]["max_rel_diff"] <= 1e-3
+    # the exported graph takes what the user's graph took: NHWC, BGR, [0, 255], normalised
+    session = ort.InferenceSession(tuned.graph)
+    assert session.get_inputs()[0].shape[1:] == [24, 20, 3]
+    theirs_in = ((x.numpy()[:, ::-1] * 255 - np.reshape(mean, (1, 3, 1, 1))) / np.reshape(std, (1, 3, 1, 1)))
+    p = session.run(None, {session.get_inputs()[0].name: theirs_in.transpose(0, 2, 3, 1).astype(np.float32)})[0]
+    np.testing.assert_allclose(np.log(p), tuned_out.numpy(), atol=1e-4)
+    with torch.no_grad():
+        np.testing.assert_allclose(tuned(x).numpy(), tuned_out.numpy(), atol=1e-4)

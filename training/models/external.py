@@ -11,12 +11,15 @@ For gradients (training M and P, the attacks of the evaluation) the graph is con
 with ``onnx2torch``; :class:`ExternalClassifier` runs the same contract conversion in PyTorch
 before it. The conversion is checked against ONNX Runtime on real images when the classifier is
 read, so what the defense is trained around is what the engines run. The classifier is frozen:
-no recipe stage changes its weights.
+no recipe stage changes its weights, unless ``ism-edge train --finetune adversarial`` asks for the
+recipe's adversarial training of a copy (:meth:`ExternalClassifier.trainable_copy`), which is then
+exported back to ONNX at the user's input contract (:func:`finetuned_classifier`) and frozen again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib
 import importlib.util
@@ -51,6 +54,9 @@ PROBABILITY_FLOOR = 1e-12
 #: Classifier outputs of PyTorch and ONNX Runtime on the same images must agree this closely
 #: (max |Δ| relative to the largest |output|) for the converted classifier to be used.
 CONVERSION_TOLERANCE = 1e-3
+#: ``ism-edge train --finetune``: ``none`` keeps the user's classifier frozen; ``adversarial`` runs
+#: the recipe's adversarial stage on a copy of it first.
+FINETUNE_METHODS = ("none", "adversarial")
 
 
 @dataclass(frozen=True)
@@ -379,15 +385,20 @@ class ExternalClassifier(nn.Module):
 
     ``graph``: the user's ONNX bytes as stored in the bundle; ``record``: the bundle manifest's
     ``classifier`` entry (origin and input contract). Its parameters never require gradients
-    (the classifier is frozen); gradients flow through it to the input.
+    (the classifier is frozen); gradients flow through it to the input. ``factory_module``: the
+    PyTorch module a ``package.module:factory`` classifier was exported from, which
+    :meth:`trainable_copy` fine-tunes instead of ``onnx2torch``'s conversion.
     """
 
-    def __init__(self, graph: bytes, contract: ClassifierInput, num_classes: int, record: dict[str, Any]) -> None:
+    def __init__(self, graph: bytes, contract: ClassifierInput, num_classes: int, record: dict[str, Any],
+                 factory_module: nn.Module | None = None) -> None:
         super().__init__()
         self.graph, self.contract, self.num_classes, self.record = graph, contract, num_classes, record
         self.adapter = ContractAdapter(contract)
         self.model = to_torch(_onnx().ModelProto.FromString(graph), record.get("origin", {}).get("source", "graph"))
         self.model.requires_grad_(False)
+        # a plain attribute, not a submodule: the bundle and the checkpoints hold the graph's weights only
+        self.__dict__["factory_module"] = factory_module
         self.eval()
 
     def train(self, mode: bool = True) -> ExternalClassifier:
@@ -395,10 +406,48 @@ class ExternalClassifier(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(self.adapter(x))
-        if self.contract.output == "probabilities":
-            out = torch.log(torch.clamp_min(out, PROBABILITY_FLOOR))
-        return out
+        return _logits(self.model(self.adapter(x)), self.contract)
+
+    def trainable_copy(self) -> TrainableClassifier:
+        """A copy whose weights train (``--finetune adversarial``); this classifier is left as it is."""
+        source = self.__dict__["factory_module"]
+        return TrainableClassifier(copy.deepcopy(source if source is not None else self.model), self.contract,
+                                   self.num_classes, self.record)
+
+
+def _logits(out: torch.Tensor, contract: ClassifierInput) -> torch.Tensor:
+    if contract.output == "probabilities":
+        out = torch.log(torch.clamp_min(out, PROBABILITY_FLOOR))
+    return out
+
+
+class TrainableClassifier(nn.Module):
+    """A trainable copy of a user's classifier, behind the same :class:`ContractAdapter`.
+
+    ``model``: the factory's module or ``onnx2torch``'s conversion; the floating-point constants
+    ``onnx2torch`` keeps as buffers (a ``MatMul``'s weight, an ``Add``'s bias: every initializer
+    that is not a ``Conv``/``Gemm``/``BatchNormalization`` parameter) become parameters, so that
+    every weight of the graph trains, not only those of the layers it recognised; scalars
+    (epsilons, fixed factors) and integer shapes stay constants. BatchNorm and dropout layers
+    follow :meth:`train`/:meth:`eval` as in any PyTorch model. It has no ``graph``: it is
+    exported with :func:`finetuned_classifier` before a bundle holds it.
+    """
+
+    def __init__(self, model: nn.Module, contract: ClassifierInput, num_classes: int,
+                 record: dict[str, Any]) -> None:
+        super().__init__()
+        self.contract, self.num_classes, self.record = contract, num_classes, record
+        self.adapter = ContractAdapter(contract)
+        self.model = model
+        for owner in model.modules():
+            for name, buf in list(owner.named_buffers(recurse=False)):
+                if name.startswith("onnx_initializer_") and buf.is_floating_point() and buf.numel() > 1:
+                    delattr(owner, name)
+                    owner.register_parameter(name, nn.Parameter(buf.detach().clone()))
+        self.model.requires_grad_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _logits(self.model(self.adapter(x)), self.contract)
 
 
 def to_torch(model: onnx.ModelProto, where: str) -> nn.Module:
@@ -546,6 +595,7 @@ def prepare_classifier(src: ClassifierSource, samples: np.ndarray) -> ExternalCl
     Every refusal is one :class:`BundleError` line, before anything is written.
     """
     onnx = _onnx()
+    module: nn.Module | None = None
     if src.is_factory:
         where = src.path
         module = load_factory(src.path, src.weights)
@@ -571,20 +621,69 @@ def prepare_classifier(src: ClassifierSource, samples: np.ndarray) -> ExternalCl
         contract = contract_of(user, src, where)
         origin = {"kind": "onnx", "source": str(path), "sha256": _sha256(path.read_bytes())}
     x = _resized(samples, contract.size)
+    record = {"origin": origin, "input": contract.to_dict()}
+    return _checked_classifier(user, graph, contract, record, x, where, factory_module=module)
+
+
+def _checked_classifier(user: onnx.ModelProto, graph: bytes, contract: ClassifierInput, record: dict[str, Any],
+                        x: np.ndarray, where: str, factory_module: nn.Module | None = None) -> ExternalClassifier:
+    """``graph`` (the bytes of ``user``) as the frozen classifier, once ONNX Runtime has run it on
+    ``x`` (defense pixels at the contract's size) and ``onnx2torch``'s conversion has matched it
+    there; ``record`` gets ``num_classes`` and the ``conversion_check``."""
     _, reference = probe(_with_dynamic_batch(user), contract, x, where)
     num_classes = int(reference.shape[1])
-    record = {"origin": origin, "input": contract.to_dict(), "num_classes": num_classes}
-    clf = ExternalClassifier(graph, contract, num_classes, record)
+    record = {**record, "num_classes": num_classes}
+    clf = ExternalClassifier(graph, contract, num_classes, record, factory_module)
     with torch.no_grad():
         ours = clf.model(torch.from_numpy(user_input(x, contract))).numpy()
-    scale = max(float(np.abs(reference).max()), 1.0)
-    err = float(np.abs(ours - reference).max()) / scale
-    agree = float((ours.argmax(1) == reference.argmax(1)).mean())
+    err, agree = _difference(ours, reference)
     if not err <= CONVERSION_TOLERANCE:
         raise BundleError(f"{where}: onnx2torch's conversion differs from ONNX Runtime by {err:.2g} (relative; "
                           f"labels agree on {agree:.0%} of {len(x)} images): the defense would be trained around "
                           "another model; report the graph's operators to onnx2torch")
     record["conversion_check"] = {"n": len(x), "max_rel_diff": err, "label_agreement": agree}
+    return clf
+
+
+def _difference(ours: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Max |Δ| relative to the largest |reference| (at least 1), and the share of equal labels."""
+    scale = max(float(np.abs(reference).max()), 1.0)
+    return float(np.abs(ours - reference).max()) / scale, float((ours.argmax(1) == reference.argmax(1)).mean())
+
+
+def finetuned_classifier(trained: TrainableClassifier, samples: np.ndarray,
+                         entry: dict[str, Any]) -> ExternalClassifier:
+    """The fine-tuned copy exported to ONNX at the user's input contract (the graph still takes the
+    user's layout, scale and normalisation) and frozen again, as the bundle's classifier.
+
+    The export is run by ONNX Runtime on ``samples`` (defense pixels, any size) and must match the
+    fine-tuned PyTorch module there as closely as the conversion check asks of a user's graph
+    (``entry["export_check"]`` records it), and its ``onnx2torch`` conversion must match too.
+    ``entry`` is the record's ``finetuned`` entry; the origin (the user's file and its SHA-256)
+    is kept. The user's own file is not touched: only the returned classifier holds the new graph.
+    """
+    onnx = _onnx()
+    contract = trained.contract
+    where = f"the fine-tuned copy of {trained.record['origin']['source']}"
+    module = trained.model.eval()
+    graph = module_to_onnx(module, contract, where)
+    exported = onnx.ModelProto.FromString(graph)
+    x = _resized(samples, contract.size)
+    _, reference = probe(_with_dynamic_batch(exported), contract, x, where)
+    with torch.no_grad():
+        ours = module(torch.from_numpy(user_input(x, contract))).numpy()
+    if reference.shape != ours.shape:
+        raise BundleError(f"{where}: its ONNX export outputs {list(reference.shape)}, the module {list(ours.shape)}")
+    err, agree = _difference(ours, reference)
+    if not err <= CONVERSION_TOLERANCE:
+        raise BundleError(f"{where}: its ONNX export differs from the fine-tuned PyTorch module by {err:.2g} "
+                          f"(relative; labels agree on {agree:.0%} of {len(x)} images): the bundle would hold "
+                          "another model than the one fine-tuned; train with --finetune none")
+    record = {k: v for k, v in trained.record.items() if k not in ("num_classes", "conversion_check")}
+    record["finetuned"] = {**entry, "export_check": {"n": len(x), "max_rel_diff": err, "label_agreement": agree}}
+    clf = _checked_classifier(exported, graph, contract, record, x, where)
+    if clf.num_classes != trained.num_classes:  # pragma: no cover - the export check compared the shapes
+        raise BundleError(f"{where}: its ONNX export has {clf.num_classes} outputs, not {trained.num_classes}")
     return clf
 
 

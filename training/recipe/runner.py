@@ -21,7 +21,7 @@ from ism_edge_training.data import ImageArrays, load_dataset
 from ism_edge_training.defense import Defense, attack_surrogate
 from ism_edge_training.models import ScaledLogits
 from ism_edge_training.models import preset as model_preset
-from ism_edge_training.models.external import ClassifierSource
+from ism_edge_training.models.external import FINETUNE_METHODS, ClassifierSource
 from ism_edge_training.progress import log, make_progress
 from ism_edge_training.recipe.config import STAGES, RecipeConfig, baseline_stages
 from ism_edge_training.recipe.stages import (
@@ -72,10 +72,14 @@ class TrainRequest:
     weights_dtype: str | None = None
     # a user's own classifier (ism-edge train --classifier): frozen, M and P are trained around it
     classifier: ClassifierSource | None = None
+    # "adversarial": the recipe's adversarial stage runs on a copy of that classifier first (--finetune)
+    finetune: str = "none"
 
 
 #: The stages that train around a user's frozen classifier; the classifier stages are skipped.
 FROZEN_CLASSIFIER_STAGES = ("mapper", "perturbation", "calibrate")
+#: With ``--finetune adversarial``: the adversarial stage trains a copy of the user's classifier first.
+FINETUNED_CLASSIFIER_STAGES = ("adversarial", *FROZEN_CLASSIFIER_STAGES)
 
 
 class Checkpointer:
@@ -153,15 +157,32 @@ class RecipeRunner:
                 raise IsmEdgeError(f"stage(s) {', '.join(extra)} are not part of baseline {self.cfg.baseline!r} "
                                    f"(its stages: {', '.join(allowed)})")
         self.stages = [s for s in STAGES if s in req.stages and s in allowed]
+        if req.finetune not in FINETUNE_METHODS:
+            raise IsmEdgeError(f"--finetune {req.finetune!r}: choose from {', '.join(FINETUNE_METHODS)}")
+        self.finetune = req.classifier is not None and req.finetune != "none"
+        if req.finetune != "none" and req.classifier is None:
+            raise IsmEdgeError(f"--finetune {req.finetune} fine-tunes a user's classifier: pass --classifier")
         if req.classifier is not None:
             if self.cfg.baseline != "full":
                 raise IsmEdgeError(f"--classifier protects a user's classifier with the full defense; --baseline "
                                    f"{self.cfg.baseline} trains a classifier of its own")
-            frozen = [s for s in self.stages if s not in FROZEN_CLASSIFIER_STAGES]
+            own = FINETUNED_CLASSIFIER_STAGES if self.finetune else FROZEN_CLASSIFIER_STAGES
+            frozen = [s for s in self.stages if s not in own]
             if set(req.stages) != set(STAGES) and frozen:
-                raise IsmEdgeError(f"stage(s) {', '.join(frozen)} train the classifier, which --classifier keeps "
-                                   f"frozen: choose from {', '.join(FROZEN_CLASSIFIER_STAGES)}")
-            self.stages = [s for s in self.stages if s in FROZEN_CLASSIFIER_STAGES]
+                keeps = "fine-tunes only in the adversarial stage" if self.finetune else "keeps frozen"
+                raise IsmEdgeError(f"stage(s) {', '.join(frozen)} train the classifier, which --classifier {keeps}: "
+                                   f"choose from {', '.join(own)}")
+            self.stages = [s for s in self.stages if s in own]
+        if self.finetune:
+            if self.cfg.adv_ratio <= 0 or self.cfg.adv_eps[1] <= 0:
+                raise IsmEdgeError("--finetune adversarial trains on adversarial examples: --adv-ratio and the "
+                                   "upper --adv-eps must be > 0")
+            if req.init_from is not None:
+                raise IsmEdgeError("--init-from shares the recipe's own classifier stages; with --finetune the "
+                                   "adversarial stage trains a copy of --classifier: drop --init-from")
+            # A fine-tuned own classifier is deployed as adversarially trained (no distillation): the
+            # recipe that the bundle records says so, and the adversarial stage trains the deployed C.
+            self.cfg = replace(self.cfg, distill=False)
         self.spec = DefenseSpec.for_baseline(self.cfg.baseline)
         self.ckpt = Checkpointer(Path(req.out))
 
@@ -185,34 +206,54 @@ class RecipeRunner:
         assert self.req.classifier is not None
         out = Path(self.req.out)
         samples = np.concatenate([calib.x[:32], train.x[:32]]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        self._samples = samples  # what the fine-tuned copy's ONNX export is checked on
         clf = prepare_classifier(self.req.classifier, samples)
+        self._user_classifier = clf.to(self.device)
         k = clf.num_classes
         if len(train.class_names) != k:
             raise DataError(f"the data has {len(train.class_names)} classes ({', '.join(train.class_names[:5])}"
                             f"{', …' if len(train.class_names) > 5 else ''}) but {self.req.classifier.path} outputs "
                             f"{k}: pass data with one folder per output, or --classes FILE naming them in output order")
-        if STAGES.index(self.stages[0]) > STAGES.index("mapper"):
+        first = "adversarial" if self.finetune else "mapper"
+        if STAGES.index(self.stages[0]) > STAGES.index(first):
             if not (out / "manifest.json").is_file():
-                raise BundleError(f"stage {self.stages[0]!r} needs the bundle of the mapper stage at {out}: "
+                raise BundleError(f"stage {self.stages[0]!r} needs the bundle of the {first} stage at {out}: "
                                   "run that stage first (or all stages at once)")
-            b = DefenseBundle.load(out)
-            if b.classifier_record.get("origin", {}).get("sha256") != clf.record["origin"]["sha256"]:
-                raise BundleError(f"{out} was trained around another classifier than {self.req.classifier.path}: "
-                                  "write to another --out")
-            if tuple(b.class_names) != tuple(train.class_names):
-                raise BundleError(f"{out} was trained on classes {list(b.class_names)[:4]}…, the data has "
-                                  f"{list(train.class_names)[:4]}…: use the same dataset")
-            return b.to(self.device)
+            return self._own_bundle(out, clf.record, train).to(self.device)
         h, w = clf.contract.size
         cfg = model_preset(self.req.preset, num_classes=k, channels=3, image_size=mapper_side(h, w),
                            **self.req.model_overrides)
-        b = DefenseBundle(config=cfg, networks=external_networks(cfg, clf, (h, w)), class_names=train.class_names,
+        networks = external_networks(cfg, clf, (h, w))
+        if self.finetune:  # the adversarial stage trains a copy; the user's classifier is left as it is
+            networks["classifier"] = clf.trainable_copy()
+        b = DefenseBundle(config=cfg, networks=networks, class_names=train.class_names,
                           preset=self.req.preset, classifier_record=clf.record)
         self.echo(f"classifier: {self.req.classifier.path} ({k} classes, input {h}x{w} "
-                  f"{clf.contract.layout} {clf.contract.channel_order}, scale {clf.contract.scale:g}), frozen; "
+                  f"{clf.contract.layout} {clf.contract.channel_order}, scale {clf.contract.scale:g}), "
+                  f"{'fine-tuned adversarially on a copy' if self.finetune else 'frozen'}; "
                   f"onnx2torch's conversion agrees with ONNX Runtime to "
                   f"{clf.record['conversion_check']['max_rel_diff']:.1g}")
         return b.to(self.device)
+
+    def _own_bundle(self, out: Path, record: dict[str, Any], train: ImageArrays) -> DefenseBundle:
+        """The bundle at ``out`` of an earlier run around the same user's classifier (``record``):
+        the frozen classifier, or its fine-tuned copy when this run fine-tunes, as the earlier run did."""
+        assert self.req.classifier is not None
+        b = DefenseBundle.load(out)
+        if b.classifier_record.get("origin", {}).get("sha256") != record["origin"]["sha256"]:
+            raise BundleError(f"{out} was trained around another classifier than {self.req.classifier.path}: "
+                              "write to another --out")
+        if tuple(b.class_names) != tuple(train.class_names):
+            raise BundleError(f"{out} was trained on classes {list(b.class_names)[:4]}…, the data has "
+                              f"{list(train.class_names)[:4]}…: use the same dataset")
+        tuned = "finetuned" in b.classifier_record
+        if self.finetune and not tuned:
+            raise BundleError(f"{out} holds {self.req.classifier.path} as it is, not a fine-tuned copy: run the "
+                              "adversarial stage too, or drop --finetune")
+        if tuned and not self.finetune:
+            raise BundleError(f"{out} holds a fine-tuned copy of {self.req.classifier.path}: pass --finetune "
+                              f"{b.classifier_record['finetuned']['method']}, or write to another --out")
+        return b
 
     def _initial_bundle(self, train: ImageArrays) -> DefenseBundle:
         out = Path(self.req.out)
@@ -316,6 +357,35 @@ class RecipeRunner:
                                                          teacher=teacher, teacher_scale=teacher_scale,
                                                          scheduler=per_batch, attack_target=surrogate),
                             after=after, measure=measure)
+
+    def _finetune_classifier(self, b: DefenseBundle, train: ImageArrays, calib: ImageArrays,
+                             state: dict[str, Any]) -> dict[str, Any]:
+        """``--finetune adversarial``: the recipe's adversarial stage on the trainable copy of the
+        user's classifier, which is then exported to ONNX at the user's input contract, checked
+        and frozen again as the bundle's classifier (M, P and the thresholds train around it)."""
+        from ism_edge_training.models.external import finetuned_classifier
+
+        cfg = self.cfg
+        guard_data = self._guard_set(calib)
+        eps = cfg.adv_eps[1]
+        before = self._guard(self._user_classifier, guard_data, eps)
+        metrics = self._classifier_stage("adversarial", b, train, calib, state)
+        trained = b.classifier
+        after = metrics.get("guard") or self._guard(trained, guard_data, eps)
+        entry = {"method": "adversarial", "epochs": int(metrics["epochs"]), "attack": cfg.adv_attack,
+                 "eps": list(cfg.adv_eps), "adv_ratio": cfg.adv_ratio, "best_epoch": metrics.get("best_epoch"),
+                 "heldout": {"n": before["n"], "eps": eps, "pgd_steps": before["pgd_steps"],
+                             "before": {"clean_acc": before["clean_acc"], "pgd_acc": before["pgd_acc"]},
+                             "after": {"clean_acc": after["clean_acc"], "pgd_acc": after["pgd_acc"]}}}
+        clf = finetuned_classifier(trained.cpu(), self._samples, entry)  # type: ignore[arg-type]
+        b.networks["classifier"] = clf.to(self.device)
+        b.classifier_record = clf.record
+        b.provenance["classifier"] = clf.record["origin"]
+        self.echo(f"classifier fine-tuned: held-out clean {before['clean_acc']:.1%} → {after['clean_acc']:.1%}, "
+                  f"PGD-{before['pgd_steps']} at ε={eps:.4g} {before['pgd_acc']:.1%} → {after['pgd_acc']:.1%} "
+                  f"({before['n']} images); its ONNX export matches to "
+                  f"{clf.record['finetuned']['export_check']['max_rel_diff']:.1g}")
+        return {**metrics, "finetuned": clf.record["finetuned"]}
 
     def _pool(self, b: DefenseBundle, train: ImageArrays) -> torch.Tensor:
         """The adversarial pool; with several ranks each crafts and keeps the pool of its own shard."""
@@ -497,8 +567,17 @@ class RecipeRunner:
                     # Resuming a --stages run as another would redo (or skip) stages silently.
                     raise IsmEdgeError(f"checkpoint {self.ckpt.path} was written by a run of stages "
                                        f"{','.join(run_stages)}: rerun with --stages {','.join(run_stages)} --resume")
+                tuned = self.finetune and "adversarial" in ck.get("completed", [])
+                if tuned:  # the fine-tuned copy, exported when its stage completed: the bundle holds it
+                    assert self.req.classifier is not None
+                    if not (Path(self.req.out) / "manifest.json").is_file():
+                        raise BundleError(f"--resume: the adversarial stage completed but {self.req.out} holds "
+                                          "no bundle: train without --resume")
+                    own = self._own_bundle(Path(self.req.out), b.classifier_record, train)
+                    b.networks["classifier"] = own.classifier.to(self.device)
+                    b.classifier_record = own.classifier_record
                 for n, sd in ck["nets"].items():
-                    if n in b.networks:
+                    if n in b.networks and not (tuned and n == "classifier"):
                         b.networks[n].load_state_dict(sd)
                 self._completed = list(ck.get("completed", []))
                 b.stages = dict(ck.get("stages_metrics", {}))
@@ -534,9 +613,15 @@ class RecipeRunner:
         if b.external:
             b.provenance["classifier"] = b.classifier_record["origin"]
             b.temperatures["train"] = 1.0  # the user's logits, as deployed
-            for stage in STAGES:
-                if stage not in FROZEN_CLASSIFIER_STAGES:
-                    b.stages[stage] = {"skipped": "the user's classifier is frozen (ism-edge train --classifier)"}
+            skipped = {s: "the user's classifier is frozen (ism-edge train --classifier)" for s in STAGES
+                       if s not in FROZEN_CLASSIFIER_STAGES}
+            if self.finetune:
+                del skipped["adversarial"]
+                skipped.update(undefended="the user's classifier is the undefended one (--finetune starts from it)",
+                               distill="not run with --finetune: the adversarially fine-tuned copy is deployed",
+                               finetune="the fine-tuned copy stays frozen while M and P are trained around it")
+            for stage, why in skipped.items():
+                b.stages[stage] = {"skipped": why}
         for stage in self.stages:
             self._deploy_undefended(b)
             if stage in self._completed:
@@ -551,7 +636,9 @@ class RecipeRunner:
                                   "stage too")
             t0 = time.perf_counter()
             st = state if state.get("stage") == stage else {}
-            if stage in ("undefended", "adversarial", "distill"):
+            if stage == "adversarial" and b.external:
+                metrics = self._finetune_classifier(b, train, calib, st)
+            elif stage in ("undefended", "adversarial", "distill"):
                 metrics = self._classifier_stage(stage, b, train, calib, st)
             elif stage == "mapper":
                 metrics = self._mapper_stage(b, train, calib, st)
