@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ism_edge import _checks as check
-from ism_edge._io import atomic_directory, atomic_write_json, sha256_file
+from ism_edge._io import _public_mode, atomic_directory, atomic_write_json, sha256_file
 from ism_edge.errors import BundleError
 from ism_edge.manifest import (
     DEFAULT_DETECTOR_TEMPERATURE,
@@ -304,6 +304,7 @@ class DefenseBundle:
                     raise ValueError(f"{name}.{overflow} has values that {self.weights_dtype} cannot hold: "
                                      "save the bundle with weights_dtype='float32'")
                 save_file(state, str(tmp / fname), metadata={"network": name, "format": BUNDLE_FORMAT})
+                _public_mode(tmp / fname)  # safetensors writes 0600; a bundle is shipped and shared like its manifest
                 manifest["weights"][name] = {"file": fname, "sha256": sha256_file(tmp / fname)}
             atomic_write_json(tmp / "manifest.json", manifest)
         return directory

@@ -28,6 +28,18 @@ def test_round_trip_preserves_weights_and_outputs(untrained_bundle_dir: Path, tm
     assert torch.equal(o1.x_hat, o2.x_hat) and torch.equal(o1.flagged, o2.flagged)
 
 
+def test_every_file_of_a_saved_bundle_has_the_mode_open_would_give(untrained_bundle_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """safetensors writes 0600: a bundle shipped or shared must be readable like its manifest."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    DefenseBundle.load(untrained_bundle_dir).save(tmp_path / "copy")
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "copy").iterdir()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
 def test_float16_weights_halve_the_files_and_load_as_float32(untrained_bundle_dir: Path, tmp_path: Path) -> None:
     b = DefenseBundle.load(untrained_bundle_dir)
     b.weights_dtype = "float16"
