@@ -326,3 +326,31 @@ def test_finetune_needs_a_classifier() -> None:
 def test_finetune_takes_none_or_adversarial() -> None:
     r = runner.invoke(app, ["train", "--data", "d", "--out", "o", "--classifier", "m.onnx", "--finetune", "bogus"])
     assert r.exit_code == 2 and "Invalid value for '--finetune'" in _one_error_line(r)
+
+
+def test_finetune_adversarial_of_a_pytorch_factory_trains_a_copy_of_its_module(own: dict[str, Any],
+                                                                                tmp_path: Path) -> None:
+    """The factory's own module is fine-tuned (not onnx2torch's conversion of its export); the user's
+    weights file is untouched and the bundle deploys the exported copy."""
+    from ism_edge_training.bundle import DefenseBundle
+
+    weights = own["root"] / "weights.safetensors"
+    before = weights.read_bytes()
+    out = tmp_path / "bundle"
+    r = runner.invoke(app, ["train", "--classifier", "tests.own_classifier_models:factory", "--weights", str(weights),
+                            "--input-size", "48", "--finetune", "adversarial", "--data", str(own["root"] / "data"),
+                            "--classes", str(own["root"] / "classes.txt"), "--out", str(out),
+                            "--epochs-classifier", "1", "--epochs-mapper", "1", "--epochs-perturbation", "1",
+                            "--batch-size", "16", "--limit", "36", "--device", "cpu", "--guard-examples", "0"])
+    assert r.exit_code == 0, r.output
+    assert weights.read_bytes() == before
+    b = DefenseBundle.load(out)
+    record = b.classifier_record
+    assert record["origin"]["kind"] == "module" and record["finetuned"]["method"] == "adversarial"
+    assert record["finetuned"]["export_check"]["max_rel_diff"] <= 1e-3
+    xs, _ = _images(CIFAR_TEST, 5)
+    x = torch.from_numpy(xs).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        tuned = b.classifier(x)
+        original = own["model"](x)  # no normalisation was declared: the module sees [0, 1] RGB
+    assert tuned.shape == original.shape and (tuned - original).abs().max() > 1e-3
