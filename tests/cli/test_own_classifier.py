@@ -354,3 +354,25 @@ def test_finetune_adversarial_of_a_pytorch_factory_trains_a_copy_of_its_module(o
         tuned = b.classifier(x)
         original = own["model"](x)  # no normalisation was declared: the module sees [0, 1] RGB
     assert tuned.shape == original.shape and (tuned - original).abs().max() > 1e-3
+
+
+def test_finetune_split_over_stages_keeps_the_fine_tuned_copy(own: dict[str, Any], tmp_path: Path) -> None:
+    """A later --stages run loads the fine-tuned copy from --out; a run without --finetune is refused on
+    that bundle (M and P must never be trained around another classifier than the one deployed)."""
+    out = tmp_path / "bundle"
+    common = ["train", "--classifier", str(own["root"] / "model.onnx"), "--data", str(own["root"] / "data"),
+              "--classes", str(own["root"] / "classes.txt"), "--mean", ",".join(map(str, IMAGENET_MEAN)),
+              "--std", ",".join(map(str, IMAGENET_STD)), "--out", str(out), "--epochs-classifier", "1",
+              "--epochs-mapper", "1", "--epochs-perturbation", "1", "--batch-size", "16", "--limit", "36",
+              "--device", "cpu", "--guard-examples", "0"]
+    r = runner.invoke(app, [*common, "--finetune", "adversarial", "--stages", "adversarial,mapper"])
+    assert r.exit_code == 0, r.output
+    graph = (out / "classifier.onnx").read_bytes()
+    tuned = json.loads((out / "manifest.json").read_text())["classifier"]["finetuned"]
+    r = runner.invoke(app, [*common, "--stages", "perturbation,calibrate"])
+    assert "fine-tuned copy" in _one_error_line(r)  # one error line, a non-zero exit
+    r = runner.invoke(app, [*common, "--finetune", "adversarial", "--stages", "perturbation,calibrate"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / "classifier.onnx").read_bytes() == graph and manifest["classifier"]["finetuned"] == tuned
+    assert set(manifest["thresholds"]) == {"recon_error", "jsd", "p_score"}
