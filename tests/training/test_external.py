@@ -157,3 +157,24 @@ def test_a_trainable_copy_trains_every_weight_and_exports_at_the_users_contract(
     np.testing.assert_allclose(np.log(p), tuned_out.numpy(), atol=1e-4)
     with torch.no_grad():
         np.testing.assert_allclose(tuned(x).numpy(), tuned_out.numpy(), atol=1e-4)
+
+
+def test_an_export_that_is_not_the_fine_tuned_copy_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bundle must hold the model that was fine-tuned: an export that differs from it (here, as if the
+    exporter had written the untrained graph) is one BundleError line, and nothing is returned."""
+    from ism_edge.errors import BundleError
+    from ism_edge_training.models import external
+
+    nodes, inits = _linear_head("x", True, 4, True)
+    path = _save(tmp_path, "nhwc", nodes, inits, ["batch", 24, 20, 3], 4)
+    src = ClassifierSource(str(path), channel_order="BGR", scale=255.0, output="probabilities")
+    x = torch.from_numpy(np.random.default_rng(5).random((6, 3, 24, 20), dtype=np.float32))
+    clf = prepare_classifier(src, x.numpy())
+    copy = clf.trainable_copy()
+    opt = torch.optim.SGD(copy.parameters(), lr=50.0)
+    torch.nn.functional.cross_entropy(copy(x), torch.tensor([0, 1, 2, 3, 0, 1])).backward()
+    opt.step()
+    monkeypatch.setattr(external, "module_to_onnx", lambda *_: clf.graph)
+    with pytest.raises(BundleError, match="its ONNX export differs from the fine-tuned PyTorch module") as err:
+        external.finetuned_classifier(copy, x.numpy(), {"method": "adversarial", "epochs": 1})
+    assert "\n" not in str(err.value)
