@@ -33,16 +33,18 @@ class Mode(str, Enum):
     tile = "tile"
 
 
-def parse_grid(text: str) -> tuple[int, int]:
-    """Parse ``ROWSxCOLS`` (e.g. ``2x3``)."""
-    parts = text.lower().split("x")
+def parse_grid(text: str, form: str = "ROWSxCOLS, e.g. 2x3", what: str = "rows and columns",
+               option: str | None = None) -> tuple[int, int]:
+    """Parse two positive whole numbers ``AxB`` (``ROWSxCOLS`` such as ``2x3`` unless ``form`` says
+    otherwise); a usage error naming ``option``, when given, otherwise."""
+    hint = None if option is None else f"'{option}'"
     try:
-        rows, cols = (int(p) for p in parts)
+        a, b = (int(p) for p in text.lower().split("x"))
     except ValueError:
-        raise typer.BadParameter(f"{text!r} is not ROWSxCOLS, e.g. 2x3") from None
-    if rows < 1 or cols < 1:
-        raise typer.BadParameter(f"{text!r}: rows and columns must be >= 1")
-    return rows, cols
+        raise typer.BadParameter(f"{text!r} is not {form}", param_hint=hint) from None
+    if a < 1 or b < 1:
+        raise typer.BadParameter(f"{text!r}: {what} must be >= 1", param_hint=hint)
+    return a, b
 
 
 def tile_grid_for(mode: Mode, text: str | None) -> tuple[int, int] | None:

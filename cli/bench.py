@@ -26,7 +26,7 @@ def parse_batches(text: str) -> tuple[int, ...]:
 
 def parse_size(text: str) -> tuple[int, int]:
     """Parse ``WIDTHxHEIGHT`` (e.g. ``640x480``) into (height, width)."""
-    width, height = parse_grid(text)
+    width, height = parse_grid(text, "WIDTHxHEIGHT, e.g. 640x480", "width and height")
     return height, width
 
 

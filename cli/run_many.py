@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from ism_edge_cli._common import Backend, Mode, tile_grid_for
+from ism_edge_cli._common import Backend, Mode, parse_grid, tile_grid_for
 
 if TYPE_CHECKING:
     from ism_edge.errors import IsmEdgeError
@@ -192,8 +192,9 @@ def _mosaic_layout(n: int, grid_text: str | None,
     checked before anything loads (a usage error otherwise)."""
     from ism_edge.mosaic import DEFAULT_CELL, check_cell, mosaic_grid
 
-    grid = None if grid_text is None else _pair(grid_text, "--mosaic-grid", "ROWSxCOLS, e.g. 2x3")
-    cell = DEFAULT_CELL if cell_text is None else _pair(cell_text, "--mosaic-cell", "WIDTHxHEIGHT, e.g. 480x360")
+    grid = None if grid_text is None else parse_grid(grid_text, option="--mosaic-grid")
+    cell = DEFAULT_CELL if cell_text is None else parse_grid(cell_text, "WIDTHxHEIGHT, e.g. 480x360",
+                                                             "width and height", option="--mosaic-cell")
     try:
         mosaic_grid(n, grid)
     except ValueError as e:
@@ -203,15 +204,6 @@ def _mosaic_layout(n: int, grid_text: str | None,
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="'--mosaic-cell'") from None
     return grid, cell
-
-
-def _pair(text: str, option: str, form: str) -> tuple[int, int]:
-    """Two whole numbers ``AxB``; a usage error naming ``option`` otherwise."""
-    try:
-        a, b = (int(p) for p in text.lower().split("x"))
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not {form}", param_hint=f"'{option}'") from None
-    return a, b
 
 
 def _output_paths(out_uris: list[OutputURI | None], folders: list[Path | None], log: str,
