@@ -391,8 +391,8 @@ def _bundle_fields(raw: dict[str, Any]) -> dict[str, Any]:
 def _model_config(raw: Any) -> ModelConfig:
     """The manifest's model config, every size bounded before a network is built from it."""
     raw = check.obj(raw, "config")
-    limits = {"image_size": MAX_SIDE, "num_classes": MAX_CLASSES, "clf_dense": MAX_DENSE, "latent_dim": MAX_DENSE,
-              "sparsity_k": MAX_DENSE}
+    limits = {"image_size": MAX_SIDE, "num_classes": MAX_CLASSES, "clf_dense": MAX_DENSE, "clf_rank": MAX_DENSE,
+              "latent_dim": MAX_DENSE, "sparsity_k": MAX_DENSE}
     defaults = {f.name: f.default for f in fields(ModelConfig)}
     for key, value in raw.items():
         default = defaults.get(key)
@@ -400,7 +400,7 @@ def _model_config(raw: Any) -> ModelConfig:
             if not isinstance(value, bool):
                 raise check.FieldError(f"config.{key} must be true or false, got {check.show(value)}")
         elif isinstance(default, int):
-            check.integer(value, f"config.{key}", 1, limits.get(key, MAX_WIDTH))
+            check.integer(value, f"config.{key}", 0 if key == "clf_rank" else 1, limits.get(key, MAX_WIDTH))
         elif isinstance(default, tuple):
             items = check.array(value, f"config.{key}", max_len=8)
             for i, v in enumerate(items):

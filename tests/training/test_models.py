@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -18,6 +20,7 @@ from ism_edge_training.models import (  # noqa: E402
     k_sparse,
     preset,
 )
+from ism_edge_training.models.networks import factor_classifier  # noqa: E402
 
 
 @pytest.mark.parametrize("k", [1, 7, 32, 128])
@@ -79,7 +82,7 @@ def test_the_residual_decoder_path_carries_detail_the_code_cannot() -> None:
 
 
 @pytest.mark.parametrize("bad", [dict(image_size=40), dict(sparsity_k=0), dict(sparsity_k=200), dict(num_classes=1),
-                                 dict(channels=2)])
+                                 dict(channels=2), dict(clf_rank=-1), dict(clf_rank=2000)])
 def test_config_validation(bad: dict) -> None:
     with pytest.raises(ValueError):
         ModelConfig(**bad)
@@ -88,6 +91,31 @@ def test_config_validation(bad: dict) -> None:
 def test_config_round_trip() -> None:
     cfg = preset("celeba64", sparsity_k=16)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_factored_dense_layer_is_the_truncated_svd() -> None:
+    """At full rank the factored classifier is the same function; below it, the reported error is
+    the truncated SVD's (Eckart–Young), and the layer holds rank × (flat + dense) weights."""
+    torch.manual_seed(0)
+    cfg = preset("small")
+    clf = Classifier(cfg).eval()
+    x = torch.rand(16, 3, 32, 32)
+    full, err = factor_classifier(clf, cfg, cfg.clf_dense)
+    assert err < 1e-6 and not full.training
+    torch.testing.assert_close(full(x), clf(x), rtol=1e-4, atol=1e-5)
+    low, err = factor_classifier(clf, cfg, 16)
+    w = clf.head[1].weight.detach()
+    w16 = low.head[2].weight.detach() @ low.head[1].weight.detach()
+    assert err == pytest.approx(float((w - w16).norm() / w.norm()), rel=1e-4)
+    s = torch.linalg.svdvals(w.double())
+    assert err == pytest.approx(float(s[16:].norm() / s.norm()), rel=1e-4)
+    flat = cfg.clf_widths[3] * 16 * 16
+    assert low.head[1].weight.shape == (16, flat) and low.head[1].bias is None
+    assert sum(p.numel() for p in low.head[1:3].parameters()) == 16 * (flat + cfg.clf_dense) + cfg.clf_dense
+    # The factored network is what a config with clf_rank builds: it loads into one.
+    Classifier(replace(cfg, clf_rank=16)).load_state_dict(low.state_dict())
+    with pytest.raises(ValueError, match="already factored"):
+        factor_classifier(low, replace(cfg, clf_rank=16), 8)
 
 
 def test_scaled_logits_keeps_the_label() -> None:

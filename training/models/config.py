@@ -19,6 +19,8 @@ class ModelConfig:
     """Sizes of every network of the defense.
 
     ``clf_widths``/``clf_dense``: classifier C (paper Table 1: 128, 256, 128, 64 and 1024).
+    ``clf_rank``: 0 for the paper's dense layer; r > 0 factors it into two, flat → r (no bias)
+    → dense, which holds almost all of C's weights otherwise (medium: 4.2 M of 4.3 M).
     ``map_widths``/``latent_dim``/``sparsity_k``: mapping network M (paper Table 2: 64, 128,
     256, 256 and FC 128; k = 32 largest-magnitude latent entries kept per instance).
     ``map_skip``: a residual decoder path (not in the paper; off in its preset): M's encoder
@@ -33,6 +35,7 @@ class ModelConfig:
     num_classes: int = 10
     clf_widths: tuple[int, int, int, int] = (128, 256, 128, 64)
     clf_dense: int = 1024
+    clf_rank: int = 0
     map_widths: tuple[int, int, int, int] = (64, 128, 256, 256)
     latent_dim: int = 128
     sparsity_k: int = 32
@@ -49,6 +52,8 @@ class ModelConfig:
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if not 0 <= self.clf_rank <= self.clf_dense:
+            raise ValueError(f"clf_rank must be 0 (full) or in [1, clf_dense={self.clf_dense}], got {self.clf_rank}")
         if not 1 <= self.sparsity_k <= self.latent_dim:
             raise ValueError(f"sparsity_k must be in [1, latent_dim={self.latent_dim}], got {self.sparsity_k}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:

@@ -7,6 +7,7 @@ raw [0, 1] pixels too.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,8 @@ class Classifier(nn.Module):
     Conv(w0,3×3)-ReLU-Conv(w1,3×3)-ReLU-MaxPool(2)-BN-Conv(w2,3×3)-ReLU-Conv(w3,3×3)-ReLU-
     Flatten-Dense(dense)-ReLU-Dense(num_classes). Convolutions are 'same'-padded. Inputs larger
     than 32×32 are average-pooled to 16×16 after the max-pool so the dense layer keeps the
-    paper's size.
+    paper's size. With ``cfg.clf_rank`` > 0 the first dense layer is factored in two
+    (flat → rank, no bias → dense): the same function class restricted to rank ``clf_rank``.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -43,15 +45,48 @@ class Classifier(nn.Module):
             nn.Conv2d(w2, w3, 3, padding=1),
             nn.ReLU(inplace=True),
         )
+        flat = w3 * 16 * 16
+        dense: list[nn.Module] = ([nn.Linear(flat, cfg.clf_rank, bias=False), nn.Linear(cfg.clf_rank, cfg.clf_dense)]
+                                  if cfg.clf_rank else [nn.Linear(flat, cfg.clf_dense)])
         self.head = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(w3 * 16 * 16, cfg.clf_dense),
+            *dense,
             nn.ReLU(inplace=True),
             nn.Linear(cfg.clf_dense, cfg.num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features((x - self.mean) / self.std))
+
+
+def factor_classifier(clf: Classifier, cfg: ModelConfig, rank: int) -> tuple[Classifier, float]:
+    """``clf`` with its first dense layer factored to rank ``rank`` by truncated SVD.
+
+    W = U S Vᵀ becomes two layers, √S·Vᵀ (no bias) then U·√S with W's bias: the best rank-``rank``
+    approximation of W (Eckart–Young), split evenly so that neither factor's scale overflows
+    float16. Returns the new classifier (``cfg`` with ``clf_rank=rank``) and the relative
+    Frobenius error ‖W − W_r‖ / ‖W‖. Every other weight is copied unchanged.
+    """
+    if cfg.clf_rank:
+        raise ValueError(f"the classifier's dense layer is already factored (rank {cfg.clf_rank})")
+    out = Classifier(replace(cfg, clf_rank=rank))
+    out.features.load_state_dict(clf.features.state_dict())
+    out.head[-1].load_state_dict(clf.head[-1].state_dict())
+    out.mean.copy_(clf.mean)
+    out.std.copy_(clf.std)
+    dense = clf.head[1]
+    assert isinstance(dense, nn.Linear)
+    w = dense.weight.detach().double()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    root = s[:rank].sqrt()
+    first, second = out.head[1], out.head[2]
+    assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
+    with torch.no_grad():
+        first.weight.copy_((root[:, None] * vh[:rank]).float())
+        second.weight.copy_((u[:, :rank] * root[None, :]).float())
+        second.bias.copy_(dense.bias)
+    error = float(s[rank:].square().sum().sqrt() / s.square().sum().sqrt())
+    return out.train(clf.training), error
 
 
 def k_sparse(z: torch.Tensor, k: int) -> torch.Tensor:
