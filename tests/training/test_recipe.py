@@ -126,6 +126,47 @@ def test_a_shipped_bundle_keeps_only_c_m_p_and_a_later_stage_saves_no_stand_ins(
     assert run.returncode == 1 and "is " in run.stderr and "or inside it" in run.stderr
 
 
+def test_factored_classifier_then_the_undefended_stage_added_to_the_shipped_bundle(trained_bundle_dir: Path,
+                                                                                    heldout, tmp_path: Path) -> None:
+    """scripts/factor_classifier.py factors every classifier of a bundle; ``--stages undefended`` on
+    a bundle that exists adds the oblivious attacker's source model to it and keeps everything else."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def factor(dst: Path, rank: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "scripts/factor_classifier.py", str(trained_bundle_dir), str(dst),
+                               "--rank", str(rank)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    factored = tmp_path / "factored"
+    run = factor(factored, 64)
+    assert run.returncode == 0, run.stderr
+    src, b = DefenseBundle.load(trained_bundle_dir), DefenseBundle.load(factored)
+    assert b.config.clf_rank == 64 and b.thresholds == src.thresholds
+    assert set(b.provenance["factored"]["relative_error"]) == {"classifier", "teacher", "undefended"}
+    x = torch.from_numpy(heldout.x[:300]).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        agree = (b.eval().classifier(x).argmax(1) == src.eval().classifier(x).argmax(1)).float().mean()
+    assert agree > 0.9
+    for dst, rank, why in ((factored, 32, "exists"), (tmp_path / "r", 128, "--rank must be in")):
+        run = factor(dst, rank)
+        assert run.returncode == 1 and why in run.stderr and "Traceback" not in run.stderr
+
+    shipped = tmp_path / "shipped"
+    b.deployed_only().save(shipped)
+    req = TrainRequest(data=[CIFAR_TRAIN], out=shipped, recipe=RecipeConfig(epochs_classifier=1, adv_ratio=0.0),
+                       stages=["undefended"], device="cpu", limit=300)
+    train_bundle(req, echo=lambda _m: None)
+    after = DefenseBundle.load(shipped)
+    assert set(after.networks) == {"classifier", "mapper", "perturbation", "undefended"}
+    assert after.config == b.config and after.thresholds == b.thresholds and "undefended" in after.stages
+    assert after.provenance["factored"] == b.provenance["factored"]  # still true of the networks
+    for name in ("classifier", "mapper", "perturbation"):
+        for k, v in b.networks[name].state_dict().items():
+            assert torch.equal(after.networks[name].state_dict()[k], v), f"{name}.{k} changed"
+
+
 def test_resume_continues_after_an_interruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = RecipeConfig(epochs_classifier=2, batch_size=256, adv_ratio=0.0)
     out = tmp_path / "b"

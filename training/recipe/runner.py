@@ -258,12 +258,18 @@ class RecipeRunner:
     def _initial_bundle(self, train: ImageArrays) -> DefenseBundle:
         out = Path(self.req.out)
         first = self.stages[0]
-        needs_existing = STAGES.index(first) > 0
+        # The undefended classifier alone (the oblivious attacker's source model) is added to the
+        # bundle already at --out: a fresh bundle would drop that bundle's trained networks.
+        adds_undefended = self.stages == ["undefended"] and (out / "manifest.json").is_file()
+        needs_existing = STAGES.index(first) > 0 or adds_undefended
         if needs_existing and (out / "manifest.json").is_file():
             b = DefenseBundle.load(out)
             if b.defense.baseline != self.cfg.baseline:
                 raise BundleError(f"{out} was trained as baseline {b.defense.baseline!r}, not {self.cfg.baseline!r}: "
                                   f"rerun with --baseline {b.defense.baseline} or write to another --out")
+            if adds_undefended and b.defense.baseline == "magnet":
+                raise BundleError(f"{out} deploys its undefended classifier with MagNet's detectors calibrated around "
+                                  "it: train all its stages again, to another --out")
             if tuple(b.class_names) != tuple(train.class_names):
                 raise BundleError(f"{out} was trained on classes {list(b.class_names)[:4]}…, the data has "
                                   f"{list(train.class_names)[:4]}…: use the same dataset")
@@ -589,7 +595,10 @@ class RecipeRunner:
             dist.broadcast_state(list(b.networks.values()))
             _seed_everything(dist.rank_seed(self.cfg.seed))
         n_threads = torch.get_num_threads()
+        # What was done to the networks between runs (scripts/factor_classifier.py) stays true of them.
+        kept = {k: b.provenance[k] for k in ("factored",) if k in b.provenance}
         b.provenance = {
+            **kept,
             "data": train.provenance,
             "n_train": len(train),
             "n_calibration": len(calib),
@@ -670,7 +679,7 @@ class RecipeRunner:
         those options differ.
         """
         src = DefenseBundle.load(source)
-        clf_fields = ("image_size", "channels", "num_classes", "clf_widths", "clf_dense", "mean", "std")
+        clf_fields = ("image_size", "channels", "num_classes", "clf_widths", "clf_dense", "clf_rank", "mean", "std")
         if any(getattr(src.config, f) != getattr(b.config, f) for f in clf_fields) or src.class_names != b.class_names:
             raise BundleError(f"--init-from {source}: its classifier sizes or classes differ from this run's "
                               f"(preset {src.preset!r}): train with the same --preset on the same data")
