@@ -178,7 +178,7 @@ def run(
     tile_grid: Annotated[str | None, typer.Option(help=(
         "Tile mode: resize the frame to ROWSxCOLS tiles first (default: native resolution)."))] = None,
     feedback_rounds: Annotated[int | None, typer.Option(help=(
-        "Feedback-reformation rounds (default: the engine manifest's)."), min=0)] = None,
+        "Feedback-reformation rounds (default: the engine manifest's; at most 100)."), min=0, max=100)] = None,
     max_frames: Annotated[int | None, typer.Option(help=(
         "Stop after this many frames (with several inputs: of each input)."), min=1)] = None,
     headless: Annotated[bool, typer.Option("--headless", help="Never open a window.")] = False,

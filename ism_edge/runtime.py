@@ -39,7 +39,7 @@ from ism_edge import preprocess
 from ism_edge.backends import STAGES, Backend, ChainOutput, Job, select_backend
 from ism_edge.decision import Decisions, decide
 from ism_edge.errors import EngineError, FrameError
-from ism_edge.manifest import MANIFEST_NAME, SCORE_NAMES, EngineManifest, load_manifest
+from ism_edge.manifest import MANIFEST_NAME, MAX_FEEDBACK_ROUNDS, SCORE_NAMES, EngineManifest, load_manifest
 from ism_edge.verdict import TileScores, Verdict, severity
 
 THREADS_PER_CORE = 4  # beyond this, more threads only add start-up time and memory
@@ -99,8 +99,8 @@ class RuntimeOptions:
             )
         if self.tile_grid is not None and (len(self.tile_grid) != 2 or min(self.tile_grid) < 1):
             raise ValueError(f"tile_grid must be (rows, cols) with both >= 1, got {self.tile_grid!r}")
-        if self.feedback_rounds is not None and self.feedback_rounds < 0:
-            raise ValueError(f"feedback_rounds must be >= 0, got {self.feedback_rounds}")
+        if self.feedback_rounds is not None and not 0 <= self.feedback_rounds <= MAX_FEEDBACK_ROUNDS:
+            raise ValueError(f"feedback_rounds must be in [0, {MAX_FEEDBACK_ROUNDS}], got {self.feedback_rounds}")
         if self.threads is not None and not 1 <= self.threads <= max_threads():
             raise ValueError(
                 f"threads must be between 1 and {max_threads()} ({THREADS_PER_CORE} per core on the "

@@ -49,6 +49,7 @@ runner = CliRunner()
     (["train", "--data", "D", "--out", "O", "--num-classes", "1"], "--num-classes"),
     # a bundle holds at most 100
     (["train", "--data", "D", "--out", "O", "--feedback-rounds", "101"], "--feedback-rounds"),
+    (["run", "E", "A", "--feedback-rounds", "101"], "--feedback-rounds"),
     (["evaluate"], "Missing argument"),
     (["nosuch"], "No such command 'nosuch'"),
     (["--bogus"], "No such option: --bogus"),

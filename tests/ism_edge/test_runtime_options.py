@@ -16,3 +16,12 @@ def test_threads_are_bounded_by_the_cores_available() -> None:
             RuntimeOptions(threads=bad)
     with pytest.raises(ValueError, match="threads must be between 1"):
         RuntimeOptions(threads=0)
+
+
+def test_feedback_rounds_are_bounded_as_in_a_manifest() -> None:
+    """Each round runs M and C again on the flagged frames: a manifest holds at most 100, and so may a caller."""
+    assert RuntimeOptions(feedback_rounds=0).feedback_rounds == 0
+    assert RuntimeOptions(feedback_rounds=100).feedback_rounds == 100
+    for bad in (-1, 101, 10**9):
+        with pytest.raises(ValueError, match=rf"feedback_rounds must be in \[0, 100\], got {bad}"):
+            RuntimeOptions(feedback_rounds=bad)
