@@ -91,7 +91,8 @@ def test_defensive_distillation_trains_the_teacher_at_t(tmp_path: Path) -> None:
 
 def test_config_refuses_unknown_methods() -> None:
     for kw in ({"adv_attack": "bim"}, {"distill_method": "x"}, {"lr_schedule": "step"}, {"label_source": "raw"},
-               {"guard_examples": -1}, {"epochs_distill": -2}):
+               {"guard_examples": -1}, {"epochs_distill": -2}, {"temperature": 0.0}, {"temperature": 1e5},
+               {"detector_temperature": 1e-9}):
         with pytest.raises(ValueError):
             RecipeConfig(**kw)
     assert RecipeConfig(baseline="distill-only", adv_ratio=0.0, distill_method="defensive",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from ism_edge.manifest import DEFAULT_DETECTOR_TEMPERATURE
+from ism_edge.manifest import DEFAULT_DETECTOR_TEMPERATURE, TEMPERATURE_RANGE
 from ism_edge_training.bundle import BASELINES
 
 STAGES = ("undefended", "adversarial", "distill", "mapper", "finetune", "perturbation", "calibrate")
@@ -155,8 +155,10 @@ class RecipeConfig:
             raise ValueError(f"adv_eps must be 0 <= low <= high <= 1, got {self.adv_eps}")
         if self.adv_attack not in ADV_ATTACKS:
             raise ValueError(f"adv_attack must be one of {', '.join(ADV_ATTACKS)}, got {self.adv_attack!r}")
-        if self.temperature <= 0 or self.detector_temperature <= 0:
-            raise ValueError("temperatures must be > 0")
+        lo_t, hi_t = TEMPERATURE_RANGE  # what a bundle's manifest may hold: refused now, not after training
+        for name in ("temperature", "detector_temperature"):
+            if not lo_t <= getattr(self, name) <= hi_t:
+                raise ValueError(f"{name} must be in [{lo_t:g}, {hi_t:g}], got {getattr(self, name)}")
         if not 0.0 < self.target_fpr < 0.5:
             raise ValueError(f"target_fpr must be in (0, 0.5), got {self.target_fpr}")
         if not 0.0 < self.calib_fraction < 0.5:
