@@ -96,8 +96,9 @@ def train(
         "(see --finetune); M, P and the thresholds are trained around it (docs/own-classifier.md)."))] = None,
     finetune: Annotated[Finetune, typer.Option(help=(
         "--classifier: none keeps it frozen; adversarial first runs the recipe's adversarial stage on a copy "
-        "(--epochs-classifier, --adv-eps, --adv-attack; no distillation), exported back to ONNX with the same "
-        "input contract as the bundle's classifier. Your file is not modified."))] = "none",
+        "(--epochs-classifier, --adv-eps, --adv-attack), then its distillation into a second copy "
+        "(--epochs-distill, --temperature; --no-distill deploys the fine-tuned copy), exported back to ONNX with "
+        "the same input contract as the bundle's classifier. Your file is not modified."))] = "none",
     weights: Annotated[Path | None, typer.Option(help=(
         "Weights of a --classifier package.module:factory (.safetensors, or a torch.save state dict)."))] = None,
     input_size: Annotated[str | None, typer.Option(help=(
@@ -180,6 +181,10 @@ def train(
         raise typer.BadParameter(f"--finetune {finetune} fine-tunes a --classifier: pass one")
     if finetune != "none" and adv_ratio <= 0:
         raise typer.BadParameter(f"--finetune {finetune} trains on adversarial examples: --adv-ratio must be > 0")
+    if finetune != "none" and distill and distill_method == "defensive":
+        raise typer.BadParameter(f"--distill-method defensive trains the classifier's logits at T = {temperature:g}, "
+                                 "which would change the scale of your classifier's logits: with --finetune use "
+                                 "--distill-method ard (the default) or --no-distill")
     req = replace(req, classifier=source, finetune=finetune)
     names = None if classes is None else _class_names(classes)
     if nproc > 1:

@@ -28,6 +28,9 @@ OUTPUTS = ("logits", "probabilities")
 ORIGIN_KINDS = ("onnx", "module")
 #: How a bundle's copy of a user's classifier was fine-tuned (``ism-edge train --finetune``).
 FINETUNED_METHODS = ("adversarial",)
+#: How the deployed student was distilled from that copy (``--finetune adversarial`` with distillation;
+#: defensive distillation is refused with ``--finetune``: it would change the scale of the user's logits).
+DISTILLED_METHODS = ("ard",)
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,9 @@ def check_classifier_record(record: Any, name: str = "classifier") -> dict[str, 
 
     ``{"origin": {"kind": "onnx" | "module", "source": text, "sha256": hex, ...}, "input": {...}}``,
     and ``"finetuned": {"method": "adversarial", "epochs": n, ...}`` when the graph is a fine-tuned
-    copy of the user's classifier (the origin still names the user's file); returns it. An empty
-    record means the bundle's own classifier.
+    copy of the user's classifier (the origin still names the user's file), with ``"distill":
+    {"method": "ard", "epochs": n, ...}`` in it when the graph is the student distilled from that
+    copy; returns it. An empty record means the bundle's own classifier.
     """
     record = check.obj(record, name)
     if not record:
@@ -122,4 +126,10 @@ def check_classifier_record(record: Any, name: str = "classifier") -> dict[str, 
                      FINETUNED_METHODS)
         check.integer(check.require(tuned, "epochs", f"{name}.finetuned.epochs"), f"{name}.finetuned.epochs", 0,
                       1_000_000)
+        if "distill" in tuned:
+            where = f"{name}.finetuned.distill"
+            distilled = check.obj(tuned["distill"], where)
+            check.choice(check.require(distilled, "method", f"{where}.method"), f"{where}.method",
+                         DISTILLED_METHODS)
+            check.integer(check.require(distilled, "epochs", f"{where}.epochs"), f"{where}.epochs", 0, 1_000_000)
     return record

@@ -272,6 +272,7 @@ def _digests(root: Path) -> dict[str, str]:
 
 
 def test_finetune_adversarial_trains_a_copy_that_the_bundle_deploys(own: dict[str, Any], tmp_path: Path) -> None:
+    """With --no-distill the adversarially fine-tuned copy itself is deployed."""
     import onnxruntime as ort
 
     from ism_edge.runtime import DefenseRuntime
@@ -284,7 +285,7 @@ def test_finetune_adversarial_trains_a_copy_that_the_bundle_deploys(own: dict[st
                             "--mean", ",".join(map(str, IMAGENET_MEAN)), "--std", ",".join(map(str, IMAGENET_STD)),
                             "--out", str(out), "--epochs-classifier", "1", "--epochs-mapper", "1",
                             "--epochs-perturbation", "1", "--batch-size", "16", "--limit", "36", "--device", "cpu",
-                            "--guard-examples", "0"])
+                            "--guard-examples", "0", "--no-distill"])
     assert r.exit_code == 0, r.output
     assert _digests(own["root"]) == before  # the user's files (graph and external weights) are untouched
     manifest = json.loads((out / "manifest.json").read_text())
@@ -297,6 +298,7 @@ def test_finetune_adversarial_trains_a_copy_that_the_bundle_deploys(own: dict[st
     assert tuned["heldout"]["n"] >= 1 and tuned["export_check"]["max_rel_diff"] <= 1e-3
     assert manifest["stages"]["adversarial"]["finetuned"] == tuned and manifest["stages"]["adversarial"]["epochs"] == 1
     assert "skipped" in manifest["stages"]["distill"] and manifest["provenance"]["recipe"]["distill"] is False
+    assert "distill" not in tuned
     assert "classifier" not in manifest["weights"] and "teacher" not in manifest["weights"]
     # The bundle's graph is another model than the user's, with the user's input contract (48x48, ImageNet
     # normalisation applied outside the graph): the weights changed.
@@ -348,6 +350,8 @@ def test_finetune_adversarial_of_a_pytorch_factory_trains_a_copy_of_its_module(o
     record = b.classifier_record
     assert record["origin"]["kind"] == "module" and record["finetuned"]["method"] == "adversarial"
     assert record["finetuned"]["export_check"]["max_rel_diff"] <= 1e-3
+    # distilled by default: the deployed graph is the student's, exported and checked the same way
+    assert record["finetuned"]["distill"]["export_check"]["max_rel_diff"] <= 1e-3
     xs, _ = _images(CIFAR_TEST, 5)
     x = torch.from_numpy(xs).permute(0, 3, 1, 2).float() / 255.0
     with torch.no_grad():
@@ -365,14 +369,174 @@ def test_finetune_split_over_stages_keeps_the_fine_tuned_copy(own: dict[str, Any
               "--std", ",".join(map(str, IMAGENET_STD)), "--out", str(out), "--epochs-classifier", "1",
               "--epochs-mapper", "1", "--epochs-perturbation", "1", "--batch-size", "16", "--limit", "36",
               "--device", "cpu", "--guard-examples", "0"]
-    r = runner.invoke(app, [*common, "--finetune", "adversarial", "--stages", "adversarial,mapper"])
+    r = runner.invoke(app, [*common, "--finetune", "adversarial", "--no-distill", "--stages", "adversarial,mapper"])
     assert r.exit_code == 0, r.output
     graph = (out / "classifier.onnx").read_bytes()
     tuned = json.loads((out / "manifest.json").read_text())["classifier"]["finetuned"]
     r = runner.invoke(app, [*common, "--stages", "perturbation,calibrate"])
     assert "fine-tuned copy" in _one_error_line(r)  # one error line, a non-zero exit
     r = runner.invoke(app, [*common, "--finetune", "adversarial", "--stages", "perturbation,calibrate"])
+    assert "not yet distilled" in _one_error_line(r)  # the recipe would distil: M and P follow the student
+    r = runner.invoke(app, [*common, "--finetune", "adversarial", "--no-distill", "--stages", "perturbation,calibrate"])
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert (out / "classifier.onnx").read_bytes() == graph and manifest["classifier"]["finetuned"] == tuned
     assert set(manifest["thresholds"]) == {"recon_error", "jsd", "p_score"}
+
+
+# -- --finetune adversarial with distillation: a second copy, distilled from the fine-tuned one, is deployed --
+
+
+def _finetune_args(own: dict[str, Any], out: Path, *extra: str) -> list[str]:
+    return ["train", "--classifier", str(own["root"] / "model.onnx"), "--finetune", "adversarial",
+            "--data", str(own["root"] / "data"), "--classes", str(own["root"] / "classes.txt"),
+            "--mean", ",".join(map(str, IMAGENET_MEAN)), "--std", ",".join(map(str, IMAGENET_STD)), "--out", str(out),
+            "--epochs-classifier", "1", "--epochs-mapper", "1", "--epochs-perturbation", "1", "--batch-size", "16",
+            "--device", "cpu", "--guard-examples", "0", *extra]
+
+
+SMALL = ("--limit", "36")
+
+
+def _distilled_entry(tuned: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """The record's distillation facts, checked: ARD at T = 20 from the teacher, held-out figures of both."""
+    d = tuned["distill"]
+    assert d["method"] == "ard" and d["epochs"] == epochs and d["temperature"] == 20.0 and d["init"] == "teacher"
+    heldout = d["heldout"]
+    assert heldout["n"] >= 1 and heldout["eps"] == pytest.approx(8 / 255) and heldout["pgd_steps"] == 10
+    for who in ("teacher", "student"):
+        assert set(heldout[who]) == {"clean_acc", "pgd_acc"}
+        assert all(0.0 <= v <= 1.0 for v in heldout[who].values())
+    # the teacher is the fine-tuned copy as exported: its held-out clean accuracy is the copy's
+    assert heldout["teacher"]["clean_acc"] == pytest.approx(tuned["heldout"]["after"]["clean_acc"],
+                                                             abs=1 / heldout["n"] + 1e-9)
+    assert d["export_check"]["max_rel_diff"] <= 1e-3 and d["export_check"]["n"] >= 1
+    return d
+
+
+def test_finetune_adversarial_distils_a_second_copy_that_the_bundle_deploys(own: dict[str, Any],
+                                                                          tmp_path: Path) -> None:
+    """The recipe's distill stage (ARD) on a copy of the fine-tuned classifier: the student is exported at the
+    user's contract, checked and deployed; the teacher is recorded, not saved; build and run agree with the
+    student as PyTorch runs it."""
+    from ism_edge.runtime import DefenseRuntime
+    from ism_edge_training.bundle import DefenseBundle
+
+    before = _digests(own["root"])
+    out, engines = tmp_path / "bundle", tmp_path / "engines"
+    r = runner.invoke(app, _finetune_args(own, out, "--limit", "60"))
+    assert r.exit_code == 0, r.output
+    assert _digests(own["root"]) == before
+    manifest = json.loads((out / "manifest.json").read_text())
+    tuned = manifest["classifier"]["finetuned"]
+    assert tuned["method"] == "adversarial" and tuned["export_check"]["max_rel_diff"] <= 1e-3
+    distilled = _distilled_entry(tuned, epochs=1)
+    stages = manifest["stages"]
+    assert stages["adversarial"]["finetuned"] == {k: v for k, v in tuned.items() if k != "distill"}
+    assert "skipped" not in stages["distill"] and stages["distill"]["distill"] == distilled
+    assert len(stages["distill"]["history"]) == 1
+    assert manifest["provenance"]["recipe"]["distill"] is True and manifest["temperatures"]["train"] == 1.0
+    # no teacher network: the fine-tuned copy is an architecture of the user's, kept only as its figures
+    assert set(manifest["weights"]) == {"mapper", "perturbation", "discriminator"}
+    assert sorted(p.name for p in out.iterdir()) == ["classifier.onnx", "discriminator.safetensors", "manifest.json",
+                                                     "mapper.safetensors", "perturbation.safetensors"]
+    r = runner.invoke(app, ["build", str(out), "--out", str(engines), "--backend", "onnxruntime",
+                            "--precision", "fp32", "--parity-samples", "32"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((engines / "manifest.json").read_text())["classifier"]["finetuned"]["distill"] == distilled
+    xs, _ = _images(CIFAR_TEST, 10)
+    student = DefenseBundle.load(out).classifier
+    with torch.no_grad():
+        labels = student(torch.from_numpy(xs).permute(0, 3, 1, 2).float() / 255.0).argmax(1).numpy()
+    with DefenseRuntime(engines, color_order="RGB") as rt:
+        verdicts = rt.process_batch(list(xs))
+    clean = [(v, int(i)) for v, i in zip(verdicts, labels, strict=True) if not v.flagged]
+    assert clean  # label source "auto": an unflagged frame's label is the distilled student's
+    assert [v.label for v, _ in clean] == [ORDER[i] for _, i in clean]
+
+
+def test_finetune_distill_split_over_stages_and_not_repeated(own: dict[str, Any], tmp_path: Path) -> None:
+    """--stages adversarial, then distill,… in a later run distils the bundle's exported fine-tuned copy; a
+    second distill run on the distilled student is refused, and so are stage lists that would train M and P
+    around a classifier other than the recipe's."""
+    out = tmp_path / "bundle"
+    r = runner.invoke(app, _finetune_args(own, out, *SMALL, "--stages", "adversarial,mapper"))
+    assert "add distill to --stages" in _one_error_line(r) and not out.exists()
+    r = runner.invoke(app, _finetune_args(own, out, *SMALL, "--stages", "adversarial"))
+    assert r.exit_code == 0, r.output
+    teacher_graph = (out / "classifier.onnx").read_bytes()
+    tuned = json.loads((out / "manifest.json").read_text())["classifier"]["finetuned"]
+    assert "distill" not in tuned
+    r = runner.invoke(app, _finetune_args(own, out, *SMALL, "--stages", "mapper"))
+    assert "not yet distilled" in _one_error_line(r)
+    r = runner.invoke(app, _finetune_args(own, out, *SMALL, "--stages", "distill,mapper"))
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / "classifier.onnx").read_bytes() != teacher_graph  # the student replaced the teacher
+    assert {k: v for k, v in manifest["classifier"]["finetuned"].items() if k != "distill"} == tuned
+    _distilled_entry(manifest["classifier"]["finetuned"], epochs=1)
+    assert "epochs" in manifest["stages"]["mapper"] and "teacher" not in manifest["weights"]
+    student_graph = (out / "classifier.onnx").read_bytes()
+    r = runner.invoke(app, _finetune_args(own, out, *SMALL, "--stages", "distill,mapper"))
+    assert "already holds the distilled student" in _one_error_line(r)
+    r = runner.invoke(app, _finetune_args(own, out, *SMALL, "--no-distill", "--stages", "calibrate"))
+    assert "drop --no-distill" in _one_error_line(r)
+    assert (out / "classifier.onnx").read_bytes() == student_graph  # refused runs wrote nothing
+
+
+def test_finetune_distill_resumes_with_the_students_weights(own: dict[str, Any], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted distill stage continues with --resume from the student of its last epoch, around the
+    fine-tuned copy the bundle holds."""
+    from ism_edge_training.recipe import runner as runner_mod
+
+    out = tmp_path / "bundle"
+    real = runner_mod.classifier_epoch
+    calls = {"distill": 0}
+
+    def interrupted(*a: Any, **kw: Any) -> Any:
+        if kw.get("teacher") is not None:
+            calls["distill"] += 1
+            if calls["distill"] == 2:
+                raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    args = _finetune_args(own, out, *SMALL, "--epochs-distill", "2",
+                          "--stages", "adversarial,distill")
+    monkeypatch.setattr(runner_mod, "classifier_epoch", interrupted)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 130, r.output
+    assert "distill" not in json.loads((out / "manifest.json").read_text())["classifier"]["finetuned"]
+    monkeypatch.setattr(runner_mod, "classifier_epoch", real)
+    r = runner.invoke(app, [*args, "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "distill: resuming at epoch 2/2" in r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    _distilled_entry(manifest["classifier"]["finetuned"], epochs=2)
+    assert len(manifest["stages"]["distill"]["history"]) == 2
+
+
+def test_finetune_refuses_defensive_distillation() -> None:
+    """Defensive distillation trains the logits at T: the user's classifier would change its logit scale."""
+    r = runner.invoke(app, ["train", "--data", "d", "--out", "o", "--classifier", "m.onnx", "--finetune", "adversarial",
+                            "--distill-method", "defensive"])
+    assert r.exit_code == 2 and "--distill-method defensive" in _one_error_line(r)
+
+
+def test_a_manifests_distillation_record_is_checked() -> None:
+    """The manifest's ``finetuned.distill`` (what tells a distilled student from the fine-tuned copy) is checked
+    like the rest of the classifier record."""
+    from ism_edge._checks import FieldError
+    from ism_edge.contract import check_classifier_record
+
+    record = {"origin": {"kind": "onnx", "source": "model.onnx", "sha256": "0" * 64},
+              "input": {"height": 48, "width": 48, "layout": "NCHW", "channel_order": "RGB", "scale": 1.0,
+                        "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "output": "logits"},
+              "finetuned": {"method": "adversarial", "epochs": 1, "distill": {"method": "ard", "epochs": 1}}}
+    assert check_classifier_record(record) == record
+    record["finetuned"]["distill"]["method"] = "defensive"
+    with pytest.raises(FieldError, match="finetuned.distill.method"):
+        check_classifier_record(record)
+    record["finetuned"]["distill"] = "ard"
+    with pytest.raises(FieldError, match="finetuned.distill"):
+        check_classifier_record(record)

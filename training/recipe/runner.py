@@ -72,14 +72,16 @@ class TrainRequest:
     weights_dtype: str | None = None
     # a user's own classifier (ism-edge train --classifier): frozen, M and P are trained around it
     classifier: ClassifierSource | None = None
-    # "adversarial": the recipe's adversarial stage runs on a copy of that classifier first (--finetune)
+    # "adversarial": the recipe's adversarial stage runs on a copy of that classifier first, then (with
+    # recipe.distill) its distill stage on a second copy (--finetune)
     finetune: str = "none"
 
 
 #: The stages that train around a user's frozen classifier; the classifier stages are skipped.
 FROZEN_CLASSIFIER_STAGES = ("mapper", "perturbation", "calibrate")
-#: With ``--finetune adversarial``: the adversarial stage trains a copy of the user's classifier first.
-FINETUNED_CLASSIFIER_STAGES = ("adversarial", *FROZEN_CLASSIFIER_STAGES)
+#: With ``--finetune adversarial``: the adversarial stage trains a copy of the user's classifier first,
+#: and (unless ``--no-distill``) the distill stage distils a second copy from it, which is deployed.
+FINETUNED_CLASSIFIER_STAGES = ("adversarial", "distill", *FROZEN_CLASSIFIER_STAGES)
 
 
 class Checkpointer:
@@ -169,7 +171,7 @@ class RecipeRunner:
             own = FINETUNED_CLASSIFIER_STAGES if self.finetune else FROZEN_CLASSIFIER_STAGES
             frozen = [s for s in self.stages if s not in own]
             if set(req.stages) != set(STAGES) and frozen:
-                keeps = "fine-tunes only in the adversarial stage" if self.finetune else "keeps frozen"
+                keeps = "fine-tunes only in the adversarial and distill stages" if self.finetune else "keeps frozen"
                 raise IsmEdgeError(f"stage(s) {', '.join(frozen)} train the classifier, which --classifier {keeps}: "
                                    f"choose from {', '.join(own)}")
             self.stages = [s for s in self.stages if s in own]
@@ -180,9 +182,17 @@ class RecipeRunner:
             if req.init_from is not None:
                 raise IsmEdgeError("--init-from shares the recipe's own classifier stages; with --finetune the "
                                    "adversarial stage trains a copy of --classifier: drop --init-from")
-            # A fine-tuned own classifier is deployed as adversarially trained (no distillation): the
-            # recipe that the bundle records says so, and the adversarial stage trains the deployed C.
-            self.cfg = replace(self.cfg, distill=False)
+            if self.cfg.distill and self.cfg.distill_method == "defensive":
+                # Defensive distillation trains teacher and student at T: the deployed logits would be
+                # on another scale than the user's (b.temperatures["train"] is 1 for a user's classifier).
+                raise IsmEdgeError(f"--distill-method defensive trains the classifier's logits at T = "
+                                   f"{self.cfg.temperature:g}, which would change the scale of your classifier's "
+                                   "logits: with --finetune use --distill-method ard (the default) or --no-distill")
+            after = [s for s in self.stages if STAGES.index(s) > STAGES.index("distill")]
+            if self.cfg.distill and "adversarial" in self.stages and "distill" not in self.stages and after:
+                raise IsmEdgeError(f"stage(s) {', '.join(after)} train around the distilled student of the "
+                                   "fine-tuned copy, which the distill stage makes: add distill to --stages, or "
+                                   "pass --no-distill to deploy the fine-tuned copy itself")
         self.spec = DefenseSpec.for_baseline(self.cfg.baseline)
         self.ckpt = Checkpointer(Path(req.out))
 
@@ -230,7 +240,7 @@ class RecipeRunner:
                           preset=self.req.preset, classifier_record=clf.record)
         self.echo(f"classifier: {self.req.classifier.path} ({k} classes, input {h}x{w} "
                   f"{clf.contract.layout} {clf.contract.channel_order}, scale {clf.contract.scale:g}), "
-                  f"{'fine-tuned adversarially on a copy' if self.finetune else 'frozen'}; "
+                  f"{self._finetune_plan() if self.finetune else 'frozen'}; "
                   f"onnx2torch's conversion agrees with ONNX Runtime to "
                   f"{clf.record['conversion_check']['max_rel_diff']:.1g}")
         return b.to(self.device)
@@ -307,21 +317,29 @@ class RecipeRunner:
                 "pgd_acc": robust}
 
     def _classifier_stage(self, stage: str, b: DefenseBundle, train: ImageArrays, calib: ImageArrays,
-                          state: dict[str, Any]) -> dict[str, Any]:
+                          state: dict[str, Any], *, net: torch.nn.Module | None = None,
+                          teacher: torch.nn.Module | None = None) -> dict[str, Any]:
+        """One classifier stage; ``net`` (and for ``distill`` its ``teacher``) replace the bundle's
+        networks of the stage: the copies of a user's classifier that ``--finetune`` trains, whose
+        student is already initialised as ``distill_init`` asks."""
         cfg = self.cfg
         teacher_scale = 1.0
         epochs = cfg.epochs_classifier
         if stage == "undefended":
             net, teacher, temp, adv = b.networks["undefended"], None, 1.0, False
         elif stage == "adversarial":
-            net = b.networks["teacher"] if cfg.distill else b.classifier
+            if net is None:
+                net = b.networks["teacher"] if cfg.distill else b.classifier
             teacher, temp, adv = None, cfg.teacher_temperature, cfg.adv_ratio > 0
         else:  # distill
-            net, teacher, temp, adv = b.classifier, b.networks["teacher"], cfg.temperature, cfg.adv_ratio > 0
+            given = net is not None
+            net = b.classifier if net is None else net
+            teacher = b.networks["teacher"] if teacher is None else teacher
+            temp, adv = cfg.temperature, cfg.adv_ratio > 0
             teacher.eval()
             teacher_scale = cfg.teacher_temperature
             epochs = cfg.distill_epochs
-            if cfg.distill_init == "teacher" and not state:
+            if cfg.distill_init == "teacher" and not state and not given:
                 net.load_state_dict(teacher.state_dict())
         opt = _optimizer(net.parameters(), cfg, lr=cfg.clf_lr if cfg.lr_schedule == "onecycle" else cfg.lr)
         per_batch: torch.optim.lr_scheduler.LRScheduler | None = None
@@ -368,14 +386,15 @@ class RecipeRunner:
                              state: dict[str, Any]) -> dict[str, Any]:
         """``--finetune adversarial``: the recipe's adversarial stage on the trainable copy of the
         user's classifier, which is then exported to ONNX at the user's input contract, checked
-        and frozen again as the bundle's classifier (M, P and the thresholds train around it)."""
+        and frozen again as the bundle's classifier (the distill stage's teacher, or with
+        ``--no-distill`` the classifier that M, P and the thresholds train around)."""
         from ism_edge_training.models.external import finetuned_classifier
 
         cfg = self.cfg
         guard_data = self._guard_set(calib)
         eps = cfg.adv_eps[1]
         before = self._guard(self._user_classifier, guard_data, eps)
-        metrics = self._classifier_stage("adversarial", b, train, calib, state)
+        metrics = self._classifier_stage("adversarial", b, train, calib, state, net=b.classifier)
         trained = b.classifier
         after = metrics.get("guard") or self._guard(trained, guard_data, eps)
         entry = {"method": "adversarial", "epochs": int(metrics["epochs"]), "attack": cfg.adv_attack,
@@ -392,6 +411,88 @@ class RecipeRunner:
                   f"({before['n']} images); its ONNX export matches to "
                   f"{clf.record['finetuned']['export_check']['max_rel_diff']:.1g}")
         return {**metrics, "finetuned": clf.record["finetuned"]}
+
+    def _finetune_plan(self) -> str:
+        """What ``--finetune`` does to the user's classifier, for the log."""
+        if self.cfg.distill:
+            return (f"fine-tuned adversarially on a copy, then distilled ({self.cfg.distill_method}, T = "
+                    f"{self.cfg.temperature:g}) into a second copy that is deployed")
+        return "fine-tuned adversarially on a copy (no distillation)"
+
+    def _check_distilled(self, b: DefenseBundle) -> None:
+        """With ``--finetune``, refuse a run whose remaining stages start after the adversarial stage
+        and do not fit the bundle's classifier: a second distillation of an already distilled
+        student, or M and P trained around a classifier that is (or is not) distilled when the
+        recipe says the opposite. One line each, before anything is trained or written."""
+        pending = [s for s in self.stages if s not in self._completed]
+        if not pending or "adversarial" in pending:
+            return  # the adversarial stage makes a new fine-tuned copy
+        assert self.req.classifier is not None
+        out, src = self.req.out, self.req.classifier.path
+        distilled = "distill" in b.classifier_record.get("finetuned", {})
+        if self.cfg.distill and "distill" in pending:
+            if distilled:
+                raise BundleError(f"{out} already holds the distilled student of the fine-tuned copy of {src}: a "
+                                  "second distillation would start from that student, not from the fine-tuned "
+                                  "teacher: run the adversarial stage too (--stages adversarial,distill,…), or "
+                                  "write to another --out")
+        elif self.cfg.distill and not distilled:
+            raise BundleError(f"{out} holds the fine-tuned copy of {src}, not yet distilled: run the distill stage "
+                              "too (--stages distill,…), or pass --no-distill to deploy the fine-tuned copy itself")
+        elif not self.cfg.distill and distilled:
+            raise BundleError(f"{out} holds the distilled student of the fine-tuned copy of {src}: drop "
+                              "--no-distill, or write to another --out")
+
+    def _distill_finetuned(self, b: DefenseBundle, train: ImageArrays, calib: ImageArrays,
+                           state: dict[str, Any]) -> dict[str, Any]:
+        """``--finetune adversarial`` with distillation: the recipe's distill stage (ARD by default) with
+        the fine-tuned copy as the teacher and a second trainable copy as the student — of the
+        teacher when ``distill_init`` is "teacher", else of the user's classifier as given.
+
+        The teacher is the bundle's classifier as exported by the adversarial stage (of this run,
+        or of an earlier one, read from ``--out``). The student is exported to ONNX at the user's
+        input contract, checked as the fine-tuned copy was, and replaces the teacher as the bundle's
+        frozen classifier. The teacher is not saved (a user's architecture is kept only as a
+        graph): the record's ``finetuned`` entry keeps its held-out figures and gains ``distill``.
+        """
+        from ism_edge_training.models.external import ExternalClassifier, finetuned_classifier
+
+        cfg = self.cfg
+        teacher = b.networks["classifier"]
+        if not isinstance(teacher, ExternalClassifier) or "finetuned" not in b.classifier_record:
+            raise BundleError(f"{self.req.out} holds no fine-tuned copy to distil: run the adversarial stage too")
+        tuned = b.classifier_record["finetuned"]
+        source = teacher if cfg.distill_init == "teacher" else self._user_classifier
+        student = source.trainable_copy().to(self.device)
+        if state.get("stage") == "distill" and "nets" in state:  # resumed: the student of the last epoch
+            student.load_state_dict(state["nets"]["classifier"])
+        guard_data = self._guard_set(calib)
+        eps = cfg.adv_eps[1]
+        before = self._guard(teacher, guard_data, eps)
+        b.networks["classifier"] = student  # trained and checkpointed as the bundle's classifier
+        try:
+            metrics = self._classifier_stage("distill", b, train, calib, state, net=student, teacher=teacher)
+        except BaseException:
+            b.networks["classifier"] = teacher
+            raise
+        after = metrics.get("guard") or self._guard(student, guard_data, eps)
+        entry: dict[str, Any] = {
+            "method": cfg.distill_method, "epochs": int(metrics["epochs"]), "temperature": cfg.temperature,
+            "init": cfg.distill_init, "best_epoch": metrics.get("best_epoch"),
+            "heldout": {"n": before["n"], "eps": eps, "pgd_steps": before["pgd_steps"],
+                        "teacher": {"clean_acc": before["clean_acc"], "pgd_acc": before["pgd_acc"]},
+                        "student": {"clean_acc": after["clean_acc"], "pgd_acc": after["pgd_acc"]}}}
+        clf = finetuned_classifier(student.cpu(), self._samples, {})
+        entry["export_check"] = clf.record["finetuned"]["export_check"]
+        clf.record["finetuned"] = {**tuned, "distill": entry}  # the teacher's facts, then the student's
+        b.networks["classifier"] = clf.to(self.device)
+        b.classifier_record = clf.record
+        b.provenance["classifier"] = clf.record["origin"]
+        self.echo(f"classifier distilled ({cfg.distill_method}, T = {cfg.temperature:g}): held-out clean "
+                  f"{before['clean_acc']:.1%} (teacher) → {after['clean_acc']:.1%} (student), "
+                  f"PGD-{before['pgd_steps']} at ε={eps:.4g} {before['pgd_acc']:.1%} → {after['pgd_acc']:.1%} "
+                  f"({before['n']} images); its ONNX export matches to {entry['export_check']['max_rel_diff']:.1g}")
+        return {**metrics, "distill": entry}
 
     def _pool(self, b: DefenseBundle, train: ImageArrays) -> torch.Tensor:
         """The adversarial pool; with several ranks each crafts and keeps the pool of its own shard."""
@@ -582,8 +683,12 @@ class RecipeRunner:
                     own = self._own_bundle(Path(self.req.out), b.classifier_record, train)
                     b.networks["classifier"] = own.classifier.to(self.device)
                     b.classifier_record = own.classifier_record
+                # With --finetune the checkpoint's classifier is a trainable copy: the adversarial stage's
+                # (reloaded here while that stage is not done), or the distill stage's student (which that
+                # stage reloads itself), never the exported classifier that the bundle holds.
+                exported = self.finetune and (tuned or "adversarial" not in self.stages)
                 for n, sd in ck["nets"].items():
-                    if n in b.networks and not (tuned and n == "classifier"):
+                    if n in b.networks and not (exported and n == "classifier"):
                         b.networks[n].load_state_dict(sd)
                 self._completed = list(ck.get("completed", []))
                 b.stages = dict(ck.get("stages_metrics", {}))
@@ -627,8 +732,12 @@ class RecipeRunner:
             if self.finetune:
                 del skipped["adversarial"]
                 skipped.update(undefended="the user's classifier is the undefended one (--finetune starts from it)",
-                               distill="not run with --finetune: the adversarially fine-tuned copy is deployed",
-                               finetune="the fine-tuned copy stays frozen while M and P are trained around it")
+                               distill="distillation disabled (--no-distill): the adversarially fine-tuned copy "
+                                       "is deployed",
+                               finetune="the deployed classifier stays frozen while M and P are trained around it")
+                if self.cfg.distill:
+                    del skipped["distill"]
+                self._check_distilled(b)
             for stage, why in skipped.items():
                 b.stages[stage] = {"skipped": why}
         for stage in self.stages:
@@ -647,6 +756,8 @@ class RecipeRunner:
             st = state if state.get("stage") == stage else {}
             if stage == "adversarial" and b.external:
                 metrics = self._finetune_classifier(b, train, calib, st)
+            elif stage == "distill" and b.external:
+                metrics = self._distill_finetuned(b, train, calib, st)
             elif stage in ("undefended", "adversarial", "distill"):
                 metrics = self._classifier_stage(stage, b, train, calib, st)
             elif stage == "mapper":
