@@ -175,6 +175,6 @@ def test_an_export_that_is_not_the_fine_tuned_copy_is_refused(tmp_path: Path, mo
     torch.nn.functional.cross_entropy(copy(x), torch.tensor([0, 1, 2, 3, 0, 1])).backward()
     opt.step()
     monkeypatch.setattr(external, "module_to_onnx", lambda *_: clf.graph)
-    with pytest.raises(BundleError, match="its ONNX export differs from the fine-tuned PyTorch module") as err:
+    with pytest.raises(BundleError, match="its ONNX export differs from the trained PyTorch module") as err:
         external.finetuned_classifier(copy, x.numpy(), {"method": "adversarial", "epochs": 1})
     assert "\n" not in str(err.value)

@@ -12,8 +12,9 @@ with ``onnx2torch``; :class:`ExternalClassifier` runs the same contract conversi
 before it. The conversion is checked against ONNX Runtime on real images when the classifier is
 read, so what the defense is trained around is what the engines run. The classifier is frozen:
 no recipe stage changes its weights, unless ``ism-edge train --finetune adversarial`` asks for the
-recipe's adversarial training of a copy (:meth:`ExternalClassifier.trainable_copy`), which is then
-exported back to ONNX at the user's input contract (:func:`finetuned_classifier`) and frozen again.
+recipe's adversarial training of a copy (:meth:`ExternalClassifier.trainable_copy`) and, unless
+``--no-distill``, the distillation of a second copy from it, which is then exported back to ONNX at
+the user's input contract (:func:`finetuned_classifier`) and frozen again.
 """
 
 from __future__ import annotations
@@ -652,7 +653,7 @@ def _difference(ours: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
 
 
 def finetuned_classifier(trained: TrainableClassifier, samples: np.ndarray,
-                         entry: dict[str, Any]) -> ExternalClassifier:
+                         entry: dict[str, Any], what: str = "fine-tuned copy") -> ExternalClassifier:
     """The fine-tuned copy exported to ONNX at the user's input contract (the graph still takes the
     user's layout, scale and normalisation) and frozen again, as the bundle's classifier.
 
@@ -661,10 +662,11 @@ def finetuned_classifier(trained: TrainableClassifier, samples: np.ndarray,
     (``entry["export_check"]`` records it), and its ``onnx2torch`` conversion must match too.
     ``entry`` is the record's ``finetuned`` entry; the origin (the user's file and its SHA-256)
     is kept. The user's own file is not touched: only the returned classifier holds the new graph.
+    ``what`` names the copy in error lines (the distill stage's is the "distilled student").
     """
     onnx = _onnx()
     contract = trained.contract
-    where = f"the fine-tuned copy of {trained.record['origin']['source']}"
+    where = f"the {what} of {trained.record['origin']['source']}"
     module = trained.model.eval()
     graph = module_to_onnx(module, contract, where)
     exported = onnx.ModelProto.FromString(graph)
@@ -676,7 +678,7 @@ def finetuned_classifier(trained: TrainableClassifier, samples: np.ndarray,
         raise BundleError(f"{where}: its ONNX export outputs {list(reference.shape)}, the module {list(ours.shape)}")
     err, agree = _difference(ours, reference)
     if not err <= CONVERSION_TOLERANCE:
-        raise BundleError(f"{where}: its ONNX export differs from the fine-tuned PyTorch module by {err:.2g} "
+        raise BundleError(f"{where}: its ONNX export differs from the trained PyTorch module by {err:.2g} "
                           f"(relative; labels agree on {agree:.0%} of {len(x)} images): the bundle would hold "
                           "another model than the one fine-tuned; train with --finetune none")
     record = {k: v for k, v in trained.record.items() if k not in ("num_classes", "conversion_check")}

@@ -482,7 +482,7 @@ class RecipeRunner:
             "heldout": {"n": before["n"], "eps": eps, "pgd_steps": before["pgd_steps"],
                         "teacher": {"clean_acc": before["clean_acc"], "pgd_acc": before["pgd_acc"]},
                         "student": {"clean_acc": after["clean_acc"], "pgd_acc": after["pgd_acc"]}}}
-        clf = finetuned_classifier(student.cpu(), self._samples, {})
+        clf = finetuned_classifier(student.cpu(), self._samples, {}, what="distilled student")
         entry["export_check"] = clf.record["finetuned"]["export_check"]
         clf.record["finetuned"] = {**tuned, "distill": entry}  # the teacher's facts, then the student's
         b.networks["classifier"] = clf.to(self.device)
