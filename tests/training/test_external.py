@@ -178,3 +178,29 @@ def test_an_export_that_is_not_the_fine_tuned_copy_is_refused(tmp_path: Path, mo
     with pytest.raises(BundleError, match="its ONNX export differs from the trained PyTorch module") as err:
         external.finetuned_classifier(copy, x.numpy(), {"method": "adversarial", "epochs": 1})
     assert "\n" not in str(err.value)
+
+
+def test_a_copy_with_a_constant_reshape_exports_quietly(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """``nn.Flatten`` in a graph with a dynamic batch is a Reshape to a constant [-1, C]: onnx2torch's
+    converter branches on that constant (``if torch.any(shape == 0)``), which torch.export cannot
+    trace. The README's example model is one: ``--finetune`` failed on it, after pages of graph on
+    stderr. The copy now exports (the TorchScript tracer takes the constant branch) without a word."""
+    from ism_edge_training.models.external import finetuned_classifier
+
+    w = np.random.default_rng(6).normal(size=(3, 4)).astype(np.float32)
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+             helper.make_node("Reshape", ["p", "shape"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["logits"])]
+    inits = [numpy_helper.from_array(np.array([-1, 3], dtype=np.int64), "shape"), numpy_helper.from_array(w, "w")]
+    path = _save(tmp_path, "flatten", nodes, inits, ["batch", 3, 20, 20], 4)
+    x = torch.from_numpy(np.random.default_rng(7).random((6, 3, 20, 20), dtype=np.float32))
+    clf = prepare_classifier(ClassifierSource(str(path)), x.numpy())
+    copy = clf.trainable_copy()
+    torch.optim.SGD(copy.parameters(), lr=50.0).zero_grad()
+    capfd.readouterr()
+    tuned = finetuned_classifier(copy, x.numpy(), {"method": "adversarial", "epochs": 1})
+    out, err = capfd.readouterr()
+    assert tuned.record["finetuned"]["export_check"]["max_rel_diff"] <= 1e-3
+    with torch.no_grad():
+        np.testing.assert_allclose(tuned(x).numpy(), copy(x).numpy(), atol=1e-5)
+    assert "GraphModule" not in err + out and "def forward" not in err + out

@@ -129,7 +129,9 @@ def import_onnx2torch() -> Any:
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    """The first line of an exception's message, without terminal colour codes (torch.export's)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return (text.splitlines() or [type(e).__name__])[0][:300]
 
 
 def _dims(value: Any) -> list[int | str | None]:
@@ -548,15 +550,21 @@ def quiet_exporter() -> Iterator[None]:
     import logging
     import os
 
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    # torch.export prints the graph it could not trace (pages of it) to stderr before it raises;
+    # its loggers and torch.onnx's are silenced too. The caller reports failures in one line.
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "torch.fx",
+                                                     "torch.fx.experimental.symbolic_shapes", "torch._dynamo")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        with (warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull),
+              contextlib.redirect_stderr(devnull)):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def module_to_onnx(model: nn.Module, contract: ClassifierInput, where: str) -> bytes:
@@ -572,11 +580,27 @@ def module_to_onnx(model: nn.Module, contract: ClassifierInput, where: str) -> b
                                         dynamic_shapes={arg: {0: torch.export.Dim("N", min=1)}}, opset_version=18,
                                         dynamo=True, external_data=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - the exporter raises many types
-        raise BundleError(f"{where}: torch.onnx.export cannot export it ({_first_line(e)})") from None
+        # torch.export cannot trace data-dependent Python branches, such as those onnx2torch's
+        # converters take on a graph's constant shapes (Reshape's `if torch.any(shape == 0)`);
+        # the TorchScript exporter traces them as the constants they are.
+        return _traced_onnx(model, example, where, _first_line(e))
     if program is None:  # pragma: no cover - the dynamo exporter always returns a program
         raise BundleError(f"{where}: torch.onnx.export returned no program")
     buf = io.BytesIO()
     _onnx().save(program.model_proto, buf)
+    return buf.getvalue()
+
+
+def _traced_onnx(model: nn.Module, example: torch.Tensor, where: str, dynamo_error: str) -> bytes:
+    """``model`` exported by torch.onnx's TorchScript tracer (opset 18, dynamic batch)."""
+    buf = io.BytesIO()
+    try:
+        with torch.no_grad(), quiet_exporter():
+            torch.onnx.export(model, (example,), buf, input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, opset_version=18, dynamo=False)
+    except Exception as e:  # noqa: BLE001 - the exporter raises many types
+        raise BundleError(f"{where}: torch.onnx.export cannot export it (torch.export: {dynamo_error}; "
+                          f"TorchScript: {_first_line(e)})") from None
     return buf.getvalue()
 
 
