@@ -21,7 +21,7 @@ from ism_edge_training.data import ImageArrays, load_dataset
 from ism_edge_training.defense import Defense, attack_surrogate
 from ism_edge_training.models import ScaledLogits
 from ism_edge_training.models import preset as model_preset
-from ism_edge_training.models.external import FINETUNE_METHODS, ClassifierSource
+from ism_edge_training.models.external import FINETUNE_METHODS, ClassifierSource, ExternalClassifier
 from ism_edge_training.progress import log, make_progress
 from ism_edge_training.recipe.config import STAGES, RecipeConfig, baseline_stages
 from ism_edge_training.recipe.stages import (
@@ -399,18 +399,20 @@ class RecipeRunner:
         after = metrics.get("guard") or self._guard(trained, guard_data, eps)
         entry = {"method": "adversarial", "epochs": int(metrics["epochs"]), "attack": cfg.adv_attack,
                  "eps": list(cfg.adv_eps), "adv_ratio": cfg.adv_ratio, "best_epoch": metrics.get("best_epoch"),
-                 "heldout": {"n": before["n"], "eps": eps, "pgd_steps": before["pgd_steps"],
-                             "before": {"clean_acc": before["clean_acc"], "pgd_acc": before["pgd_acc"]},
-                             "after": {"clean_acc": after["clean_acc"], "pgd_acc": after["pgd_acc"]}}}
+                 "heldout": _heldout(before, after, eps, ("before", "after"))}
         clf = finetuned_classifier(trained.cpu(), self._samples, entry)  # type: ignore[arg-type]
-        b.networks["classifier"] = clf.to(self.device)
-        b.classifier_record = clf.record
-        b.provenance["classifier"] = clf.record["origin"]
+        self._deploy_external(b, clf)
         self.echo(f"classifier fine-tuned: held-out clean {before['clean_acc']:.1%} → {after['clean_acc']:.1%}, "
                   f"PGD-{before['pgd_steps']} at ε={eps:.4g} {before['pgd_acc']:.1%} → {after['pgd_acc']:.1%} "
                   f"({before['n']} images); its ONNX export matches to "
                   f"{clf.record['finetuned']['export_check']['max_rel_diff']:.1g}")
         return {**metrics, "finetuned": clf.record["finetuned"]}
+
+    def _deploy_external(self, b: DefenseBundle, clf: ExternalClassifier) -> None:
+        """``clf`` (an exported and checked copy of the user's classifier) becomes the bundle's classifier."""
+        b.networks["classifier"] = clf.to(self.device)
+        b.classifier_record = clf.record
+        b.provenance["classifier"] = clf.record["origin"]
 
     def _finetune_plan(self) -> str:
         """What ``--finetune`` does to the user's classifier, for the log."""
@@ -479,15 +481,11 @@ class RecipeRunner:
         entry: dict[str, Any] = {
             "method": cfg.distill_method, "epochs": int(metrics["epochs"]), "temperature": cfg.temperature,
             "init": cfg.distill_init, "best_epoch": metrics.get("best_epoch"),
-            "heldout": {"n": before["n"], "eps": eps, "pgd_steps": before["pgd_steps"],
-                        "teacher": {"clean_acc": before["clean_acc"], "pgd_acc": before["pgd_acc"]},
-                        "student": {"clean_acc": after["clean_acc"], "pgd_acc": after["pgd_acc"]}}}
+            "heldout": _heldout(before, after, eps, ("teacher", "student"))}
         clf = finetuned_classifier(student.cpu(), self._samples, {}, what="distilled student")
         entry["export_check"] = clf.record["finetuned"]["export_check"]
         clf.record["finetuned"] = {**tuned, "distill": entry}  # the teacher's facts, then the student's
-        b.networks["classifier"] = clf.to(self.device)
-        b.classifier_record = clf.record
-        b.provenance["classifier"] = clf.record["origin"]
+        self._deploy_external(b, clf)
         self.echo(f"classifier distilled ({cfg.distill_method}, T = {cfg.temperature:g}): held-out clean "
                   f"{before['clean_acc']:.1%} (teacher) → {after['clean_acc']:.1%} (student), "
                   f"PGD-{before['pgd_steps']} at ε={eps:.4g} {before['pgd_acc']:.1%} → {after['pgd_acc']:.1%} "
@@ -863,6 +861,13 @@ class RecipeRunner:
             b.save(self.req.out)
         dist.barrier()
         return b
+
+
+def _heldout(before: dict[str, Any], after: dict[str, Any], eps: float, names: tuple[str, str]) -> dict[str, Any]:
+    """Two guard records (``_guard``) on the same held-out images, as a record's ``heldout`` entry."""
+    return {"n": before["n"], "eps": eps, "pgd_steps": before["pgd_steps"],
+            **{name: {"clean_acc": g["clean_acc"], "pgd_acc": g["pgd_acc"]}
+               for name, g in zip(names, (before, after), strict=True)}}
 
 
 def _progress() -> contextlib.AbstractContextManager[Any]:
