@@ -70,6 +70,9 @@ def train(
         "or reformed (always C(M(x)))."))] = "auto",
     sparsity_k: Annotated[int | None, typer.Option(help=(
         "Latent entries kept per instance by the mapping network (default: the preset's)."))] = None,
+    clf_rank: Annotated[int | None, typer.Option(help=(
+        "Factor the classifier's first dense layer to this rank (0: full; the shipped medium bundle's is 128; "
+        "default: the preset's)."), min=0)] = None,
     target_fpr: Annotated[float, typer.Option(help="False-positive rate each detector is calibrated for.")] = 0.01,
     feedback_rounds: Annotated[int, typer.Option(help=(
         "Feedback-reformation rounds stored in the bundle (0 = off)."), min=0, max=100)] = 0,
@@ -140,6 +143,7 @@ def train(
     keep_freed_memory()
     require_training("training a defense")
     from ism_edge_training.bundle import WEIGHTS_DTYPES, DefenseBundle
+    from ism_edge_training.models import preset as model_preset
     from ism_edge_training.recipe import STAGES, RecipeConfig, TrainRequest
 
     eps = parse_eps(adv_eps)
@@ -167,10 +171,14 @@ def train(
         ).for_baseline(baseline)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    overrides = {k: v for k, v in (("sparsity_k", sparsity_k), ("clf_rank", clf_rank)) if v is not None}
+    try:  # sizes the preset cannot take are usage errors, before any data is read
+        model_preset(preset, **overrides)
+    except ValueError as e:
+        raise typer.BadParameter(f"{e} (preset {preset})") from None
     req = TrainRequest(data=data, out=out, preset=preset, recipe=recipe, stages=chosen, device=device, resume=resume,
                        data_kind=kind, init_from=init_from, attribute=attribute, exact_only=exact_only, limit=limit,
-                       model_overrides={} if sparsity_k is None else {"sparsity_k": sparsity_k},
-                       weights_dtype=weights_dtype)
+                       model_overrides=overrides, weights_dtype=weights_dtype)
     source = None
     if classifier is not None:
         source = _classifier_source(classifier, weights, input_size, layout, channel_order, input_scale, mean, std,

@@ -157,10 +157,12 @@ def test_weights_dtype_option_is_checked(tmp_path: Path) -> None:
 def test_train_a_baseline_and_evaluate_it_next_to_the_defense(tmp_path: Path, trained_bundle_dir: Path) -> None:
     none = tmp_path / "none"
     r = runner.invoke(app, ["train", "--data", str(CIFAR_TRAIN), "--out", str(none), "--baseline", "none",
-                            "--limit", "200", "--epochs", "1", "--device", "cpu", "--weights-dtype", "float16"])
+                            "--limit", "200", "--epochs", "1", "--device", "cpu", "--weights-dtype", "float16",
+                            "--clf-rank", "16"])
     assert r.exit_code == 0, r.output + r.stderr
     assert "baseline 'none' bundle written" in r.output
-    assert json.loads((none / "manifest.json").read_text())["weights_dtype"] == "float16"
+    manifest = json.loads((none / "manifest.json").read_text())
+    assert manifest["weights_dtype"] == "float16" and manifest["config"]["clf_rank"] == 16
     out = tmp_path / "eval"
     r = runner.invoke(app, ["evaluate", str(trained_bundle_dir), str(none), "--data", str(CIFAR_TEST), "--n", "20",
                             "--eps", "0.3", "--attacks", "fgsm,pgd", "--threat", "oblivious,adaptive",

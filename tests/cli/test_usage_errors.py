@@ -50,6 +50,8 @@ runner = CliRunner()
     # a bundle holds at most 100
     (["train", "--data", "D", "--out", "O", "--feedback-rounds", "101"], "--feedback-rounds"),
     (["run", "E", "A", "--feedback-rounds", "101"], "--feedback-rounds"),
+    (["train", "--data", "D", "--out", "O", "--preset", "small", "--sparsity-k", "0"], "sparsity_k must be in"),
+    (["train", "--data", "D", "--out", "O", "--preset", "small", "--clf-rank", "500"], "clf_rank must be 0 (full)"),
     (["evaluate"], "Missing argument"),
     (["nosuch"], "No such command 'nosuch'"),
     (["--bogus"], "No such option: --bogus"),
