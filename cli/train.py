@@ -190,9 +190,9 @@ def train(
     if finetune != "none" and adv_ratio <= 0:
         raise typer.BadParameter(f"--finetune {finetune} trains on adversarial examples: --adv-ratio must be > 0")
     if finetune != "none" and distill and distill_method == "defensive":
-        raise typer.BadParameter(f"--distill-method defensive trains the classifier's logits at T = {temperature:g}, "
-                                 "which would change the scale of your classifier's logits: with --finetune use "
-                                 "--distill-method ard (the default) or --no-distill")
+        from ism_edge_training.recipe.runner import defensive_with_finetune
+
+        raise typer.BadParameter(defensive_with_finetune(temperature))
     req = replace(req, classifier=source, finetune=finetune)
     names = None if classes is None else _class_names(classes)
     if nproc > 1:

@@ -84,6 +84,13 @@ FROZEN_CLASSIFIER_STAGES = ("mapper", "perturbation", "calibrate")
 FINETUNED_CLASSIFIER_STAGES = ("adversarial", "distill", *FROZEN_CLASSIFIER_STAGES)
 
 
+def defensive_with_finetune(temperature: float) -> str:
+    """Why ``--finetune`` refuses ``--distill-method defensive`` (the CLI's usage error and the runner's)."""
+    return (f"--distill-method defensive trains the classifier's logits at T = {temperature:g}, which would change "
+            "the scale of your classifier's logits: with --finetune use --distill-method ard (the default) or "
+            "--no-distill")
+
+
 class Checkpointer:
     """The latest per-epoch training state in ``<bundle>.ckpt/checkpoint.pt`` (tensors + plain data)."""
 
@@ -185,9 +192,7 @@ class RecipeRunner:
             if self.cfg.distill and self.cfg.distill_method == "defensive":
                 # Defensive distillation trains teacher and student at T: the deployed logits would be
                 # on another scale than the user's (b.temperatures["train"] is 1 for a user's classifier).
-                raise IsmEdgeError(f"--distill-method defensive trains the classifier's logits at T = "
-                                   f"{self.cfg.temperature:g}, which would change the scale of your classifier's "
-                                   "logits: with --finetune use --distill-method ard (the default) or --no-distill")
+                raise IsmEdgeError(defensive_with_finetune(self.cfg.temperature))
             after = [s for s in self.stages if STAGES.index(s) > STAGES.index("distill")]
             if self.cfg.distill and "adversarial" in self.stages and "distill" not in self.stages and after:
                 raise IsmEdgeError(f"stage(s) {', '.join(after)} train around the distilled student of the "
