@@ -70,6 +70,9 @@ def train(
         "or reformed (always C(M(x)))."))] = "auto",
     sparsity_k: Annotated[int | None, typer.Option(help=(
         "Latent entries kept per instance by the mapping network (default: the preset's)."))] = None,
+    map_cls: Annotated[float | None, typer.Option(help=(
+        "Weight of the mapping network's classifier-guided term KL(C(x) ‖ C(M(·))): higher keeps reformed "
+        "images' labels closer to the clean ones' (0: reconstruction only; default: the recipe's 0.5)."))] = None,
     clf_rank: Annotated[int | None, typer.Option(help=(
         "Factor the classifier's first dense layer to this rank (0: full; the shipped medium bundle's is 128; "
         "default: the preset's)."), min=0)] = None,
@@ -168,6 +171,7 @@ def train(
             adv_ratio=adv_ratio, adv_eps=(eps[0], eps[1]), adv_attack=adv_attack, guard_examples=guard_examples,
             temperature=temperature, distill=distill, distill_method=distill_method, label_source=label_source,
             target_fpr=target_fpr, feedback_rounds=feedback_rounds, seed=seed,
+            map_cls=base.map_cls if map_cls is None else map_cls,
         ).for_baseline(baseline)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None

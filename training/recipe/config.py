@@ -169,6 +169,9 @@ class RecipeConfig:
             raise ValueError("pert_eps must be a non-empty list of values in (0, 1]")
         if self.feedback_rounds < 0:
             raise ValueError("feedback_rounds must be >= 0")
+        for name in ("map_l1", "map_adv", "map_cls"):
+            if not 0.0 <= getattr(self, name) <= 100.0:
+                raise ValueError(f"{name} must be in [0, 100], got {getattr(self, name)}")
         if not 0.0 <= self.map_noise <= 1.0:
             raise ValueError(f"map_noise must be in [0, 1], got {self.map_noise}")
         if self.baseline not in BASELINES:
