@@ -159,6 +159,8 @@ def evaluate(
     out_dir = out or (bundles[0].with_name(bundles[0].name + "-eval") if len(bundles) == 1 else Path("ism-edge-eval"))
     earlier = _earlier_results(out_dir) if resume else {}  # a report that cannot be resumed: refused before any work
     loaded = [DefenseBundle.load(b) for b in bundles]
+    for path, b in zip(bundles, loaded, strict=True):
+        b.refuse_untrained(path, "evaluated")
     first = loaded[0]
     for path, b in zip(bundles[1:], loaded[1:], strict=True):
         if tuple(b.class_names) != tuple(first.class_names) or b.input_shape != first.input_shape:

@@ -44,6 +44,7 @@ class TorchEagerChain:
         self.device = torch.device(device)
         self.bundle_dir = Path(bundle_dir)
         bundle = DefenseBundle.load(bundle_dir, map_location=str(self.device))
+        bundle.refuse_untrained(bundle_dir, "benchmarked")
         if thresholds is not None:
             bundle.thresholds = dict(thresholds)
         self.defense = Defense(bundle, feedback_rounds=feedback_rounds).eval()

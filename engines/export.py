@@ -281,6 +281,7 @@ def load_deployable(bundle_dir: Path) -> DefenseBundle:
     from ism_edge_training.bundle import DefenseBundle, DefenseSpec
 
     bundle = DefenseBundle.load(bundle_dir)
+    bundle.refuse_untrained(bundle_dir, "compiled")
     if bundle.defense != DefenseSpec():
         raise BundleError(f"{bundle_dir} is the evaluation baseline {bundle.defense.baseline!r}, not the full "
                           "defense: only full-defense bundles (ism-edge train without --baseline) can be compiled")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ism_edge.errors import IsmEdgeError
 from ism_edge_training.bundle import DefenseBundle, bundle_hash
 
 
@@ -21,7 +22,11 @@ def main(src: str, dst: str) -> None:
         sys.exit(f"error: {dst} is {src} or inside it: ship to another directory")
     if Path(dst).exists() and not (Path(dst) / "manifest.json").is_file():
         sys.exit(f"error: {dst} exists and is not a defense bundle: choose another directory")
-    bundle = DefenseBundle.load(src)
+    try:
+        bundle = DefenseBundle.load(src)
+        bundle.refuse_untrained(src, "shipped")
+    except IsmEdgeError as e:
+        sys.exit(f"error: {e}")
     shipped = bundle.deployed_only()
     shipped.provenance = {**bundle.provenance, "shipped_from": {"path": str(src), "sha256": bundle_hash(src)}}
     shipped.save(dst)

@@ -200,6 +200,9 @@ class DefenseBundle:
     # a user's own classifier (ism-edge train --classifier): its origin and input contract, and the
     # (height, width) the defense works at; empty for the bundle's own classifier
     classifier_record: dict[str, Any] = field(default_factory=dict)
+    # deployed networks saved as untrained stand-ins (the format needs them) by a training run of
+    # only the stages before theirs; the runner fills them, build and evaluate refuse them
+    untrained: tuple[str, ...] = ()
 
     @classmethod
     def create(cls, cfg: ModelConfig, class_names: tuple[str, ...] | list[str],
@@ -276,6 +279,7 @@ class DefenseBundle:
             "defense": self.defense.to_dict(),
             "calibration": self.calibration,
             "stages": self.stages,
+            **({"untrained": sorted(self.untrained)} if self.untrained else {}),
             "provenance": self.provenance,
             "versions": library_versions(),
             "weights": {},
@@ -360,7 +364,20 @@ class DefenseBundle:
                                   f"{detail[:400]}") from None
             loaded[name] = net
         b = cls(config=cfg, networks=loaded, defense=spec, classifier_record=record, **fields_)
+        stand_ins = sorted(set(b.untrained) - set(loaded))
+        if stand_ins:
+            raise BundleError(f"{where} lists {', '.join(stand_ins)} as untrained but holds no weights for "
+                              "them: the bundle is corrupt; retrain it")
         return b.eval()
+
+    def refuse_untrained(self, directory: str | os.PathLike[str], use: str) -> None:
+        """Raise a one-line :class:`BundleError` when a network ``use`` needs is an untrained stand-in."""
+        if self.untrained:
+            stages = {"classifier": "adversarial, distill", "mapper": "mapper", "perturbation": "perturbation"}
+            todo = ", ".join(stages.get(n, n) for n in self.untrained)
+            raise BundleError(f"{directory} holds untrained {', '.join(self.untrained)} networks (a run of earlier "
+                              f"stages only) and cannot be {use}: train its {todo} and calibrate stages "
+                              "(ism-edge train --stages … --out on it)")
 
 
 def _bundle_fields(raw: dict[str, Any]) -> dict[str, Any]:
@@ -385,6 +402,9 @@ def _bundle_fields(raw: dict[str, Any]) -> dict[str, Any]:
         "calibration": check.obj(raw.get("calibration", {}), "calibration"),
         "provenance": check.obj(raw.get("provenance", {}), "provenance"),
         "stages": check.obj(raw.get("stages", {}), "stages"),
+        "untrained": tuple(sorted({check.choice(n, f"untrained[{i}]", tuple(NETWORKS))
+                                   for i, n in enumerate(check.array(raw.get("untrained", []), "untrained",
+                                                                     max_len=len(NETWORKS)))})),
     }
 
 

@@ -52,6 +52,7 @@ runner = CliRunner()
     (["run", "E", "A", "--feedback-rounds", "101"], "--feedback-rounds"),
     (["train", "--data", "D", "--out", "O", "--preset", "small", "--sparsity-k", "0"], "sparsity_k must be in"),
     (["train", "--data", "D", "--out", "O", "--preset", "small", "--clf-rank", "500"], "clf_rank must be 0 (full)"),
+    (["train", "--data", "D", "--out", "O", "--map-cls", "-1"], "map_cls must be in [0, 100]"),
     (["evaluate"], "Missing argument"),
     (["nosuch"], "No such command 'nosuch'"),
     (["--bogus"], "No such option: --bogus"),

@@ -119,7 +119,7 @@ def test_a_shipped_bundle_keeps_only_c_m_p_and_a_later_stage_saves_no_stand_ins(
     assert {p.stem for p in shipped.glob("*.safetensors")} == {"classifier", "mapper", "perturbation"}
     assert set(DefenseBundle.load(shipped).networks) == {"classifier", "mapper", "perturbation"}
     req = TrainRequest(data=[CIFAR_TRAIN], out=shipped, stages=["distill"], device="cpu")
-    with pytest.raises(BundleError, match="holds no teacher network"):
+    with pytest.raises(BundleError, match="'distill' needs a trained teacher.*run the adversarial stage first"):
         train_bundle(req, echo=lambda _m: None)
     run = subprocess.run([sys.executable, "scripts/ship_bundle.py", str(shipped), str(shipped / "inside")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
@@ -165,6 +165,58 @@ def test_factored_classifier_then_the_undefended_stage_added_to_the_shipped_bund
     for name in ("classifier", "mapper", "perturbation"):
         for k, v in b.networks[name].state_dict().items():
             assert torch.equal(after.networks[name].state_dict()[k], v), f"{name}.{k} changed"
+
+
+def test_a_fresh_run_of_later_stages_saves_no_untrained_network_as_trained(tmp_path: Path) -> None:
+    """A fresh ``--stages adversarial`` run trains only the teacher: the undefended classifier (which the
+    oblivious threat model attacks) is not saved at all, the deployed C, M and P are saved as stand-ins
+    marked untrained, which build, bench and evaluate refuse until later stages train them."""
+    from ism_edge_engines.export import load_deployable
+    from ism_edge_training.evaluation import EvalConfig, evaluate_bundle
+
+    out = tmp_path / "b"
+    base = dict(data=[CIFAR_TRAIN], out=out, device="cpu", limit=300)
+    quick = RecipeConfig(epochs_classifier=1, epochs_distill=1, epochs_mapper=1, epochs_perturbation=1,
+                         adv_attack="fgsm", guard_examples=20)
+    b = train_bundle(TrainRequest(stages=["adversarial"], recipe=quick, **base), echo=lambda _m: None)
+    saved = DefenseBundle.load(out)
+    assert set(saved.networks) == {"teacher", "classifier", "mapper", "perturbation"}
+    assert saved.untrained == b.untrained == ("classifier", "mapper", "perturbation")
+    for refuse in (lambda: load_deployable(out), lambda: saved.refuse_untrained(out, "evaluated")):
+        with pytest.raises(BundleError, match="holds untrained classifier, mapper, perturbation networks"):
+            refuse()
+    # Calibrating random M and P would make a bundle that looks deployable: refused before any stage runs.
+    with pytest.raises(BundleError, match="'calibrate' needs a trained mapper and perturbation.*mapper stage first"):
+        train_bundle(TrainRequest(stages=["distill", "calibrate"], recipe=quick, **base), echo=lambda _m: None)
+    assert DefenseBundle.load(out).stages.keys() == {"adversarial"}  # nothing was trained, nothing written
+    b = train_bundle(TrainRequest(stages=["distill", "mapper", "finetune", "perturbation", "calibrate"], recipe=quick,
+                                  **base), echo=lambda _m: None)
+    done = DefenseBundle.load(out)
+    assert done.untrained == () and "untrained" not in (out / "manifest.json").read_text()
+    assert set(done.networks) == {"teacher", "classifier", "mapper", "perturbation", "discriminator"}
+    load_deployable(out)
+    with pytest.raises(IsmEdgeError, match="undefended classifier"):  # never a random one in its place
+        evaluate_bundle(done, load_dataset([CIFAR_TEST], split="test").subset(np.arange(8)),
+                        EvalConfig(n=8, threats=("oblivious",), attacks=("fgsm",), sanity=False))
+
+
+def test_a_manifest_listing_untrained_networks_it_does_not_hold_is_refused(trained_bundle_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    import json
+
+    d = tmp_path / "b"
+    shutil.copytree(trained_bundle_dir, d)
+    raw = json.loads((d / "manifest.json").read_text())
+    for value, why in ((["mapper", "nonsense"], "untrained\\[1\\] must be one of"), ("mapper", "must be a list"),
+                       (["mapper"], None)):
+        raw["untrained"] = value
+        (d / "manifest.json").write_text(json.dumps(raw))
+        if why is None:
+            with pytest.raises(BundleError, match="holds untrained mapper networks"):
+                DefenseBundle.load(d).refuse_untrained(d, "compiled")
+        else:
+            with pytest.raises(BundleError, match=why):
+                DefenseBundle.load(d)
 
 
 def test_resume_continues_after_an_interruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

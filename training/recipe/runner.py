@@ -234,7 +234,9 @@ class RecipeRunner:
             if not (out / "manifest.json").is_file():
                 raise BundleError(f"stage {self.stages[0]!r} needs the bundle of the {first} stage at {out}: "
                                   "run that stage first (or all stages at once)")
-            return self._own_bundle(out, clf.record, train).to(self.device)
+            own = self._own_bundle(out, clf.record, train)
+            self._absent.update(own.untrained)
+            return own.to(self.device)
         h, w = clf.contract.size
         cfg = model_preset(self.req.preset, num_classes=k, channels=3, image_size=mapper_side(h, w),
                            **self.req.model_overrides)
@@ -243,6 +245,7 @@ class RecipeRunner:
             networks["classifier"] = clf.trainable_copy()
         b = DefenseBundle(config=cfg, networks=networks, class_names=train.class_names,
                           preset=self.req.preset, classifier_record=clf.record)
+        self._absent.update(n for n in networks if n != "classifier")  # the user's classifier is trained
         self.echo(f"classifier: {self.req.classifier.path} ({k} classes, input {h}x{w} "
                   f"{clf.contract.layout} {clf.contract.channel_order}, scale {clf.contract.scale:g}), "
                   f"{self._finetune_plan() if self.finetune else 'frozen'}; "
@@ -294,6 +297,7 @@ class RecipeRunner:
                 if n not in b.networks:
                     b.networks[n] = net
                     self._absent.add(n)
+            self._absent.update(b.untrained)  # stand-ins an earlier run of fewer stages saved
             return b.to(self.device)
         if needs_existing and first not in ("undefended", "adversarial"):
             prior = [s for s in STAGES[: STAGES.index(first)] if s not in ("undefended",)]
@@ -307,6 +311,7 @@ class RecipeRunner:
         if self.req.preset not in ("celeba64", "celeba128") and train.x.shape[1] != cfg.image_size:
             cfg = replace(cfg, image_size=int(train.x.shape[1]))
         b = DefenseBundle.create(cfg, train.class_names, preset=self.req.preset)
+        self._absent.update(b.networks)  # random until a stage of this run trains them
         return b.to(self.device)
 
     # -- stages --------------------------------------------------------------------------
@@ -743,6 +748,7 @@ class RecipeRunner:
                 self._check_distilled(b)
             for stage, why in skipped.items():
                 b.stages[stage] = {"skipped": why}
+        self._check_prerequisites()
         for stage in self.stages:
             self._deploy_undefended(b)
             if stage in self._completed:
@@ -751,10 +757,6 @@ class RecipeRunner:
                 b.stages[stage] = {"skipped": "distillation disabled: the adversarially trained classifier is deployed"}
                 self._completed.append(stage)
                 continue
-            if stage == "distill" and "teacher" in self._untrained():
-                raise BundleError(f"{self.req.out} holds no teacher network (a shipped bundle keeps only the deployed "
-                                  "ones): distil from the bundle the teacher was trained in, or run the adversarial "
-                                  "stage too")
             t0 = time.perf_counter()
             st = state if state.get("stage") == stage else {}
             if stage == "adversarial" and b.external:
@@ -843,18 +845,47 @@ class RecipeRunner:
         if self.cfg.baseline in ("none", "magnet") and "undefended" in self._completed:
             b.classifier.load_state_dict(b.networks["undefended"].state_dict())
 
-    def _untrained(self) -> set[str]:
-        """Stand-in networks no stage of this run (trained, shared or resumed) has filled."""
-        trained = {"undefended": {"undefended"}, "adversarial": {"teacher" if self.cfg.distill else "classifier"},
+    def _untrained(self, completed: list[str] | None = None) -> set[str]:
+        """Stand-in networks no stage of this run (trained, shared or resumed; or ``completed``) has filled."""
+        deploys_undefended = self.cfg.baseline in ("none", "magnet")
+        trained = {"undefended": {"undefended", "classifier"} if deploys_undefended else {"undefended"},
+                   "adversarial": {"teacher" if self.cfg.distill else "classifier"},
                    "distill": {"classifier"}, "mapper": {"mapper", "discriminator"}, "finetune": {"classifier"},
                    "perturbation": {"perturbation"}}
-        return self._absent - set().union(*(trained.get(s, set()) for s in self._completed))
+        done = self._completed if completed is None else completed
+        return self._absent - set().union(*(trained.get(s, set()) for s in done))
+
+    def _check_prerequisites(self) -> None:
+        """Refuse, before any stage runs, a stage whose input networks no earlier stage has trained:
+        M's pool would be crafted against a random classifier, thresholds calibrated on random M and P."""
+        needs = {"mapper": {"classifier"}, "finetune": {"classifier", "mapper"},
+                 "perturbation": {"classifier", "mapper"}, "calibrate": set(self.spec.required_networks())}
+        if self.cfg.distill:
+            needs["distill"] = {"teacher"}
+        trainer = {"classifier": "adversarial" if not self.cfg.distill else "distill", "teacher": "adversarial",
+                   "mapper": "mapper", "perturbation": "perturbation"}
+        if self.cfg.baseline in ("none", "magnet"):
+            trainer["classifier"] = "undefended"
+        completed = list(self._completed)
+        for stage in self.stages:
+            if stage in completed:
+                continue
+            missing = sorted(self._untrained(completed) & needs.get(stage, set()))
+            if missing:
+                first = min((trainer[n] for n in missing), key=STAGES.index)
+                raise BundleError(f"stage {stage!r} needs a trained {' and '.join(missing)}, which {self.req.out} "
+                                  "does not hold (a shipped bundle keeps only the deployed networks, a run of "
+                                  f"earlier stages only what they trained): run the {first} stage first, or "
+                                  "all stages at once")
+            completed.append(stage)
 
     def _save(self, b: DefenseBundle) -> DefenseBundle:
         """Save the networks the baseline trained (all of them for the full defense), never a stand-in."""
         untrained = self._untrained()
-        if untrained:
-            b = replace(b, networks={n: m for n, m in b.networks.items() if n not in untrained})
+        required = set(self.spec.required_networks())
+        # The format needs the deployed networks: their stand-ins are saved, marked untrained.
+        b = replace(b, networks={n: m for n, m in b.networks.items() if n not in untrained - required},
+                    untrained=tuple(sorted(untrained & required)))
         keep = set(self.spec.required_networks()) | {"undefended"}
         if self.cfg.distill:
             keep.add("teacher")
