@@ -121,6 +121,33 @@ def test_baselines_share_the_classifier_stages_of_a_bundle(trained_bundle_dir: P
     assert not (tmp_path / "none").exists()
 
 
+def test_sharing_checks_the_options_the_stage_itself_was_trained_with(trained_bundle_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """provenance.recipe is the last run's: a later run of other stages (a new P, say) with other
+    options must not make a stage unshareable, nor shareable with options it was not trained with."""
+    import json
+    import shutil
+
+    from ism_edge.errors import BundleError
+    from tests.conftest import TRAINED_RECIPE
+
+    src = tmp_path / "src"
+    shutil.copytree(trained_bundle_dir, src)
+    raw = json.loads((src / "manifest.json").read_text())
+    trained_with = raw["stages"]["adversarial"]["recipe"]
+    assert trained_with == RecipeConfig(**TRAINED_RECIPE).to_dict()
+    raw["provenance"]["recipe"]["epochs_classifier"] += 2  # as a later run with other options writes it
+    (src / "manifest.json").write_text(json.dumps(raw))
+    adv = train_bundle(TrainRequest(data=[CIFAR_TRAIN], out=tmp_path / "adv", device="cpu", init_from=src,
+                                    recipe=RecipeConfig(**TRAINED_RECIPE).for_baseline("adv-only")),
+                       echo=lambda _m: None)
+    assert adv.stages["adversarial"]["shared_from"] == str(src) and adv.stages["adversarial"]["recipe"] == trained_with
+    later = RecipeConfig(**{**TRAINED_RECIPE, "epochs_classifier": raw["provenance"]["recipe"]["epochs_classifier"]})
+    with pytest.raises(BundleError, match="'undefended' stage was trained with other options .*epochs_classifier"):
+        train_bundle(TrainRequest(data=[CIFAR_TRAIN], out=tmp_path / "adv2", device="cpu", init_from=src,
+                                  recipe=later.for_baseline("adv-only")), echo=lambda _m: None)
+
+
 def test_a_full_run_shares_the_distilled_classifier_and_trains_a_new_mapper(trained_bundle_dir: Path,
                                                                             tmp_path: Path) -> None:
     from ism_edge_training.bundle import DefenseBundle

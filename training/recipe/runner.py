@@ -774,6 +774,8 @@ class RecipeRunner:
             else:
                 metrics = self._calibrate(b, calib)
             metrics["wall_s"] = round(time.perf_counter() - t0, 1)
+            # The options this stage ran with: provenance.recipe is the last run's, which may have run other stages.
+            metrics["recipe"] = self.cfg.to_dict()
             b.stages[stage] = metrics
             self._completed.append(stage)
             self._deploy_undefended(b)
@@ -815,8 +817,14 @@ class RecipeRunner:
             done = src.stages.get(stage)
             if not isinstance(done, dict) or "skipped" in done:
                 raise BundleError(f"--init-from {source}: it has no trained {stage!r} stage to share")
-            differ = [k for k in keys if src_recipe.get(k) != mine.get(k)]
-            src_cfg = RecipeConfig.from_dict({k: v for k, v in src_recipe.items() if k != "baseline"})
+            trained_with = done.get("recipe", src_recipe)  # bundles before per-stage records: the last run's
+            if not isinstance(trained_with, dict):
+                raise BundleError(f"--init-from {source}: its {stage!r} stage records no recipe; it cannot be shared")
+            differ = [k for k in keys if trained_with.get(k) != mine.get(k)]
+            src_cfg = _recipe_of({k: v for k, v in trained_with.items() if k != "baseline"})
+            if src_cfg is None:
+                raise BundleError(f"--init-from {source}: its {stage!r} stage records an invalid recipe; "
+                                  "it cannot be shared")
             if stage == "adversarial" and src_cfg.teacher_temperature != self.cfg.teacher_temperature:
                 differ.append("teacher temperature")
             if differ:
@@ -832,7 +840,8 @@ class RecipeRunner:
             if src_net is None:
                 raise BundleError(f"--init-from {source}: the network of its {stage!r} stage is not in the bundle")
             dst_net.load_state_dict(src_net.state_dict())
-            b.stages[stage] = {**done, "shared_from": str(source), "shared_bundle_sha256": bundle_hash(source)}
+            b.stages[stage] = {**done, "recipe": trained_with, "shared_from": str(source),
+                               "shared_bundle_sha256": bundle_hash(source)}
             if stage == "distill":  # the source's C as it is now: after its finetune stage, if that ran
                 ft = src.stages.get("finetune")
                 b.stages[stage]["shared_classifier_after"] = (
