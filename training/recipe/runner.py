@@ -235,6 +235,11 @@ class RecipeRunner:
                 raise BundleError(f"stage {self.stages[0]!r} needs the bundle of the {first} stage at {out}: "
                                   "run that stage first (or all stages at once)")
             own = self._own_bundle(out, clf.record, train)
+            h, w = clf.contract.size
+            for n, net in external_networks(own.config, clf, (h, w)).items():
+                if n not in own.networks:  # not trained by the earlier run (its discriminator)
+                    own.networks[n] = net
+                    self._absent.add(n)
             self._absent.update(own.untrained)
             return own.to(self.device)
         h, w = clf.contract.size
