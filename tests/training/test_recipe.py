@@ -219,6 +219,32 @@ def test_a_manifest_listing_untrained_networks_it_does_not_hold_is_refused(train
                 DefenseBundle.load(d)
 
 
+def test_clean_rates_measures_the_mapper_of_a_training_checkpoint(trained_bundle_dir: Path, tmp_path: Path) -> None:
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def rates(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "scripts/clean_rates.py", str(trained_bundle_dir), str(CIFAR_TEST),
+                               *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    def reformed(run: subprocess.CompletedProcess[str]) -> float:
+        assert run.returncode == 0, run.stderr
+        return float(re.search(r"^all: .*C\(M\(x\)\) ([0-9.]+)%", run.stdout, re.M).group(1))
+
+    ckpt = trained_bundle_dir.with_name(trained_bundle_dir.name + ".ckpt") / "checkpoint.pt"
+    assert reformed(rates("--mapper-from", str(ckpt))) == reformed(rates())  # the run's last M is the bundle's
+    state = torch.load(ckpt, weights_only=True)
+    state["nets"]["mapper"] = {k: torch.zeros_like(v) for k, v in state["nets"]["mapper"].items()}
+    torch.save(state, tmp_path / "zeroed.pt")
+    assert reformed(rates("--mapper-from", str(tmp_path / "zeroed.pt"))) <= 20.0  # a constant image: one class
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    run = rates("--mapper-from", str(tmp_path / "junk.pt"))
+    assert run.returncode == 1 and run.stderr.startswith("error: ") and "Traceback" not in run.stderr
+
+
 def test_resume_continues_after_an_interruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = RecipeConfig(epochs_classifier=2, batch_size=256, adv_ratio=0.0)
     out = tmp_path / "b"
