@@ -206,7 +206,9 @@ def train(
         from ism_edge_training.distributed import launch_local
 
         launch_local(nproc, _train_rank, req, num_classes, names, dist_timeout)
-        stages_done = ", ".join(DefenseBundle.load(out).stages)
+        written = DefenseBundle.load(out)
+        stages_done = ", ".join(written.stages) + (f"; untrained so far: {', '.join(written.untrained)}"
+                                                   if written.untrained else "")
     else:
         stages_done = _train_rank(req, num_classes, names, dist_timeout)
         if stages_done is None:  # a rank other than 0 of a torchrun job: rank 0 reports
@@ -238,7 +240,10 @@ def _train_rank(req: Any, num_classes: int | None, names: list[str] | None, time
             if dist.active():
                 e.args = (f"rank {dist.rank()}: {e}",)
             raise
-        return ", ".join(bundle.stages) if dist.is_main() else None
+        if not dist.is_main():
+            return None
+        todo = f"; untrained so far: {', '.join(bundle.untrained)}" if bundle.untrained else ""
+        return ", ".join(bundle.stages) + todo
 
 
 def _class_names(classes: str) -> list[str]:

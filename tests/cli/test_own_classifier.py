@@ -464,6 +464,7 @@ def test_finetune_distill_split_over_stages_and_not_repeated(own: dict[str, Any]
     assert "add distill to --stages" in _one_error_line(r) and not out.exists()
     r = runner.invoke(app, _finetune_args(own, out, *SMALL, "--stages", "adversarial"))
     assert r.exit_code == 0, r.output
+    assert "; untrained so far: mapper, perturbation)" in r.output
     teacher_graph = (out / "classifier.onnx").read_bytes()
     tuned = json.loads((out / "manifest.json").read_text())["classifier"]["finetuned"]
     assert "distill" not in tuned

@@ -894,7 +894,8 @@ class RecipeRunner:
             completed.append(stage)
 
     def _save(self, b: DefenseBundle) -> DefenseBundle:
-        """Save the networks the baseline trained (all of them for the full defense), never a stand-in."""
+        """Save the networks the baseline trained (all of them for the full defense); of the stand-ins no stage
+        has trained yet, only the deployed ones, which the format needs, marked untrained in the manifest."""
         untrained = self._untrained()
         required = set(self.spec.required_networks())
         # The format needs the deployed networks: their stand-ins are saved, marked untrained.
