@@ -206,9 +206,7 @@ def train(
         from ism_edge_training.distributed import launch_local
 
         launch_local(nproc, _train_rank, req, num_classes, names, dist_timeout)
-        written = DefenseBundle.load(out)
-        stages_done = ", ".join(written.stages) + (f"; untrained so far: {', '.join(written.untrained)}"
-                                                   if written.untrained else "")
+        stages_done = _written(DefenseBundle.load(out))
     else:
         stages_done = _train_rank(req, num_classes, names, dist_timeout)
         if stages_done is None:  # a rank other than 0 of a torchrun job: rank 0 reports
@@ -240,10 +238,13 @@ def _train_rank(req: Any, num_classes: int | None, names: list[str] | None, time
             if dist.active():
                 e.args = (f"rank {dist.rank()}: {e}",)
             raise
-        if not dist.is_main():
-            return None
-        todo = f"; untrained so far: {', '.join(bundle.untrained)}" if bundle.untrained else ""
-        return ", ".join(bundle.stages) + todo
+        return _written(bundle) if dist.is_main() else None
+
+
+def _written(bundle: Any) -> str:
+    """The stages a bundle records, and the deployed networks a run of early stages left untrained."""
+    todo = f"; untrained so far: {', '.join(bundle.untrained)}" if bundle.untrained else ""
+    return ", ".join(bundle.stages) + todo
 
 
 def _class_names(classes: str) -> list[str]:

@@ -373,10 +373,8 @@ class DefenseBundle:
     def refuse_untrained(self, directory: str | os.PathLike[str], use: str) -> None:
         """Raise a one-line :class:`BundleError` when a network ``use`` needs is an untrained stand-in."""
         if self.untrained:
-            stages = {"classifier": "adversarial, distill", "mapper": "mapper", "perturbation": "perturbation"}
-            todo = ", ".join(stages.get(n, n) for n in self.untrained)
             raise BundleError(f"{directory} holds untrained {', '.join(self.untrained)} networks (a run of earlier "
-                              f"stages only) and cannot be {use}: train its {todo} and calibrate stages "
+                              f"stages only) and cannot be {use}: train its later stages, calibrate included "
                               "(ism-edge train --stages … --out on it)")
 
 

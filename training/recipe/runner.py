@@ -859,13 +859,17 @@ class RecipeRunner:
         if self.cfg.baseline in ("none", "magnet") and "undefended" in self._completed:
             b.classifier.load_state_dict(b.networks["undefended"].state_dict())
 
+    def _trained_by(self) -> dict[str, set[str]]:
+        """The networks each stage fills (baselines without a defended classifier deploy the undefended one)."""
+        deploys_undefended = self.cfg.baseline in ("none", "magnet")
+        return {"undefended": {"undefended", "classifier"} if deploys_undefended else {"undefended"},
+                "adversarial": {"teacher" if self.cfg.distill else "classifier"},
+                "distill": {"classifier"}, "mapper": {"mapper", "discriminator"}, "finetune": {"classifier"},
+                "perturbation": {"perturbation"}}
+
     def _untrained(self, completed: list[str] | None = None) -> set[str]:
         """Stand-in networks no stage of this run (trained, shared or resumed; or ``completed``) has filled."""
-        deploys_undefended = self.cfg.baseline in ("none", "magnet")
-        trained = {"undefended": {"undefended", "classifier"} if deploys_undefended else {"undefended"},
-                   "adversarial": {"teacher" if self.cfg.distill else "classifier"},
-                   "distill": {"classifier"}, "mapper": {"mapper", "discriminator"}, "finetune": {"classifier"},
-                   "perturbation": {"perturbation"}}
+        trained = self._trained_by()
         done = self._completed if completed is None else completed
         return self._absent - set().union(*(trained.get(s, set()) for s in done))
 
@@ -876,17 +880,14 @@ class RecipeRunner:
                  "perturbation": {"classifier", "mapper"}, "calibrate": set(self.spec.required_networks())}
         if self.cfg.distill:
             needs["distill"] = {"teacher"}
-        trainer = {"classifier": "adversarial" if not self.cfg.distill else "distill", "teacher": "adversarial",
-                   "mapper": "mapper", "perturbation": "perturbation"}
-        if self.cfg.baseline in ("none", "magnet"):
-            trainer["classifier"] = "undefended"
+        trained = self._trained_by()
         completed = list(self._completed)
         for stage in self.stages:
             if stage in completed:
                 continue
             missing = sorted(self._untrained(completed) & needs.get(stage, set()))
             if missing:
-                first = min((trainer[n] for n in missing), key=STAGES.index)
+                first = min((s for s, nets in trained.items() if nets & set(missing)), key=STAGES.index)
                 raise BundleError(f"stage {stage!r} needs a trained {' and '.join(missing)}, which {self.req.out} "
                                   "does not hold (a shipped bundle keeps only the deployed networks, a run of "
                                   f"earlier stages only what they trained): run the {first} stage first, or "
